@@ -1,0 +1,120 @@
+//! The one synchronous seam between the engine and a model implementation.
+//!
+//! The engine never sees tensors: it hands a fully validated [`GenerationJob`] to a
+//! [`Generator`] on a worker thread and gets PNG bytes back. The candle pipeline implements
+//! this trait; tests may implement it with anything that honours the contract.
+
+use std::ops::ControlFlow;
+
+/// What a loaded model tells the engine about itself, used to fill defaults and to
+/// validate requests before anything is queued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDescription {
+    /// Image size the model was trained at (UNet `sample_size` × VAE scale factor).
+    pub native_height: usize,
+    pub native_width: usize,
+    /// Spatial downscale between image and latents (8 for every SD VAE).
+    pub vae_scale_factor: usize,
+    /// Channels of the latent tensor (4 for SD 1.x / 2.x).
+    pub latent_channels: usize,
+    /// Scheduler used when the request names none (from `scheduler/scheduler_config.json`).
+    pub default_scheduler: String,
+    /// Every scheduler name a request may ask for.
+    pub schedulers: Vec<String>,
+    /// "sd1" (epsilon) or "sd2" (v-prediction) etc., informational.
+    pub family: String,
+    /// "f32" / "f16" / "bf16", informational.
+    pub dtype: String,
+    /// "cpu" / "cuda:0", informational.
+    pub device: String,
+}
+
+/// Exact initial latents for one image, `(channels, height / f, width / f)` row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latents {
+    pub shape: [usize; 3],
+    pub data: Vec<f32>,
+}
+
+/// One image to produce. Images of one job share every setting except these.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// Seeds this image's own host-side RNG: initial latents (unless given) and any
+    /// per-step noise of ancestral schedulers.
+    pub seed: u64,
+    pub latents: Option<Latents>,
+}
+
+/// A validated generation: every field is within the model's bounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationJob {
+    /// In output order: prompt 0 image 0, prompt 0 image 1, ..., prompt 1 image 0, ...
+    pub images: Vec<ImageSpec>,
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance is off when `<= 1`.
+    pub guidance_scale: f64,
+    pub height: usize,
+    pub width: usize,
+    /// One of [`ModelDescription::schedulers`].
+    pub scheduler: String,
+    /// DDIM's eta (0 = deterministic DDIM); ignored by other schedulers.
+    pub eta: f64,
+}
+
+/// One generated image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedImage {
+    /// A complete PNG file (8-bit RGB).
+    pub png: Vec<u8>,
+}
+
+/// Why a generation stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The request's deadline passed.
+    Deadline,
+    /// The client went away.
+    Disconnected,
+    /// The server is shutting down and the drain deadline passed.
+    Shutdown,
+}
+
+/// Called by the generator between denoising steps; also the progress feed for streaming.
+pub trait StepControl {
+    /// `done` steps of `total` are complete. Return `Break` to stop at once.
+    fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason>;
+}
+
+/// A `StepControl` that never stops, for callers outside the engine (benches, tools).
+pub struct RunToEnd;
+
+impl StepControl for RunToEnd {
+    fn after_step(&mut self, _done: usize, _total: usize) -> ControlFlow<StopReason> {
+        ControlFlow::Continue(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GenerateError {
+    #[error("generation stopped: {0:?}")]
+    Stopped(StopReason),
+    /// A request the description said was fine turned out not to be (a bug if it happens).
+    #[error("{0}")]
+    Invalid(String),
+    /// Failure inside the model, naming the stage ("text encoder", "unet step 3", "vae decode", "png").
+    #[error("{stage} failed: {message}")]
+    Internal { stage: String, message: String },
+}
+
+/// A loaded model. Implementations must be shareable between worker threads; all
+/// per-request state (scheduler, RNG) lives inside `generate`.
+pub trait Generator: Send + Sync {
+    fn description(&self) -> &ModelDescription;
+    fn generate(
+        &self,
+        job: &GenerationJob,
+        control: &mut dyn StepControl,
+    ) -> Result<Vec<GeneratedImage>, GenerateError>;
+}

@@ -1,0 +1,275 @@
+//! The queue, workers, deadlines, cancellation, batching and drain, driven through the public
+//! API with a generator that only sleeps per step (the engine must not care what a model does).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sdserve_engine::metrics::Registry;
+use sdserve_engine::*;
+
+struct SleepyModel {
+    desc: ModelDescription,
+    step: Duration,
+    calls: Arc<Mutex<Vec<usize>>>,
+    steps_run: Arc<AtomicUsize>,
+}
+
+impl Generator for SleepyModel {
+    fn description(&self) -> &ModelDescription {
+        &self.desc
+    }
+
+    fn generate(&self, job: &GenerationJob, control: &mut dyn StepControl) -> Result<Vec<GeneratedImage>, GenerateError> {
+        self.calls.lock().unwrap().push(job.images.len());
+        for i in 0..job.num_inference_steps {
+            std::thread::sleep(self.step);
+            self.steps_run.fetch_add(1, Ordering::SeqCst);
+            if let ControlFlow::Break(r) = control.after_step(i + 1, job.num_inference_steps) {
+                return Err(GenerateError::Stopped(r));
+            }
+        }
+        Ok(job.images.iter().map(|im| GeneratedImage { png: format!("{}:{}", im.prompt, im.seed).into_bytes() }).collect())
+    }
+}
+
+struct Loader {
+    step: Duration,
+    calls: Arc<Mutex<Vec<usize>>>,
+    steps_run: Arc<AtomicUsize>,
+    load_delay: Duration,
+}
+
+impl ModelLoader for Loader {
+    fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Generator>, String> {
+        std::thread::sleep(self.load_delay);
+        if spec.name == "broken" {
+            return Err("cannot read weights".into());
+        }
+        Ok(Arc::new(SleepyModel {
+            desc: ModelDescription {
+                native_height: 64,
+                native_width: 64,
+                vae_scale_factor: 8,
+                latent_channels: 4,
+                default_scheduler: "pndm".into(),
+                schedulers: vec!["pndm".into(), "ddim".into()],
+                family: "sd1".into(),
+                dtype: "f32".into(),
+                device: "cpu".into(),
+            },
+            step: self.step,
+            calls: self.calls.clone(),
+            steps_run: self.steps_run.clone(),
+        }))
+    }
+}
+
+struct Fixture {
+    engine: Engine,
+    registry: Arc<Registry>,
+    calls: Arc<Mutex<Vec<usize>>>,
+    steps_run: Arc<AtomicUsize>,
+}
+
+fn spec(name: &str) -> ModelSpec {
+    ModelSpec {
+        name: name.into(),
+        version: None,
+        uri: PathBuf::from("/nowhere"),
+        extra: Default::default(),
+        platform: String::new(),
+        versions: vec![],
+        content_type: None,
+        max_batch_size: 0,
+        max_batch_time: Duration::ZERO,
+        defaults: GenerationDefaults { num_inference_steps: 4, ..Default::default() },
+        limits: Limits::default(),
+    }
+}
+
+async fn fixture(workers: usize, queue: usize, step_ms: u64, timeout: Option<Duration>, model: ModelSpec) -> Fixture {
+    let registry = Arc::new(Registry::new());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let steps_run = Arc::new(AtomicUsize::new(0));
+    let loader = Arc::new(Loader {
+        step: Duration::from_millis(step_ms),
+        calls: calls.clone(),
+        steps_run: steps_run.clone(),
+        load_delay: Duration::ZERO,
+    });
+    let engine = Engine::new(
+        EngineConfig { parallel_workers: workers, max_queue_size: queue, request_timeout: timeout },
+        loader,
+        &registry,
+    );
+    engine.load(model).await.unwrap();
+    Fixture { engine, registry, calls, steps_run }
+}
+
+fn request(prompt: &str) -> GenerationRequest {
+    GenerationRequest { prompts: vec![prompt.into()], seeds: Some(vec![1]), ..Default::default() }
+}
+
+async fn infer(engine: &Engine, req: GenerationRequest, timeout: Option<Duration>) -> Result<InferOutcome, EngineError> {
+    let admission = engine.admit()?;
+    let mut obs = engine.observer("m", "None");
+    let r = engine.infer(admission, &mut obs, "m", None, &req, timeout, None).await;
+    obs.finish(r.as_ref().map(|o| o.images.len()));
+    r
+}
+
+fn metric(registry: &Registry, line_start: &str) -> f64 {
+    let text = registry.render();
+    let line = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("{line_start} missing in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_bound_refuses_at_once_and_waits_are_observed() {
+    let f = fixture(1, 1, 40, None, spec("m")).await;
+    let tasks: Vec<_> = (0..5)
+        .map(|i| {
+            let e = f.engine.clone();
+            tokio::spawn(async move { infer(&e, request(&format!("p{i}")), None).await })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut overloaded = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(o) => {
+                assert_eq!(o.images.len(), 1);
+                ok += 1;
+            }
+            Err(EngineError::Overloaded { capacity: 2, .. }) => overloaded += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((ok, overloaded), (2, 3));
+    assert_eq!(metric(&f.registry, "model_infer_request_success_total{model=\"m\",version=\"None\"}"), 2.0);
+    assert_eq!(metric(&f.registry, "parallel_request_queue_count"), 2.0);
+    // The second request waited for the first one's 4 steps of 40 ms.
+    assert!(metric(&f.registry, "parallel_request_queue_sum") > 0.1);
+    assert_eq!(metric(&f.registry, "sdserve_requests_in_flight"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_while_queued_and_while_running() {
+    let f = fixture(1, 4, 50, None, spec("m")).await;
+    let e = f.engine.clone();
+    let long = tokio::spawn(async move { infer(&e, GenerationRequest { num_inference_steps: Some(20), ..request("long") }, None).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let t0 = Instant::now();
+    let queued = infer(&f.engine, request("q"), Some(Duration::from_millis(100))).await;
+    assert!(matches!(queued, Err(EngineError::DeadlineExceeded { phase: "waiting in the queue", .. })), "{queued:?}");
+    assert!(t0.elapsed() < Duration::from_millis(400));
+    let running = long.await.unwrap();
+    assert!(running.is_ok());
+
+    let t0 = Instant::now();
+    let r = infer(&f.engine, GenerationRequest { num_inference_steps: Some(50), ..request("r") }, Some(Duration::from_millis(120))).await;
+    assert!(matches!(r, Err(EngineError::DeadlineExceeded { phase: "generating", .. })), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_millis(400));
+    // The worker stops within a step: a new request starts promptly.
+    let t0 = Instant::now();
+    infer(&f.engine, GenerationRequest { num_inference_steps: Some(1), ..request("after") }, None).await.unwrap();
+    assert!(t0.elapsed() < Duration::from_millis(300), "{:?}", t0.elapsed());
+    assert_eq!(metric(&f.registry, "sdserve_request_failures_total{model=\"m\",reason=\"deadline\"}"), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_request_cancels_the_generation() {
+    let f = fixture(1, 4, 30, None, spec("m")).await;
+    let e = f.engine.clone();
+    let running = tokio::spawn(async move { infer(&e, GenerationRequest { num_inference_steps: Some(100), ..request("gone") }, None).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.abort();
+    let t0 = Instant::now();
+    infer(&f.engine, GenerationRequest { num_inference_steps: Some(1), ..request("next") }, None).await.unwrap();
+    // 100 steps would take 3 s; the slot frees within about one step.
+    assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+    assert!(f.steps_run.load(Ordering::SeqCst) < 20);
+    assert_eq!(metric(&f.registry, "model_infer_request_failure_total{model=\"m\",version=\"None\"}"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatible_requests_share_a_batch() {
+    let mut s = spec("m");
+    s.max_batch_size = 4;
+    s.max_batch_time = Duration::from_millis(300);
+    let f = fixture(1, 8, 10, None, s).await;
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let e = f.engine.clone();
+            tokio::spawn(async move { infer(&e, request(&format!("p{i}")), None).await })
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for t in tasks {
+        outputs.push(String::from_utf8(t.await.unwrap().unwrap().images[0].png.clone()).unwrap());
+    }
+    outputs.sort();
+    assert_eq!(outputs, ["p0:1", "p1:1", "p2:1"]);
+    assert_eq!(*f.calls.lock().unwrap(), vec![3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_and_refuses_new_work() {
+    let f = fixture(1, 4, 40, None, spec("m")).await;
+    let e = f.engine.clone();
+    let in_flight = tokio::spawn(async move { infer(&e, request("a"), None).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    f.engine.begin_drain();
+    assert!(!f.engine.is_ready());
+    assert!(matches!(f.engine.admit(), Err(EngineError::Draining)));
+    assert!(f.engine.drain(Duration::from_secs(5)).await);
+    assert!(in_flight.await.unwrap().is_ok());
+    f.engine.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_cancels_what_is_left() {
+    let f = fixture(1, 4, 50, None, spec("m")).await;
+    let e = f.engine.clone();
+    let running = tokio::spawn(async move { infer(&e, GenerationRequest { num_inference_steps: Some(100), ..request("a") }, None).await });
+    let e = f.engine.clone();
+    let queued = tokio::spawn(async move { infer(&e, request("b"), None).await });
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(!f.engine.drain(Duration::from_millis(100)).await);
+    assert!(matches!(running.await.unwrap(), Err(EngineError::Shutdown)));
+    assert!(matches!(queued.await.unwrap(), Err(EngineError::Shutdown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_unready_and_invalid_requests() {
+    let registry = Registry::new();
+    let loader = Arc::new(Loader {
+        step: Duration::from_millis(1),
+        calls: Default::default(),
+        steps_run: Default::default(),
+        load_delay: Duration::from_millis(300),
+    });
+    let engine = Engine::new(EngineConfig { parallel_workers: 1, max_queue_size: 2, request_timeout: None }, loader, &registry);
+    assert!(!engine.is_ready());
+    let e = engine.clone();
+    let loading = tokio::spawn(async move { e.load(spec("m")).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = infer(&engine, request("a"), None).await;
+    assert_eq!(r.unwrap_err().to_string(), "Model m is not ready yet.");
+    loading.await.unwrap().unwrap();
+    assert!(engine.is_ready());
+    let admission = engine.admit().unwrap();
+    let mut obs = engine.observer("nope", "None");
+    let r = engine.infer(admission, &mut obs, "nope", None, &request("a"), None, None).await;
+    assert_eq!(r.unwrap_err().to_string(), "Model nope not found");
+    let r = infer(&engine, GenerationRequest { scheduler: Some("heun".into()), ..request("a") }, None).await;
+    assert!(matches!(r, Err(EngineError::Invalid(m)) if m.contains("heun")));
+    assert!(engine.load(spec("broken")).await.unwrap_err().contains("cannot read weights"));
+    assert!(matches!(engine.model("broken", None), Err(EngineError::ModelNotFound { .. })));
+    engine.unload("m").unwrap();
+    assert!(matches!(engine.unload("m"), Err(EngineError::ModelNotFound { .. })));
+    assert!(!engine.is_ready());
+}
