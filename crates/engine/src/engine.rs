@@ -132,6 +132,21 @@ impl Drop for Admission {
     }
 }
 
+/// A validated request holding its admission, ready to queue.
+pub struct Prepared {
+    admission: Admission,
+    model: Arc<LoadedModel>,
+    job: GenerationJob,
+    timeout: Option<Duration>,
+}
+
+impl Prepared {
+    /// The effective settings (defaults filled in).
+    pub fn job(&self) -> &GenerationJob {
+        &self.job
+    }
+}
+
 type Reply = Result<(Vec<GeneratedImage>, Duration, Duration), EngineError>;
 
 struct Queued {
@@ -251,8 +266,8 @@ impl Engine {
         }
     }
 
-    /// Validates, queues and awaits one request. Dropping the future cancels it: a queued
-    /// request leaves the queue, a running one stops at its next denoising step.
+    /// Validates, queues and awaits one request (see [`Engine::prepare`] and [`Engine::run`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn infer(
         &self,
         admission: Admission,
@@ -263,6 +278,19 @@ impl Engine {
         timeout: Option<Duration>,
         progress: Option<mpsc::UnboundedSender<Progress>>,
     ) -> Result<InferOutcome, EngineError> {
+        let prepared = self.prepare(admission, name, version, request, timeout)?;
+        self.run(prepared, observer, progress).await
+    }
+
+    /// Finds the model and validates the request against it; nothing is queued yet.
+    pub fn prepare(
+        &self,
+        admission: Admission,
+        name: &str,
+        version: Option<&str>,
+        request: &GenerationRequest,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared, EngineError> {
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
@@ -270,11 +298,22 @@ impl Engine {
         let job = request
             .resolve(model.description(), &model.spec.defaults, &model.spec.limits, random_seed)
             .map_err(|e| EngineError::Invalid(e.0))?;
-
         let timeout = match (self.inner.config.request_timeout, timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        Ok(Prepared { admission, model, job, timeout })
+    }
+
+    /// Queues a prepared request and awaits its result. Dropping the future cancels it: a
+    /// queued request leaves the queue, a running one stops at its next denoising step.
+    pub async fn run(
+        &self,
+        prepared: Prepared,
+        observer: &mut InferObserver,
+        progress: Option<mpsc::UnboundedSender<Progress>>,
+    ) -> Result<InferOutcome, EngineError> {
+        let Prepared { admission, model, job, timeout } = prepared;
         let deadline = timeout.map(|t| admission.arrived() + t);
         let timeout_ms = timeout.map(|t| t.as_millis() as u64).unwrap_or(0);
         let control = Arc::new(JobControl {
@@ -523,6 +562,11 @@ impl InferObserver {
 
     pub fn finish(mut self, result: Result<usize, &EngineError>) {
         self.record(result.map_err(|e| e.reason()));
+    }
+
+    /// A failure before the engine saw the request (unreadable body, broken contract).
+    pub fn fail(mut self, reason: &'static str) {
+        self.record(Err(reason));
     }
 
     fn record(&mut self, result: Result<usize, &'static str>) {

@@ -533,3 +533,37 @@ mod tests {
         assert_eq!(l.data, [1.0, 2.0, 3.0, 4.0]);
     }
 }
+
+/// The contract's inputs, as model metadata reports them.
+pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
+    let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| crate::v2::MetadataTensor {
+        name: name.into(),
+        datatype,
+        shape: shape.to_vec(),
+        parameters: content_type.map(|c| {
+            let mut p = crate::v2::Parameters::new();
+            p.insert("content_type".into(), Value::String(c.into()));
+            p
+        }),
+    };
+    vec![
+        t("prompt", Datatype::Bytes, &[-1], Some("str")),
+        t("negative_prompt", Datatype::Bytes, &[-1], Some("str")),
+        t("num_inference_steps", Datatype::Int64, &[1], None),
+        t("guidance_scale", Datatype::Fp32, &[1], None),
+        t("height", Datatype::Int64, &[1], None),
+        t("width", Datatype::Int64, &[1], None),
+        t("seed", Datatype::Uint64, &[-1], None),
+        t("num_images_per_prompt", Datatype::Int64, &[1], None),
+        t("scheduler", Datatype::Bytes, &[1], Some("str")),
+        t("eta", Datatype::Fp32, &[1], None),
+        t("latents", Datatype::Fp32, &[-1, -1, -1, -1], None),
+    ]
+}
+
+/// The contract's single output: base64 PNG files, one per image.
+pub fn output_metadata() -> Vec<crate::v2::MetadataTensor> {
+    let mut p = crate::v2::Parameters::new();
+    p.insert("content_type".into(), Value::String("base64".into()));
+    vec![crate::v2::MetadataTensor { name: "image".into(), datatype: Datatype::Bytes, shape: vec![-1, 1], parameters: Some(p) }]
+}

@@ -1,0 +1,105 @@
+//! The one place where failures become HTTP responses.
+//!
+//! Every error body is JSON with an `error` string. Where MLServer answers in FastAPI's
+//! shape (422 validation, unknown route, wrong method) we add its `detail` too, so clients
+//! written against either keep working.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sdserve_engine::EngineError;
+use sdserve_protocol::SchemaError;
+use serde_json::{Value, json};
+
+/// Status used in metrics when the client left before any response was sent.
+pub const CLIENT_CLOSED: u16 = 499;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// FastAPI-compatible `detail`, when MLServer would send one.
+    pub detail: Option<Value>,
+    pub retry_after: bool,
+    pub authenticate: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), detail: None, retry_after: false, authenticate: false }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn schema(errors: &[SchemaError]) -> Self {
+        Self {
+            detail: Some(Value::Array(errors.iter().map(SchemaError::to_detail).collect())),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, sdserve_protocol::schema::summarize(errors))
+        }
+    }
+
+    pub fn not_found_route() -> Self {
+        Self { detail: Some(json!("Not Found")), ..Self::new(StatusCode::NOT_FOUND, "Not Found") }
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self {
+            detail: Some(json!("Method Not Allowed")),
+            ..Self::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+        }
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes (max_request_body_bytes)"),
+        )
+    }
+
+    pub fn unauthorized() -> Self {
+        Self {
+            authenticate: true,
+            ..Self::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token in the Authorization header")
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        let mut body = json!({ "error": self.message });
+        if let Some(d) = &self.detail {
+            body["detail"] = d.clone();
+        }
+        body
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let status = match &e {
+            EngineError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            EngineError::ModelNotReady { .. } | EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
+            EngineError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EngineError::Overloaded { .. } | EngineError::Draining | EngineError::Shutdown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            EngineError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            EngineError::Disconnected => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            EngineError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let retry_after = matches!(e, EngineError::Overloaded { .. } | EngineError::Draining);
+        Self { retry_after, ..Self::new(status, e.to_string()) }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.authenticate {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

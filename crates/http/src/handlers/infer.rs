@@ -1,0 +1,256 @@
+//! Inference: `infer`/`generate` (one JSON response) and `infer_stream`/`generate_stream`
+//! (server-sent events: one progress event per denoising step, then the response).
+//!
+//! Each handler does four things: admit (before the body is read), decode and validate,
+//! hand the job to the engine, encode the answer.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body::Frame;
+use sdserve_engine::{InferObserver, InferOutcome, Prepared, Progress};
+use sdserve_protocol::{InferenceRequest, InferenceResponse, Parameters};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::body;
+use crate::convert;
+use crate::error::ApiError;
+use crate::state::SharedState;
+
+/// Model name and version label from either route shape.
+fn target(params: &HashMap<String, String>) -> (String, Option<String>) {
+    (params.get("model_name").cloned().unwrap_or_default(), params.get("model_version").cloned())
+}
+
+pub(crate) fn check_auth(state: &SharedState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.config.auth_token else { return Ok(()) };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    match given {
+        Some(g) if constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Everything up to the point where the request would be queued. Errors here are plain
+/// JSON answers with their status code, for streaming requests too.
+async fn accept(
+    state: &SharedState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    observer: &mut Option<InferObserver>,
+) -> Result<(Option<String>, Prepared), ApiError> {
+    let fail = |observer: &mut Option<InferObserver>, reason: &'static str| {
+        if let Some(o) = observer.take() {
+            o.fail(reason);
+        }
+    };
+    let admission = state.engine.admit().map_err(|e| {
+        fail(observer, e.reason());
+        ApiError::from(e)
+    })?;
+    let bytes = body::read(headers, body, state.config.max_request_body_bytes).await.inspect_err(|e| {
+        fail(observer, if e.status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "invalid" });
+    })?;
+    let request = InferenceRequest::from_slice(&bytes).map_err(|errors| {
+        fail(observer, "unprocessable");
+        ApiError::schema(&errors)
+    })?;
+    let (generation, timeout) = convert::to_generation_request(&request).inspect_err(|_| fail(observer, "invalid"))?;
+    let prepared = state.engine.prepare(admission, name, version, &generation, timeout).map_err(|e| {
+        fail(observer, e.reason());
+        ApiError::from(e)
+    })?;
+    Ok((request.id, prepared))
+}
+
+fn response_id(id: Option<String>) -> String {
+    id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// MLServer's CloudEvents headers on every infer response.
+fn cloud_events(state: &SharedState, model: &str, id: &str, headers: &mut HeaderMap) {
+    let server = &state.config.server_name;
+    let source = match &state.config.namespace {
+        Some(ns) => format!("io.seldon.serving.deployment.{server}.{ns}"),
+        None => format!("io.seldon.serving.deployment.{server}"),
+    };
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    put("ce-specversion", "0.3");
+    put("ce-source", &source);
+    put("ce-type", "io.seldon.serving.inference.response");
+    put("ce-modelid", model);
+    put("ce-inferenceservicename", server);
+    put("ce-endpoint", model);
+    put("ce-id", id);
+    put("ce-requestid", id);
+    if let Some(ns) = &state.config.namespace {
+        put("ce-namespace", ns);
+    }
+}
+
+pub async fn infer(
+    State(state): State<SharedState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(e) = check_auth(&state, &headers) {
+        return e.into_response();
+    }
+    let (name, version) = target(&params);
+    let mut observer = Some(state.engine.observer(&name, version.as_deref().unwrap_or("None")));
+    let (id, prepared) = match accept(&state, &name, version.as_deref(), &headers, body, &mut observer).await {
+        Ok(ok) => ok,
+        Err(e) => return e.into_response(),
+    };
+    let mut observer = observer.expect("observer is only taken on failure");
+    let result = state.engine.run(prepared, &mut observer, None).await;
+    observer.finish(result.as_ref().map(|o| o.images.len()));
+    match result {
+        Ok(outcome) => {
+            let id = response_id(id);
+            let body = convert::to_response(&name, id.clone(), &outcome);
+            let mut response = json_response(StatusCode::OK, &body);
+            cloud_events(&state, &name, &id, response.headers_mut());
+            response
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("response encoding failed: {e}")).into_response(),
+    }
+}
+
+pub async fn infer_stream(
+    State(state): State<SharedState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(e) = check_auth(&state, &headers) {
+        return e.into_response();
+    }
+    let (name, version) = target(&params);
+    let mut observer = Some(state.engine.observer(&name, version.as_deref().unwrap_or("None")));
+    let (id, prepared) = match accept(&state, &name, version.as_deref(), &headers, body, &mut observer).await {
+        Ok(ok) => ok,
+        Err(e) => return e.into_response(),
+    };
+    let mut observer = observer.expect("observer is only taken on failure");
+    let id = response_id(id);
+    let (events, receiver) = mpsc::channel::<Bytes>(16);
+    let task_state = state.clone();
+    let task_name = name.clone();
+    let task_id = id.clone();
+    tokio::spawn(async move {
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
+        // Ends when the generation ends, or when the client goes away (the receiver is
+        // dropped), which drops `run` and so cancels the generation.
+        let result: Option<Result<InferOutcome, sdserve_engine::EngineError>> = {
+            let run = task_state.engine.run(prepared, &mut observer, Some(progress_tx));
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(p) = progress_rx.recv() => {
+                        let event = progress_event(&task_name, &task_id, &p);
+                        if events.send(event).await.is_err() { break None; }
+                    }
+                    r = &mut run => break Some(r),
+                    _ = events.closed() => break None,
+                }
+            }
+        };
+        // Progress sent just before the end still goes out, in order, before the result.
+        while let Ok(p) = progress_rx.try_recv() {
+            if result.is_some() && events.send(progress_event(&task_name, &task_id, &p)).await.is_err() {
+                break;
+            }
+        }
+        let Some(result) = result else {
+            observer.finish(Err(&sdserve_engine::EngineError::Disconnected));
+            return;
+        };
+        observer.finish(result.as_ref().map(|o| o.images.len()));
+        let final_event = match result {
+            Ok(outcome) => {
+                let mut response = convert::to_response(&task_name, task_id.clone(), &outcome);
+                add_stream_headers(&task_state, &task_name, &task_id, &mut response);
+                sse(&serde_json::to_value(&response).unwrap_or_default())
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                sse(&json!({"error": e.message, "status_code": e.status.as_u16()}))
+            }
+        };
+        let _ = events.send(final_event).await;
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::new(EventStream { receiver }))
+        .unwrap_or_else(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
+}
+
+/// MLServer leaves the CloudEvents headers inside `parameters.headers` in streams.
+fn add_stream_headers(state: &SharedState, model: &str, id: &str, response: &mut InferenceResponse) {
+    let mut headers = HeaderMap::new();
+    cloud_events(state, model, id, &mut headers);
+    let map: Parameters = headers
+        .iter()
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), json!(v))))
+        .collect();
+    response.parameters.insert("headers".into(), serde_json::Value::Object(map));
+}
+
+/// A progress event shaped as an InferenceResponse (empty outputs), so V2 clients that parse
+/// every event as a response keep working.
+fn progress_event(model: &str, id: &str, p: &Progress) -> Bytes {
+    sse(&json!({
+        "model_name": model,
+        "id": id,
+        "parameters": {"progress": {"step": p.step, "total": p.total, "elapsed": p.elapsed.as_secs_f64()}},
+        "outputs": []
+    }))
+}
+
+fn sse(value: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+struct EventStream {
+    receiver: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for EventStream {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.receiver.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}

@@ -1,0 +1,82 @@
+//! The model repository API: index, load, unload.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use sdserve_engine::ModelStatus;
+use sdserve_protocol::{ModelState, RepositoryIndexItem, RepositoryIndexRequest};
+
+use crate::body;
+use crate::error::ApiError;
+use crate::handlers::infer::check_auth;
+use crate::state::{RepositoryError, SharedState};
+
+impl From<RepositoryError> for ApiError {
+    fn from(e: RepositoryError) -> Self {
+        let status = match e {
+            RepositoryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RepositoryError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RepositoryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// Models on disk (re-read every call) and their state in the registry: READY, UNKNOWN
+/// while loading, UNAVAILABLE when not loaded — the states MLServer reports.
+pub async fn index(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    check_auth(&state, &headers)?;
+    let bytes = body::read(&headers, body, state.config.max_request_body_bytes).await?;
+    let request = RepositoryIndexRequest::from_slice(&bytes).map_err(|e| ApiError::schema(&e))?;
+    let repo = state.repository.clone();
+    let on_disk = tokio::task::spawn_blocking(move || repo.list())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let mut items: BTreeMap<(String, Option<String>), ModelState> =
+        on_disk.into_iter().map(|k| (k, ModelState::Unavailable)).collect();
+    for status in state.engine.models() {
+        let spec = status.spec();
+        let s = match status {
+            ModelStatus::Ready(_) => ModelState::Ready,
+            ModelStatus::Loading(_) => ModelState::Unknown,
+        };
+        items.insert((spec.name.clone(), spec.version.clone()), s);
+    }
+    let list: Vec<RepositoryIndexItem> = items
+        .into_iter()
+        .filter(|(_, s)| request.ready != Some(true) || *s == ModelState::Ready)
+        .map(|((name, version), state)| RepositoryIndexItem { name, version, state, reason: String::new() })
+        .collect();
+    Ok(axum::Json(list).into_response())
+}
+
+/// Loads (or reloads) every version of a model found under the repository root.
+pub async fn load(State(state): State<SharedState>, headers: HeaderMap, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    check_auth(&state, &headers)?;
+    let repo = state.repository.clone();
+    let lookup = name.clone();
+    let specs = tokio::task::spawn_blocking(move || repo.find(&lookup))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if specs.is_empty() {
+        return Err(RepositoryError::NotFound(name).into());
+    }
+    for spec in specs {
+        let label = spec.version.clone().map(|v| format!("{name} (version {v})")).unwrap_or_else(|| name.clone());
+        state
+            .engine
+            .load(spec)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("Model {label} failed to load: {e}")))?;
+    }
+    Ok(StatusCode::OK)
+}
+
+pub async fn unload(State(state): State<SharedState>, headers: HeaderMap, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    check_auth(&state, &headers)?;
+    state.engine.unload(&name)?;
+    Ok(StatusCode::OK)
+}
