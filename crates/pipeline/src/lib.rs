@@ -1,1 +1,32 @@
-//! placeholder
+//! Stable Diffusion (diffusers folders) on candle. The only crate that imports candle.
+//!
+//! # Layout
+//! - [`pipeline`]: [`StableDiffusion`], the `Generator` for a diffusers SD 1.x / 2.x folder.
+//! - [`config`]: `model_index.json`, UNet, VAE and text encoder configs; refuses what candle
+//!   cannot run.
+//! - [`weights`]: safetensors discovery (fp16 variants, shards), validation and loading.
+//! - [`text_encoder`]: batched CLIP text transformer.
+//! - [`unet`], [`vae`]: candle's UNet and VAE built from the parsed configs.
+//! - [`image`]: diffusers' post-processing, 8-bit RGB and PNG.
+//! - [`device`]: device/dtype selection ([`LoadOptions`]); all CUDA-specific code.
+//! - [`error`]: [`PipelineError`], load-time errors naming the file and key or tensor.
+//! - [`noise`]: seeded per-image Gaussian noise (host side).
+//! - [`tokenizer`]: CLIP BPE tokenizer from `vocab.json` + `merges.txt`.
+//! - [`schedulers`]: DDIM, PNDM, Euler, Euler Ancestral, DPM++ 2M (Karras), LMS.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod image;
+pub mod noise;
+pub mod pipeline;
+pub mod schedulers;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use device::LoadOptions;
+pub use error::PipelineError;
+pub use pipeline::StableDiffusion;
