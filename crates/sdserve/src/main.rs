@@ -1,1 +1,42 @@
-fn main() {}
+//! sdserve: an MLServer-compatible Stable Diffusion inference server.
+
+mod cli;
+mod loader;
+mod logging;
+mod repository;
+mod server;
+mod spec;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let invocation = match cli::parse() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match invocation {
+        cli::Invocation::Settings => {
+            print!("{}", sdserve_settings::markdown_table(sdserve_settings::SERVER_SETTINGS));
+            ExitCode::SUCCESS
+        }
+        cli::Invocation::Start { folder, overrides } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sdserve-io").build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(server::start(&folder, overrides)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

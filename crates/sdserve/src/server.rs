@@ -1,0 +1,180 @@
+//! `sdserve start`: wires settings, engine, pipeline and HTTP together and runs the
+//! lifecycle: listen → load models → serve → on SIGTERM/SIGINT drain → exit.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use sdserve_engine::metrics::Registry;
+use sdserve_engine::{Engine, EngineConfig};
+use sdserve_http::{AppState, HttpConfig, RestMetrics};
+use sdserve_settings::{Env, ServerOverrides, ServerSettings, discover};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::loader::PipelineLoader;
+use crate::repository::FsRepository;
+use crate::spec::to_spec;
+
+const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<()> {
+    let env = Env::from_process();
+    let loaded = discover(folder, &env, &overrides)?;
+    crate::logging::init(&loaded.server);
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    for n in &loaded.notes {
+        tracing::info!("{n}");
+    }
+    let server = loaded.server;
+    tracing::info!(settings = %server.to_json(), "starting sdserve {}", env!("CARGO_PKG_VERSION"));
+    let specs = loaded.models.iter().map(to_spec).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+
+    let registry = Arc::new(Registry::new());
+    let engine = Engine::new(
+        EngineConfig {
+            parallel_workers: server.parallel_workers.max(1),
+            max_queue_size: server.max_queue_size,
+            request_timeout: server.request_timeout_duration(),
+        },
+        Arc::new(PipelineLoader),
+        &registry,
+    );
+    let rest_metrics = server
+        .metrics_enabled()
+        .then(|| Arc::new(RestMetrics::register(&registry, &server.metrics_rest_server_prefix)));
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        config: http_config(&server),
+        repository: Arc::new(FsRepository { root: server.model_repository_root.clone(), env }),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http_listener = bind(&server.host, server.http_port, "HTTP").await?;
+    tracing::info!("HTTP server running on http://{}", http_listener.local_addr()?);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve(http_listener, sdserve_http::router(state, rest_metrics), stop_rx.clone())));
+    if let Some(endpoint) = &server.metrics_endpoint {
+        let listener = bind(&server.host, server.metrics_port, "metrics").await?;
+        let addr = listener.local_addr()?;
+        tracing::info!("Metrics server running on http://{addr}");
+        tracing::info!("Prometheus scraping endpoint can be accessed on http://{addr}{endpoint}");
+        tasks.push(tokio::spawn(serve(listener, sdserve_http::metrics_router(registry.clone(), endpoint), stop_rx.clone())));
+    }
+
+    // Models load while the servers already answer: live is 200, ready is 400 until done.
+    let signal = tokio::spawn(shutdown_signal());
+    let mut failed = None;
+    for spec in specs {
+        let name = spec.name.clone();
+        let uri = spec.uri.clone();
+        let started = Instant::now();
+        tracing::info!("loading model {name} from {}", uri.display());
+        let load = engine.load(spec);
+        tokio::pin!(load);
+        tokio::select! {
+            r = &mut load => match r {
+                Ok(()) => tracing::info!("Loaded model {name} successfully in {:.2} s", started.elapsed().as_secs_f64()),
+                Err(e) => {
+                    let file = loaded.models.iter().find(|m| m.name == name).and_then(|m| m.settings_file.clone());
+                    let origin = file.map(|f| f.display().to_string()).unwrap_or_else(|| "MLSERVER_MODEL_* variables".into());
+                    failed = Some(format!("model {name} ({origin}, uri {}) failed to load: {e}", uri.display()));
+                    break;
+                }
+            },
+            _ = signal_finished(&signal) => {
+                failed = Some("interrupted while loading models".into());
+                break;
+            }
+        }
+    }
+    if let Some(reason) = failed {
+        tracing::error!("Some of the models failed to load during startup! {reason}");
+        let _ = stop_tx.send(true);
+        engine.shutdown();
+        for t in tasks {
+            let _ = t.await;
+        }
+        bail!("{reason}");
+    }
+
+    let _ = signal.await;
+    tracing::info!(
+        "shutdown signal received: no longer ready, draining for up to {:.0} s",
+        server.drain_timeout_duration().as_secs_f64()
+    );
+    let clean = engine.drain(server.drain_timeout_duration()).await;
+    if !clean {
+        tracing::warn!("drain timeout reached; requests still running were cancelled");
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    engine.shutdown();
+    tracing::info!("sdserve stopped");
+    Ok(())
+}
+
+async fn signal_finished(signal: &tokio::task::JoinHandle<()>) {
+    while !signal.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn http_config(s: &ServerSettings) -> HttpConfig {
+    HttpConfig {
+        server_name: s.server_name.clone(),
+        server_version: s.server_version.clone(),
+        extensions: s.extensions.clone(),
+        max_request_body_bytes: usize::try_from(s.max_request_body_bytes).unwrap_or(usize::MAX),
+        gzip_enabled: s.gzip_enabled,
+        auth_token: s.auth_token.clone(),
+        namespace: std::fs::read_to_string(NAMESPACE_FILE).ok().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()),
+    }
+}
+
+async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve host {host:?} for the {what} server"))?
+        .next()
+        .with_context(|| format!("host {host:?} resolves to no address"))?;
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for the {what} server"))
+}
+
+async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!("server error: {e}");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
