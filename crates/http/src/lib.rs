@@ -21,4 +21,4 @@ pub mod state;
 pub use error::ApiError;
 pub use rest_metrics::RestMetrics;
 pub use routes::{metrics_router, router};
-pub use state::{AppState, HttpConfig, ModelRepository, RepositoryError, SharedState};
+pub use state::{AppState, Cors, HttpConfig, ModelRepository, RepositoryError, SharedState};

@@ -58,6 +58,7 @@ impl Drop for Observation {
         self.metrics.requests.inc(&labels);
         self.metrics.duration.observe(&labels, self.started.elapsed().as_secs_f64());
         self.metrics.in_progress.add(&[&self.method], -1.0);
+        tracing::debug!(target: "sdserve_http::access", "{} {} {} {:.3}s", self.method, self.path, status, self.started.elapsed().as_secs_f64());
     }
 }
 

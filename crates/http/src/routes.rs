@@ -1,20 +1,22 @@
 //! Every route of MLServer 1.7.1's REST table, and the metrics listener's one route.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{from_fn_with_state, map_response};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use sdserve_engine::metrics::{CONTENT_TYPE, Registry};
 use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
 
 use crate::error::ApiError;
 use crate::handlers::{docs, health, infer, metadata, repository};
 use crate::rest_metrics::{RestMetrics, track};
-use crate::state::SharedState;
+use crate::state::{Cors, SharedState};
 
 const MODEL: &str = "/v2/models/{model_name}";
 const VERSION: &str = "/v2/models/{model_name}/versions/{model_version}";
@@ -22,6 +24,7 @@ const VERSION: &str = "/v2/models/{model_name}/versions/{model_version}";
 /// The inference port's router. `rest_metrics` is `None` when metrics are disabled.
 pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Router {
     let gzip = state.config.gzip_enabled;
+    let cors = state.config.cors.clone();
     let mut r = Router::new()
         .route("/v2", get(metadata::server))
         .route("/v2/health/live", get(health::live))
@@ -53,10 +56,48 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
         // Starlette's GZipMiddleware threshold; event streams are never compressed.
         r = r.layer(CompressionLayer::new().compress_when(SizeAbove::new(500).and(DefaultPredicate::new())));
     }
+    if let Some(cors) = &cors {
+        r = r.layer(cors_layer(cors));
+    }
     if let Some(m) = rest_metrics {
         r = r.layer(from_fn_with_state(m, track));
     }
     r
+}
+
+/// Starlette's CORSMiddleware semantics: `*` allows any origin (echoed back when credentials
+/// are allowed, since browsers refuse `*` with credentials).
+fn cors_layer(c: &Cors) -> CorsLayer {
+    let any_origin = c.allow_origins.iter().any(|o| o == "*");
+    let listed: Vec<HeaderValue> = c.allow_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let regex = c.allow_origin_regex.as_deref().and_then(|r| regex::Regex::new(&format!("^(?:{r})$")).ok());
+    let origin = if any_origin && !c.allow_credentials {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            any_origin || listed.contains(origin) || regex.as_ref().is_some_and(|re| origin.to_str().is_ok_and(|o| re.is_match(o)))
+        })
+    };
+    let methods: Vec<Method> = c.allow_methods.iter().filter_map(|m| m.parse().ok()).collect();
+    let any_method = c.allow_methods.iter().any(|m| m == "*");
+    let headers: Vec<HeaderName> = c.allow_headers.iter().filter_map(|h| h.parse().ok()).collect();
+    let any_header = c.allow_headers.iter().any(|h| h == "*");
+    let expose: Vec<HeaderName> = c.expose_headers.iter().filter_map(|h| h.parse().ok()).collect();
+    let mut layer = CorsLayer::new()
+        .allow_origin(origin)
+        .allow_credentials(c.allow_credentials)
+        .max_age(Duration::from_secs(c.max_age))
+        .expose_headers(expose);
+    layer = if any_method {
+        layer.allow_methods(if c.allow_credentials { AllowMethods::mirror_request() } else { AllowMethods::any() })
+    } else {
+        layer.allow_methods(methods)
+    };
+    if any_header {
+        layer.allow_headers(if c.allow_credentials { AllowHeaders::mirror_request() } else { AllowHeaders::any() })
+    } else {
+        layer.allow_headers(headers)
+    }
 }
 
 /// axum answers a wrong method with an empty 405; give it a JSON body, keep `allow`.

@@ -18,6 +18,20 @@ pub struct HttpConfig {
     pub auth_token: Option<String>,
     /// Kubernetes namespace, when running in a pod (CloudEvents `ce-namespace`).
     pub namespace: Option<String>,
+    /// `cors_settings`: no CORS headers at all when `None`, as in MLServer.
+    pub cors: Option<Cors>,
+}
+
+/// MLServer's `cors_settings`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cors {
+    pub allow_origins: Vec<String>,
+    pub allow_origin_regex: Option<String>,
+    pub allow_credentials: bool,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: u64,
 }
 
 /// A model repository problem, for the repository API.

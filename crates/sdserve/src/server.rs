@@ -135,6 +135,15 @@ fn http_config(s: &ServerSettings) -> HttpConfig {
         gzip_enabled: s.gzip_enabled,
         auth_token: s.auth_token.clone(),
         namespace: std::fs::read_to_string(NAMESPACE_FILE).ok().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()),
+        cors: s.cors_settings.as_ref().map(|c| sdserve_http::Cors {
+            allow_origins: c.allow_origins.clone(),
+            allow_origin_regex: c.allow_origin_regex.clone(),
+            allow_credentials: c.allow_credentials,
+            allow_methods: c.allow_methods.clone(),
+            allow_headers: c.allow_headers.clone(),
+            expose_headers: c.expose_headers.clone(),
+            max_age: c.max_age,
+        }),
     }
 }
 

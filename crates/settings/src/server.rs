@@ -90,8 +90,8 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         "MLSERVER_PARALLEL_WORKERS_TIMEOUT",
         None,
         "5",
-        Mlserver,
-        "Seconds to wait for each worker to stop at shutdown",
+        Ignored,
+        "Seconds MLServer waits for each worker process at shutdown (sdserve drains with drain_timeout)",
     ),
     doc(
         "environments_dir",
@@ -178,7 +178,7 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         "MLSERVER_ROOT_PATH",
         None,
         "\"\"",
-        Mlserver,
+        Ignored,
         "Path prefix the server is mounted under behind a proxy (ASGI root_path)",
     ),
     doc(
@@ -324,7 +324,7 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         Some("--max-queue-size"),
         "16",
         Sdserve,
-        "Requests per model that may wait for a worker; beyond that requests get 503",
+        "Requests that may wait for a worker (all models together); beyond that requests get 503 with Retry-After",
     ),
     doc(
         "request_timeout",
