@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     };
     match invocation {
         cli::Invocation::Settings => {
-            print!("{}", sdserve_settings::markdown_table(sdserve_settings::SERVER_SETTINGS));
+            print!("{}", sdserve_settings::settings_reference());
             ExitCode::SUCCESS
         }
         cli::Invocation::Start { folder, overrides } => {

@@ -36,3 +36,12 @@ pub use server::{
     CorsSettings, SDSERVE_VERSION, SERVER_SETTINGS, SETTINGS_FILE, ServerOverrides, ServerSettings,
     SettingDoc, SettingKind, markdown_table, server_setting_doc,
 };
+
+/// The settings reference printed by `sdserve settings` and embedded verbatim in README.md.
+pub fn settings_reference() -> String {
+    format!(
+        "Server settings (`settings.json` in the repository folder):\n\n{}\nModel settings (`model-settings.json` next to each model):\n\n{}",
+        markdown_table(SERVER_SETTINGS),
+        markdown_table(MODEL_SETTINGS)
+    )
+}
