@@ -2,17 +2,19 @@
 //!
 //! # Layout
 //! - [`pipeline`]: [`StableDiffusion`], the `Generator` for a diffusers SD 1.x / 2.x folder.
-//! - [`config`]: `model_index.json`, UNet, VAE and text encoder configs; refuses what candle
-//!   cannot run.
+//! - [`config`]: `model_index.json`, UNet, VAE and text encoder configs; refuses what we cannot
+//!   run exactly as diffusers does.
 //! - [`weights`]: safetensors discovery (fp16 variants, shards), validation and loading.
 //! - [`text_encoder`]: batched CLIP text transformer.
-//! - [`unet`], [`vae`]: candle's UNet and VAE built from the parsed configs.
+//! - [`unet`]: the UNet, assembled from candle's resnet/attention layers (exact GELU).
+//! - [`vae`]: candle's VAE decoder built from the parsed config.
 //! - [`image`]: diffusers' post-processing, 8-bit RGB and PNG.
 //! - [`device`]: device/dtype selection ([`LoadOptions`]); all CUDA-specific code.
 //! - [`error`]: [`PipelineError`], load-time errors naming the file and key or tensor.
 //! - [`noise`]: seeded per-image Gaussian noise (host side).
 //! - [`tokenizer`]: CLIP BPE tokenizer from `vocab.json` + `merges.txt`.
 //! - [`schedulers`]: DDIM, PNDM, Euler, Euler Ancestral, DPM++ 2M (Karras), LMS.
+//! - [`random_model`]: diffusers folders with seeded random weights at real sizes (benchmarks).
 
 pub mod config;
 pub mod device;
@@ -20,6 +22,7 @@ pub mod error;
 pub mod image;
 pub mod noise;
 pub mod pipeline;
+pub mod random_model;
 pub mod schedulers;
 pub mod text_encoder;
 pub mod tokenizer;

@@ -1,0 +1,518 @@
+//! The denoising UNet (`UNet2DConditionModel`), built from `unet/config.json`.
+//!
+//! The resnets, attention and timestep layers are candle's (`stable_diffusion::{resnet,
+//! attention, embeddings}`); the blocks around them are assembled here rather than with candle's
+//! `UNet2DConditionModel`, because that model computes something else than diffusers for common
+//! configs: its GEGLU feed-forward uses tanh-approximated GELU (up to 3/255 off on the reference
+//! images, where diffusers uses the exact erf GELU), and its down/up resnets always use 32
+//! GroupNorm groups whatever `norm_num_groups` says. Assembling the blocks also lets per-block
+//! `layers_per_block` / `cross_attention_dim` lists and independent up block types run as
+//! diffusers runs them.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::attention::CrossAttention;
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use crate::config::{UNetBlock, UNetConfig};
+
+/// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let projected = self.proj_in.forward(xs)?;
+        let halves = projected.chunk(2, D::Minus1)?;
+        self.proj_out
+            .forward(&(&halves[0] * halves[1].gelu_erf()?)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, feed-forward, pre-norm.
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
+        let head_dim = dim / heads;
+        // Sliced attention is broken in candle 0.11.1; flash attention needs a CUDA build flag.
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(vb.pp("attn1"), dim, None, heads, head_dim, None, false)?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(
+                vb.pp("attn2"),
+                dim,
+                Some(context_dim),
+                heads,
+                head_dim,
+                None,
+                false,
+            )?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` on continuous inputs.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(vb: VarBuilder, channels: usize, level: &UNetBlock, c: &UNetConfig) -> Result<Self> {
+        let norm = candle_nn::group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let (proj_in, proj_out) = if c.use_linear_projection {
+            (
+                Projection::Linear(candle_nn::linear(channels, channels, vb.pp("proj_in"))?),
+                Projection::Linear(candle_nn::linear(channels, channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            let cfg = Conv2dConfig::default();
+            (
+                Projection::Conv(candle_nn::conv2d(
+                    channels,
+                    channels,
+                    1,
+                    cfg,
+                    vb.pp("proj_in"),
+                )?),
+                Projection::Conv(candle_nn::conv2d(
+                    channels,
+                    channels,
+                    1,
+                    cfg,
+                    vb.pp("proj_out"),
+                )?),
+            )
+        };
+        let blocks = (0..level.transformer_layers)
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    channels,
+                    level.heads,
+                    level.cross_attention_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
+            Projection::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
+        };
+        out + xs
+    }
+}
+
+fn resnet(
+    vb: VarBuilder,
+    in_ch: usize,
+    out_ch: usize,
+    temb: usize,
+    c: &UNetConfig,
+    scale: f64,
+) -> Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        out_channels: Some(out_ch),
+        temb_channels: Some(temb),
+        groups: c.norm_num_groups,
+        groups_out: None,
+        eps: c.norm_eps,
+        use_in_shortcut: None,
+        output_scale_factor: scale,
+    };
+    ResnetBlock2D::new(vb, in_ch, cfg)
+}
+
+struct Downsample {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample {
+    fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            stride: 2,
+            padding,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.pad_right_bottom {
+            // diffusers pads (0, 1, 0, 1) when downsample_padding is 0.
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+    }
+}
+
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    downsample: Option<Downsample>,
+}
+
+impl DownBlock {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(down) = &self.downsample {
+            xs = down.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok(xs)
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    upsample: Option<Upsample>,
+}
+
+impl UpBlock {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let Some(skip) = skips.pop() else {
+                return Err(candle_core::Error::Msg(
+                    "UNet skip connections exhausted".into(),
+                ));
+            };
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context)?;
+            }
+        }
+        match &self.upsample {
+            Some(up) => up.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}
+
+pub struct UNet {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    down: Vec<DownBlock>,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: SpatialTransformer,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, c: &UNetConfig) -> Result<Self> {
+        let n = c.blocks.len();
+        let ch0 = c.blocks[0].out_channels;
+        let temb = ch0 * 4;
+        let conv_in = candle_nn::conv2d(
+            c.in_channels,
+            ch0,
+            c.conv_in_kernel,
+            Conv2dConfig {
+                padding: c.conv_in_kernel / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_in"),
+        )?;
+        let time_proj = Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift);
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, temb)?;
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_ch = ch0;
+        for (i, level) in c.blocks.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = level.out_channels;
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..level.layers)
+                .map(|j| {
+                    resnet(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        temb,
+                        c,
+                        1.0,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if level.down_cross_attn {
+                (0..level.layers)
+                    .map(|j| {
+                        SpatialTransformer::new(vb.pp(format!("attentions.{j}")), out_ch, level, c)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            let downsample = if i + 1 < n {
+                Some(Downsample::new(
+                    vb.pp("downsamplers.0"),
+                    out_ch,
+                    c.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                downsample,
+            });
+        }
+
+        let mid = c.mid_block();
+        let mid_ch = mid.out_channels;
+        let vb_mid = vb.pp("mid_block");
+        let mid_resnets = [
+            resnet(
+                vb_mid.pp("resnets.0"),
+                mid_ch,
+                mid_ch,
+                temb,
+                c,
+                c.mid_block_scale_factor,
+            )?,
+            resnet(
+                vb_mid.pp("resnets.1"),
+                mid_ch,
+                mid_ch,
+                temb,
+                c,
+                c.mid_block_scale_factor,
+            )?,
+        ];
+        let mid_attention = SpatialTransformer::new(vb_mid.pp("attentions.0"), mid_ch, mid, c)?;
+
+        let mut up = Vec::with_capacity(n);
+        let mut out_ch = mid_ch;
+        for i in 0..n {
+            let level = &c.blocks[n - 1 - i];
+            let prev_ch = out_ch;
+            out_ch = level.out_channels;
+            let skip_in_ch = c.blocks[(n - 1 - i).saturating_sub(1)].out_channels;
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let layers = level.layers + 1;
+            let resnets = (0..layers)
+                .map(|j| {
+                    let res_skip = if j == layers - 1 { skip_in_ch } else { out_ch };
+                    let res_in = if j == 0 { prev_ch } else { out_ch };
+                    resnet(
+                        vb.pp(format!("resnets.{j}")),
+                        res_in + res_skip,
+                        out_ch,
+                        temb,
+                        c,
+                        1.0,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if level.up_cross_attn {
+                (0..layers)
+                    .map(|j| {
+                        SpatialTransformer::new(vb.pp(format!("attentions.{j}")), out_ch, level, c)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            let upsample = if i + 1 < n {
+                Some(Upsample::new(vb.pp("upsamplers.0"), out_ch)?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                upsample,
+            });
+        }
+
+        let conv_norm_out =
+            candle_nn::group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = candle_nn::conv2d(
+            ch0,
+            c.out_channels,
+            c.conv_out_kernel,
+            Conv2dConfig {
+                padding: c.conv_out_kernel / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+            conv_norm_out,
+            conv_out,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// `latents` `(B, C, h, w)`, one timestep for the whole batch, `context` `(B, S, D)`.
+    pub fn forward(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = latents.dims4()?;
+        let dtype = latents.dtype();
+        let context = context.to_dtype(dtype)?;
+        let xs = if self.config.center_input_sample {
+            ((latents * 2.0)? - 1.0)?
+        } else {
+            latents.clone()
+        };
+
+        // The sinusoidal embedding is computed in F32, then cast, as diffusers does.
+        let t = Tensor::full(timestep as f32, b, latents.device())?;
+        let temb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
+        let temb = self.time_embedding.forward(&temb)?;
+
+        let mut xs = self.conv_in.forward(&xs)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            xs = block.forward(&xs, &temb, &context, &mut skips)?;
+        }
+
+        xs = self.mid_resnets[0].forward(&xs, Some(&temb))?;
+        xs = self.mid_attention.forward(&xs, &context)?;
+        xs = self.mid_resnets[1].forward(&xs, Some(&temb))?;
+
+        // Sizes that do not halve evenly need the skip's size on the way up.
+        let factor = 1usize << (self.up.len() - 1).min(usize::BITS as usize - 1);
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+        for block in &self.up {
+            let upsample_size = if forward_upsample_size && block.upsample.is_some() {
+                let skip = skips
+                    .len()
+                    .checked_sub(block.resnets.len() + 1)
+                    .and_then(|i| skips.get(i));
+                skip.map(|s| s.dims4())
+                    .transpose()?
+                    .map(|(_, _, sh, sw)| (sh, sw))
+            } else {
+                None
+            };
+            xs = block.forward(&xs, &temb, &context, &mut skips, upsample_size)?;
+        }
+
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

@@ -1,0 +1,479 @@
+//! Finding and loading the safetensors weights of one component folder.
+//!
+//! Headers are validated against the real file size before anything is trusted: a header length
+//! or tensor offset that points past the end of the file is an error naming the file (and the
+//! tensor), never an allocation or a panic. Tensors are served to candle through a
+//! [`SimpleBackend`], so a missing tensor or a shape that disagrees with the config is reported
+//! with the file and the tensor name.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{PipelineError, candle_message};
+
+type Result<T> = std::result::Result<T, PipelineError>;
+
+/// Headers larger than this are refused (real ones are a few hundred KiB).
+const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// Which files hold a component's weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightFiles {
+    pub files: Vec<PathBuf>,
+    /// The `*.safetensors.index.json` the shards came from, if sharded.
+    pub index: Option<PathBuf>,
+}
+
+/// Finds `<stem>[.fp16].safetensors` or a sharded `<stem>.safetensors.index[.fp16].json` in `dir`.
+///
+/// The fp16 variant is preferred when running in reduced precision, the full-precision file
+/// otherwise; either is used when it is the only one.
+pub fn find_weights(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<WeightFiles> {
+    let full = [
+        (format!("{stem}.safetensors"), false),
+        (format!("{stem}.safetensors.index.json"), true),
+    ];
+    let half = [
+        (format!("{stem}.fp16.safetensors"), false),
+        (format!("{stem}.safetensors.index.fp16.json"), true),
+    ];
+    let order: Vec<&(String, bool)> = if prefer_fp16 {
+        half.iter().chain(&full).collect()
+    } else {
+        full.iter().chain(&half).collect()
+    };
+    for (name, is_index) in order {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        if *is_index {
+            let files = read_index(&path)?;
+            return Ok(WeightFiles {
+                files,
+                index: Some(path),
+            });
+        }
+        return Ok(WeightFiles {
+            files: vec![path],
+            index: None,
+        });
+    }
+    let pickles = pickle_files(dir);
+    if !pickles.is_empty() {
+        let names: Vec<String> = pickles.iter().map(|p| p.display().to_string()).collect();
+        return Err(PipelineError::weights(
+            dir,
+            format!(
+                "only pickle weights found ({}); pickle files are refused because loading them can run arbitrary code. \
+                 Convert the folder to safetensors, e.g. in Python: \
+                 `StableDiffusionPipeline.from_pretrained(src).save_pretrained(dst, safe_serialization=True)`",
+                names.join(", ")
+            ),
+        ));
+    }
+    Err(PipelineError::weights(
+        &dir.join(format!("{stem}.safetensors")),
+        format!(
+            "weight file not found (looked for {stem}.safetensors, {stem}.fp16.safetensors and sharded \
+             {stem}.safetensors.index.json in {})",
+            dir.display()
+        ),
+    ))
+}
+
+fn pickle_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            [".bin", ".ckpt", ".pt", ".pth", ".pkl"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The distinct shard files listed by a `*.safetensors.index.json`, in first-use order.
+fn read_index(path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| PipelineError::config(path, format!("invalid JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| PipelineError::key(path, "weight_map", "missing or not an object"))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, shard) in map {
+        let name = shard.as_str().ok_or_else(|| {
+            PipelineError::key(
+                path,
+                "weight_map",
+                format!("tensor `{tensor}`: shard name is not a string"),
+            )
+        })?;
+        // Shards must sit next to the index: no directories, no `..`.
+        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+            return Err(PipelineError::key(
+                path,
+                "weight_map",
+                format!("tensor `{tensor}`: shard {name:?} is not a plain file name"),
+            ));
+        }
+        let shard_path = dir.join(name);
+        if !files.contains(&shard_path) {
+            files.push(shard_path);
+        }
+    }
+    if files.is_empty() {
+        return Err(PipelineError::key(path, "weight_map", "lists no tensors"));
+    }
+    Ok(files)
+}
+
+#[derive(Debug, Clone)]
+struct TensorInfo {
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range inside the file.
+    start: usize,
+    end: usize,
+}
+
+/// One memory-mapped, validated safetensors file.
+struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+fn dtype_of(name: &str) -> Option<(Option<DType>, usize)> {
+    // (candle dtype if loadable, bytes per element)
+    Some(match name {
+        "F32" => (Some(DType::F32), 4),
+        "F16" => (Some(DType::F16), 2),
+        "BF16" => (Some(DType::BF16), 2),
+        "F64" => (Some(DType::F64), 8),
+        "U8" => (Some(DType::U8), 1),
+        "U32" => (Some(DType::U32), 4),
+        "I64" => (Some(DType::I64), 8),
+        "I32" => (Some(DType::I32), 4),
+        "I16" => (Some(DType::I16), 2),
+        "BOOL" | "I8" | "F8_E4M3" | "F8_E5M2" => (None, 1),
+        "U16" => (None, 2),
+        "U64" => (None, 8),
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| PipelineError::io(path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| PipelineError::io(path, e))?
+            .len();
+        if len < 8 {
+            return Err(PipelineError::weights(
+                path,
+                format!(
+                    "not a safetensors file: {len} bytes is too short for the 8-byte header length"
+                ),
+            ));
+        }
+        // Safety: the map is read-only; a file truncated by someone else while mapped is outside
+        // what any loader can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| PipelineError::io(path, e))?;
+        let tensors = parse_header(path, &mmap)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+        })
+    }
+}
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>> {
+    let file_len = bytes.len() as u64;
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+        return Err(PipelineError::weights(
+            path,
+            format!(
+                "corrupt or truncated safetensors file: header length {header_len} does not fit in the {file_len}-byte file"
+            ),
+        ));
+    }
+    let data_start = 8 + header_len as usize;
+    let data_len = bytes.len() - data_start;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| PipelineError::weights(path, format!("corrupt safetensors header: {e}")))?;
+    let mut tensors = HashMap::with_capacity(header.len());
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: String| PipelineError::weights(path, format!("tensor `{name}`: {what}"));
+        let dtype_name = entry
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype".into()))?;
+        let (dtype, elem_size) =
+            dtype_of(dtype_name).ok_or_else(|| bad(format!("unknown dtype {dtype_name:?}")))?;
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no shape".into()))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
+        let offsets = entry
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+            .ok_or_else(|| bad("data_offsets is not a pair of integers".into()))?;
+        let (start, end) = offsets;
+        if start > end || end > data_len as u64 {
+            return Err(bad(format!(
+                "data_offsets [{start}, {end}] lie outside the {data_len}-byte data section; the file is truncated or corrupt"
+            )));
+        }
+        let bytes_needed = shape
+            .iter()
+            .try_fold(elem_size as u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        if bytes_needed != end - start {
+            return Err(bad(format!(
+                "shape {shape:?} of {dtype_name} needs {bytes_needed} bytes but data_offsets span {}",
+                end - start
+            )));
+        }
+        let Some(dtype) = dtype else {
+            // Present but not loadable by candle; only an error if a model asks for it.
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype: DType::U8,
+                    shape: Vec::new(),
+                    start: 0,
+                    end: 0,
+                },
+            );
+            continue;
+        };
+        tensors.insert(
+            name,
+            TensorInfo {
+                dtype,
+                shape,
+                start: data_start + start as usize,
+                end: data_start + end as usize,
+            },
+        );
+    }
+    Ok(tensors)
+}
+
+/// All tensors of one component (one file or every shard), served to candle's `VarBuilder`.
+pub struct WeightStore {
+    files: Vec<SafetensorsFile>,
+    routing: HashMap<String, usize>,
+    description: String,
+}
+
+impl WeightStore {
+    pub fn open(weights: &WeightFiles) -> Result<Self> {
+        let mut files = Vec::with_capacity(weights.files.len());
+        let mut routing = HashMap::new();
+        for path in &weights.files {
+            if !path.is_file() {
+                let from = weights
+                    .index
+                    .as_ref()
+                    .map(|i| format!(" (listed in {})", i.display()))
+                    .unwrap_or_default();
+                return Err(PipelineError::weights(
+                    path,
+                    format!("weight file not found{from}"),
+                ));
+            }
+            let file = SafetensorsFile::open(path)?;
+            for name in file.tensors.keys() {
+                routing.insert(name.clone(), files.len());
+            }
+            files.push(file);
+        }
+        let description = match &weights.index {
+            Some(index) => format!("{} ({} shards)", index.display(), files.len()),
+            None => weights
+                .files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        Ok(Self {
+            files,
+            routing,
+            description,
+        })
+    }
+
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    /// A tensor in its stored dtype, on `device`, with file and tensor named in any error.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let Some(&index) = self.routing.get(name) else {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor `{name}` is missing",
+                self.description
+            )));
+        };
+        let file = &self.files[index];
+        let info = &file.tensors[name];
+        if info.end == 0 && info.shape.is_empty() {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor `{name}` has a dtype candle cannot load",
+                file.path.display()
+            )));
+        }
+        let bytes = &file.mmap[info.start..info.end];
+        Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}`: {}",
+                    file.path.display(),
+                    candle_message(&e)
+                ))
+            })
+    }
+}
+
+impl SimpleBackend for WeightStore {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(&index) = self.routing.get(name) {
+            let file = &self.files[index];
+            let stored = &file.tensors[name].shape;
+            if stored.as_slice() != s.dims() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}` has shape {stored:?}, but the config implies {:?}",
+                    file.path.display(),
+                    s.dims()
+                )));
+            }
+        }
+        self.load(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn header_length_beyond_file_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let mut bytes = safetensors("{}", &[]);
+        bytes[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        let p = write(d, "huge.safetensors", &bytes);
+        let err = SafetensorsFile::open(&p).err().unwrap().to_string();
+        assert!(
+            err.contains("huge.safetensors") && err.contains("header length"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn offsets_beyond_file_name_the_tensor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let h = r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+        let p = write(d, "short.safetensors", &safetensors(h, &[0u8; 8]));
+        let err = SafetensorsFile::open(&p).err().unwrap().to_string();
+        assert!(
+            err.contains("short.safetensors") && err.contains("`w`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn loads_f16_as_f32_and_checks_shape() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let h = r#"{"__metadata__":{"format":"pt"},"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#;
+        let data: Vec<u8> = [half::f16::from_f32(1.5), half::f16::from_f32(-2.0)]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let p = write(d, "ok.safetensors", &safetensors(h, &data));
+        let store = WeightStore::open(&WeightFiles {
+            files: vec![p],
+            index: None,
+        })
+        .unwrap();
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        assert_eq!(
+            vb.get(2, "w").unwrap().to_vec1::<f32>().unwrap(),
+            [1.5, -2.0]
+        );
+        let err = vb.get(3, "w").unwrap_err().to_string();
+        assert!(
+            err.contains("ok.safetensors") && err.contains("`w`") && err.contains("[2]"),
+            "{err}"
+        );
+        let err = vb.get(3, "missing").unwrap_err().to_string();
+        assert!(
+            err.contains("ok.safetensors") && err.contains("`missing`"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! The pipeline against diffusers' own outputs on the tiny models (`models/reference/`).
+//!
+//! Every reference run is replayed from the recorded initial latents (and the recorded scheduler
+//! noise for stochastic runs) and must match diffusers' PNGs within 2/255 on every channel of
+//! every pixel. Stage checks against `intermediates.safetensors` localise a failure.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use sdserve_engine::{
+    GenerateError, GenerationJob, Generator, ImageSpec, Latents, RunToEnd, StepControl, StopReason,
+};
+use sdserve_pipeline::image::{FloatImages, decode_png};
+use sdserve_pipeline::noise::NoiseSource;
+use sdserve_pipeline::{LoadOptions, StableDiffusion};
+use serde_json::Value;
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+fn model(key: &str) -> &'static StableDiffusion {
+    static SD1: OnceLock<StableDiffusion> = OnceLock::new();
+    static SD2: OnceLock<StableDiffusion> = OnceLock::new();
+    let (cell, folder) = match key {
+        "sd1" => (&SD1, "tiny-sd1"),
+        "sd2" => (&SD2, "tiny-sd2"),
+        _ => unreachable!(),
+    };
+    cell.get_or_init(|| {
+        StableDiffusion::load(&models().join(folder), LoadOptions::cpu())
+            .unwrap_or_else(|e| panic!("loading {folder}: {e}"))
+    })
+}
+
+fn reference(key: &str) -> PathBuf {
+    models().join("reference").join(key)
+}
+
+fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn index(key: &str) -> Value {
+    let path = reference(key).join("index.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // Python's json writes -Infinity for some scheduler settings.
+    sdserve_pipeline::schedulers::parse_python_json(&text).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Replays recorded scheduler noise draws in order.
+struct Replay {
+    draws: Vec<Tensor>,
+    next: usize,
+}
+
+impl NoiseSource for Replay {
+    fn randn(&mut self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
+        let Some(draw) = self.draws.get(self.next) else {
+            candle_core::bail!(
+                "the scheduler drew more than the {} recorded noise tensors",
+                self.draws.len()
+            );
+        };
+        if draw.shape() != shape {
+            candle_core::bail!(
+                "draw {} has shape {:?}, the scheduler asked for {shape:?}",
+                self.next,
+                draw.shape()
+            );
+        }
+        self.next += 1;
+        draw.to_device(device)
+    }
+}
+
+/// The request name of a reference run's scheduler.
+fn scheduler_name(run: &Value) -> &'static str {
+    let karras = run["scheduler_overrides"]["use_karras_sigmas"] == Value::Bool(true);
+    match (run["scheduler_class"].as_str().unwrap(), karras) {
+        ("DDIMScheduler", _) => "ddim",
+        ("PNDMScheduler", _) => "pndm",
+        ("EulerDiscreteScheduler", _) => "euler",
+        ("EulerAncestralDiscreteScheduler", _) => "euler_ancestral",
+        ("DPMSolverMultistepScheduler", false) => "dpmpp_2m",
+        ("DPMSolverMultistepScheduler", true) => "dpmpp_2m_karras",
+        ("LMSDiscreteScheduler", _) => "lms",
+        ("UniPCMultistepScheduler", _) => "unipc",
+        (other, _) => panic!("no scheduler for {other}"),
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn job_for(run: &Value) -> GenerationJob {
+    let prompts = strings(&run["prompts"]);
+    let negatives = strings(&run["negative_prompts"]);
+    GenerationJob {
+        images: prompts
+            .iter()
+            .zip(&negatives)
+            .map(|(p, n)| ImageSpec {
+                prompt: p.clone(),
+                negative_prompt: n.clone(),
+                seed: 0,
+                latents: None,
+            })
+            .collect(),
+        num_inference_steps: run["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+        height: run["height"].as_u64().unwrap() as usize,
+        width: run["width"].as_u64().unwrap() as usize,
+        scheduler: scheduler_name(run).to_string(),
+        eta: run["eta"].as_f64().unwrap(),
+    }
+}
+
+/// Runs every reference configuration of one model; returns (case, max 8-bit diff, max float diff).
+fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
+    let sd = model(key);
+    let dir = reference(key);
+    let idx = index(key);
+    let latents = load_tensors(&dir.join(idx["latents"]["file"].as_str().unwrap()))
+        [idx["latents"]["key"].as_str().unwrap()]
+    .clone();
+    let mut results = Vec::new();
+    for run in idx["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let job = job_for(run);
+        let draws = match run.get("noise").and_then(Value::as_str) {
+            Some(file) => {
+                let noise = &load_tensors(&dir.join(file))["noise"];
+                (0..noise.dim(0).unwrap())
+                    .map(|k| noise.get(k).unwrap())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let mut replay = Replay { draws, next: 0 };
+        let images = sd
+            .run(&job, &latents, &mut replay, &mut RunToEnd)
+            .unwrap_or_else(|e| panic!("{key}/{name}: {e}"));
+        if run.get("noise").is_some() {
+            assert_eq!(
+                replay.next,
+                replay.draws.len(),
+                "{key}/{name}: not every recorded draw was used"
+            );
+        }
+        let arrays = load_tensors(&dir.join(run["arrays"].as_str().unwrap()));
+        // (B, H, W, 3) float reference vs our (B, 3, H, W).
+        let ours = Tensor::from_vec(
+            images.data.clone(),
+            (images.batch, 3, images.height, images.width),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
+        let float_diff = max_abs(&ours, &arrays["images"]) * 255.0;
+        let mut pixel_diff = 0u8;
+        for (i, png) in run["images"].as_array().unwrap().iter().enumerate() {
+            let bytes = std::fs::read(dir.join(png.as_str().unwrap())).unwrap();
+            let (w, h, expected) = decode_png(&bytes).unwrap();
+            assert_eq!((w, h), (images.width, images.height));
+            let got = images.rgb8(i);
+            let d = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            pixel_diff = pixel_diff.max(d);
+        }
+        println!(
+            "{key}/{name}: max |diff| {pixel_diff}/255 on PNG pixels, {float_diff:.4}/255 on float images"
+        );
+        results.push((format!("{key}/{name}"), pixel_diff, float_diff));
+    }
+    results
+}
+
+fn check_model(key: &str) {
+    let results = replay_all(key);
+    assert_eq!(results.len(), index(key)["runs"].as_array().unwrap().len());
+    let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
+    assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
+}
+
+#[test]
+fn sd1_matches_diffusers_for_every_reference_run() {
+    check_model("sd1");
+}
+
+#[test]
+fn sd2_matches_diffusers_for_every_reference_run() {
+    check_model("sd2");
+}
+
+/// Stage-by-stage comparison with the tensors diffusers recorded in its `ddim` run.
+fn check_stages(key: &str) {
+    let sd = model(key);
+    let inter = load_tensors(&reference(key).join("intermediates.safetensors"));
+    let idx = index(key);
+    let run = &idx["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "ddim")
+        .unwrap();
+
+    // Tokenizer + text encoder: negative prompts then prompts, as the UNet context.
+    let mut texts = strings(&run["negative_prompts"]);
+    texts.extend(strings(&run["prompts"]));
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| sd.tokenizer().encode_padded(t))
+        .collect();
+    let expected_ids: Vec<Vec<i64>> = inter["input_ids"].to_vec2().unwrap();
+    for (got, want) in ids.iter().zip(&expected_ids) {
+        assert_eq!(
+            got.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+            *want,
+            "{key}: token ids"
+        );
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let embeds = sd.encode_prompts(&refs).unwrap();
+    let d = max_abs(&embeds, &inter["prompt_embeds"]);
+    println!("{key}: prompt embeddings max |diff| {d:e}");
+    assert!(d < 1e-4, "{key}: prompt embeddings differ by {d}");
+
+    // UNet on diffusers' own inputs, every step.
+    let timesteps: Vec<i64> = inter["timesteps"].to_vec1().unwrap();
+    let mut worst = 0f32;
+    for (i, &t) in timesteps.iter().enumerate() {
+        let out = sd
+            .unet()
+            .forward(
+                &inter["model_inputs"].get(i).unwrap(),
+                t as f64,
+                &inter["prompt_embeds"],
+            )
+            .unwrap();
+        worst = worst.max(max_abs(&out, &inter["unet_outputs"].get(i).unwrap()));
+    }
+    println!(
+        "{key}: UNet outputs max |diff| {worst:e} over {} steps",
+        timesteps.len()
+    );
+    assert!(worst < 1e-4, "{key}: UNet output differs by {worst}");
+
+    // VAE decode (our decode divides by scaling_factor itself).
+    let scaling = 0.18215;
+    let decoded = sd
+        .vae()
+        .decode(&(&inter["vae_input"] * scaling).unwrap())
+        .unwrap();
+    let d = max_abs(&decoded, &inter["vae_output"]);
+    println!("{key}: VAE output max |diff| {d:e}");
+    assert!(d < 1e-4, "{key}: VAE output differs by {d}");
+
+    // Post-processing: from diffusers' own decoder output to its float image.
+    let images = FloatImages::from_vae_output(&inter["vae_output"]).unwrap();
+    let ours = Tensor::from_vec(images.data, (2, 3, 64, 64), &Device::Cpu)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
+    let arrays = load_tensors(&reference(key).join("ddim.safetensors"));
+    assert!(max_abs(&ours, &arrays["images"]) < 1e-6);
+}
+
+#[test]
+fn sd1_stages_match_intermediates() {
+    check_stages("sd1");
+}
+
+#[test]
+fn sd2_stages_match_intermediates() {
+    check_stages("sd2");
+}
+
+fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> GenerationJob {
+    GenerationJob {
+        images: prompts
+            .iter()
+            .map(|(p, seed)| ImageSpec {
+                prompt: p.to_string(),
+                negative_prompt: "blurry".into(),
+                seed: *seed,
+                latents: None,
+            })
+            .collect(),
+        num_inference_steps: 6,
+        guidance_scale: 7.5,
+        height: 64,
+        width: 64,
+        scheduler: scheduler.into(),
+        eta: 0.0,
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_png_bytes() {
+    let sd = model("sd1");
+    let job = seeded_job(
+        &[("a red circle on a blue background", 42)],
+        "euler_ancestral",
+    );
+    let a = sd.generate(&job, &mut RunToEnd).unwrap();
+    let b = sd.generate(&job, &mut RunToEnd).unwrap();
+    assert_eq!(a, b);
+    assert!(a[0].png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let (w, h, _) = decode_png(&a[0].png).unwrap();
+    assert_eq!((w, h), (64, 64));
+    let other = sd
+        .generate(
+            &seeded_job(
+                &[("a red circle on a blue background", 43)],
+                "euler_ancestral",
+            ),
+            &mut RunToEnd,
+        )
+        .unwrap();
+    assert_ne!(a, other, "a different seed must give a different image");
+}
+
+#[test]
+fn batched_prompts_equal_separate_generation() {
+    // Ancestral sampling also checks that each image draws step noise from its own stream.
+    for key in ["sd1", "sd2"] {
+        let sd = model(key);
+        let pair = [
+            ("a red circle on a blue background", 5),
+            ("two green squares", 9),
+        ];
+        let batched = sd
+            .generate_float(&seeded_job(&pair, "euler_ancestral"), &mut RunToEnd)
+            .unwrap();
+        for (i, single) in pair.iter().enumerate() {
+            let alone = sd
+                .generate_float(&seeded_job(&[*single], "euler_ancestral"), &mut RunToEnd)
+                .unwrap();
+            let d = batched
+                .rgb8(i)
+                .iter()
+                .zip(alone.rgb8(0))
+                .map(|(a, b)| a.abs_diff(b))
+                .max()
+                .unwrap();
+            println!("{key}: image {i} batched vs alone max |diff| {d}/255");
+            assert!(d <= 1, "{key}: image {i} differs by {d}/255 when batched");
+        }
+        let d = batched
+            .rgb8(0)
+            .iter()
+            .zip(batched.rgb8(1))
+            .map(|(a, b)| a.abs_diff(b))
+            .max()
+            .unwrap();
+        assert!(
+            d > 10,
+            "{key}: different prompts and seeds must give different images"
+        );
+    }
+}
+
+#[test]
+fn explicit_latents_are_used_and_scaled() {
+    // Given latents equal to what the seed would draw must give the same image as the seed.
+    let sd = model("sd2");
+    let seeded = seeded_job(&[("two green squares", 11)], "euler");
+    let from_seed = sd.generate_float(&seeded, &mut RunToEnd).unwrap();
+    let mut noise = sdserve_pipeline::noise::PerImageNoise::new(&[11]);
+    let drawn = sd.initial_latents(&seeded, &mut noise).unwrap();
+    let mut explicit = seeded.clone();
+    explicit.images[0].seed = 999;
+    explicit.images[0].latents = Some(Latents {
+        shape: [4, 8, 8],
+        data: drawn.flatten_all().unwrap().to_vec1().unwrap(),
+    });
+    let from_latents = sd.generate_float(&explicit, &mut RunToEnd).unwrap();
+    assert_eq!(from_seed, from_latents);
+
+    let mut bad = explicit.clone();
+    bad.images[0].latents = Some(Latents {
+        shape: [4, 4, 4],
+        data: vec![0.0; 64],
+    });
+    assert!(matches!(
+        sd.generate(&bad, &mut RunToEnd),
+        Err(GenerateError::Invalid(_))
+    ));
+}
+
+struct StopAfter {
+    steps: usize,
+    calls: Vec<(usize, usize)>,
+}
+
+impl StepControl for StopAfter {
+    fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason> {
+        self.calls.push((done, total));
+        if done >= self.steps {
+            ControlFlow::Break(StopReason::Deadline)
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+#[test]
+fn step_control_reports_progress_and_stops() {
+    let sd = model("sd1");
+    let job = seeded_job(&[("two green squares", 1)], "ddim");
+    let mut control = StopAfter {
+        steps: 2,
+        calls: Vec::new(),
+    };
+    let err = sd.generate(&job, &mut control).unwrap_err();
+    assert_eq!(err, GenerateError::Stopped(StopReason::Deadline));
+    assert_eq!(control.calls, [(1, 6), (2, 6)]);
+
+    // PNDM makes one more UNet call than requested steps; progress counts UNet calls.
+    let mut control = StopAfter {
+        steps: usize::MAX,
+        calls: Vec::new(),
+    };
+    sd.generate(
+        &seeded_job(&[("two green squares", 1)], "pndm"),
+        &mut control,
+    )
+    .unwrap();
+    assert_eq!(control.calls.last(), Some(&(7, 7)));
+}
+
+#[test]
+fn description_comes_from_the_folder() {
+    let d = model("sd1").description();
+    assert_eq!(
+        (
+            d.native_height,
+            d.native_width,
+            d.vae_scale_factor,
+            d.latent_channels
+        ),
+        (64, 64, 8, 4)
+    );
+    assert_eq!(
+        (d.default_scheduler.as_str(), d.family.as_str()),
+        ("pndm", "sd1")
+    );
+    assert_eq!((d.dtype.as_str(), d.device.as_str()), ("f32", "cpu"));
+    for name in [
+        "ddim",
+        "pndm",
+        "euler",
+        "euler_ancestral",
+        "dpmpp_2m",
+        "dpmpp_2m_karras",
+        "lms",
+        "unipc",
+    ] {
+        assert!(d.schedulers.iter().any(|s| s == name), "{name} missing");
+    }
+    let d = model("sd2").description();
+    assert_eq!(
+        (d.default_scheduler.as_str(), d.family.as_str()),
+        ("ddim", "sd2")
+    );
+}
