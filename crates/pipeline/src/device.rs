@@ -8,10 +8,10 @@ use crate::error::PipelineError;
 /// Where to run, as asked for in `parameters.extra.device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceRequest {
-    #[default]
     Cpu,
     Cuda(usize),
     /// CUDA device 0 when this build has CUDA and a GPU answers, else the CPU.
+    #[default]
     Auto,
 }
 
@@ -55,8 +55,8 @@ impl LoadOptions {
             }
         };
         let device = match text("device")?.as_deref() {
-            None | Some("cpu") => DeviceRequest::Cpu,
-            Some("auto") => DeviceRequest::Auto,
+            Some("cpu") => DeviceRequest::Cpu,
+            None | Some("auto") => DeviceRequest::Auto,
             Some("cuda") => DeviceRequest::Cuda(0),
             Some(s) => match s
                 .strip_prefix("cuda:")
