@@ -81,7 +81,14 @@ impl Preset {
                 }),
             },
             Preset::Sd21 => PresetConfigs {
-                unet: unet_config(json!([5, 10, 20, 20]), &[320, 640, 1280, 1280], 1024, 96, true, "0.10.0.dev0"),
+                unet: unet_config(
+                    json!([5, 10, 20, 20]),
+                    &[320, 640, 1280, 1280],
+                    1024,
+                    96,
+                    true,
+                    "0.10.0.dev0",
+                ),
                 vae: vae_config(&[128, 256, 512, 512], 2, 768),
                 text_encoder: text_encoder_config(1024, 4096, 23, 16, "gelu", 512),
                 scheduler: json!({
@@ -262,7 +269,14 @@ struct Recorder {
 }
 
 impl SimpleBackend for Recorder {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match seen.iter().find(|t| t.name == name) {
             Some(t) if t.shape != s.dims() => candle_core::bail!(
@@ -271,7 +285,10 @@ impl SimpleBackend for Recorder {
                 s.dims()
             ),
             Some(_) => {}
-            None => seen.push(TensorSpec { name: name.to_string(), shape: s.dims().to_vec() }),
+            None => seen.push(TensorSpec {
+                name: name.to_string(),
+                shape: s.dims().to_vec(),
+            }),
         }
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
@@ -285,7 +302,10 @@ impl SimpleBackend for Recorder {
     }
 }
 
-fn record(build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>, component: &str) -> Result<Vec<TensorSpec>> {
+fn record(
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+    component: &str,
+) -> Result<Vec<TensorSpec>> {
     let recorder = Recorder::default();
     let seen = recorder.seen.clone();
     let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu);
@@ -301,7 +321,10 @@ pub fn tensor_specs(dir: &Path) -> Result<ModelTensors> {
     let unet_config = UNetConfig::read(&dir.join("unet/config.json"))?;
     let vae_config = VaeConfig::read(&dir.join("vae/config.json"))?;
     Ok(ModelTensors {
-        text_encoder: record(|vb| TextEncoder::new(vb, &text_config).map(drop), "text encoder")?,
+        text_encoder: record(
+            |vb| TextEncoder::new(vb, &text_config).map(drop),
+            "text encoder",
+        )?,
         unet: record(|vb| UNet::new(vb, &unet_config).map(drop), "unet")?,
         vae: record(|vb| Vae::new(vb, &vae_config).map(drop), "vae")?,
     })
@@ -324,7 +347,9 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "f32" | "float32" | "fp32" => Ok(DType::F32),
         "f16" | "float16" | "fp16" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(PipelineError::Options(format!("dtype {other:?} is not one of f32, f16, bf16"))),
+        other => Err(PipelineError::Options(format!(
+            "dtype {other:?} is not one of f32, f16, bf16"
+        ))),
     }
 }
 
@@ -346,13 +371,18 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
         DType::F16 => safetensors::Dtype::F16,
         DType::BF16 => safetensors::Dtype::BF16,
         other => {
-            return Err(PipelineError::Options(format!("dtype {other:?} is not one of f32, f16, bf16")));
+            return Err(PipelineError::Options(format!(
+                "dtype {other:?} is not one of f32, f16, bf16"
+            )));
         }
     };
     if out.exists() {
         let mut entries = std::fs::read_dir(out).map_err(|e| PipelineError::io(out, e))?;
         if entries.next().is_some() {
-            return Err(PipelineError::config(out, "output folder exists and is not empty"));
+            return Err(PipelineError::config(
+                out,
+                "output folder exists and is not empty",
+            ));
         }
     }
     let tokenizer_files = tokenizer_files(&options.tokenizer)?;
@@ -374,7 +404,11 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
     }
 
     let specs = tensor_specs(out)?;
-    let mut written = WrittenModel { tensors: 0, parameters: 0, weight_bytes: 0 };
+    let mut written = WrittenModel {
+        tensors: 0,
+        parameters: 0,
+        weight_bytes: 0,
+    };
     for (sub, file, tensors) in [
         ("text_encoder", "model.safetensors", &specs.text_encoder),
         ("unet", "diffusion_pytorch_model.safetensors", &specs.unet),
@@ -395,9 +429,13 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
             .map_err(|e| PipelineError::weights(&path, format!("cannot write: {e}")))?;
         written.tensors += tensors.len();
         written.parameters += tensors.iter().map(TensorSpec::elements).sum::<usize>();
-        written.weight_bytes += std::fs::metadata(&path).map_err(|e| PipelineError::io(&path, e))?.len();
+        written.weight_bytes += std::fs::metadata(&path)
+            .map_err(|e| PipelineError::io(&path, e))?
+            .len();
     }
-    let scheduler_class = configs.scheduler["_class_name"].as_str().unwrap_or("PNDMScheduler");
+    let scheduler_class = configs.scheduler["_class_name"]
+        .as_str()
+        .unwrap_or("PNDMScheduler");
     write_json(&out.join("model_index.json"), &model_index(scheduler_class))?;
     Ok(written)
 }
@@ -445,19 +483,41 @@ fn init_for(name: &str, shape: &[usize]) -> InitRule {
     let owner = name.rsplit('.').nth(1).unwrap_or("");
     let is_norm = owner.contains("norm");
     if name.ends_with("token_embedding.weight") {
-        return InitRule { mean: 0.0, std: 1.0 };
+        return InitRule {
+            mean: 0.0,
+            std: 1.0,
+        };
     }
     if name.ends_with("position_embedding.weight") {
-        return InitRule { mean: 0.0, std: 0.5 };
+        return InitRule {
+            mean: 0.0,
+            std: 0.5,
+        };
     }
     match (shape.len(), leaf) {
-        (1, "weight") if is_norm => InitRule { mean: 1.0, std: 0.1 },
-        (1, "bias") if is_norm => InitRule { mean: 0.0, std: 0.1 },
-        (1, _) => InitRule { mean: 0.0, std: 0.02 },
+        (1, "weight") if is_norm => InitRule {
+            mean: 1.0,
+            std: 0.1,
+        },
+        (1, "bias") if is_norm => InitRule {
+            mean: 0.0,
+            std: 0.1,
+        },
+        (1, _) => InitRule {
+            mean: 0.0,
+            std: 0.02,
+        },
         _ => {
             let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-            let gain = if matches!(owner, "to_q" | "to_k" | "q_proj" | "k_proj") { 1.4 } else { 1.0 };
-            InitRule { mean: 0.0, std: gain / (fan_in as f32).sqrt() }
+            let gain = if matches!(owner, "to_q" | "to_k" | "q_proj" | "k_proj") {
+                1.4
+            } else {
+                1.0
+            };
+            InitRule {
+                mean: 0.0,
+                std: gain / (fan_in as f32).sqrt(),
+            }
         }
     }
 }
@@ -465,7 +525,13 @@ fn init_for(name: &str, shape: &[usize]) -> InitRule {
 /// FNV-1a over the seed, the component and the tensor name.
 fn tensor_seed(seed: u64, component: &str, name: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in seed.to_le_bytes().iter().chain(component.as_bytes()).chain(b"/").chain(name.as_bytes()) {
+    for byte in seed
+        .to_le_bytes()
+        .iter()
+        .chain(component.as_bytes())
+        .chain(b"/")
+        .chain(name.as_bytes())
+    {
         h ^= u64::from(*byte);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -487,12 +553,19 @@ struct RandomTensor<'a> {
 impl RandomTensor<'_> {
     fn fill_block(&self, block: usize, out: &mut [u8]) {
         let width = self.dtype.bitsize() / 8;
-        let mut stream = NormalStream::new(self.seed.wrapping_add((block as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let mut stream = NormalStream::new(
+            self.seed
+                .wrapping_add((block as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
         for chunk in out.chunks_exact_mut(width) {
             let x = self.init.mean + self.init.std * stream.next();
             match self.dtype {
-                safetensors::Dtype::F16 => chunk.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
-                safetensors::Dtype::BF16 => chunk.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                safetensors::Dtype::F16 => {
+                    chunk.copy_from_slice(&half::f16::from_f32(x).to_le_bytes())
+                }
+                safetensors::Dtype::BF16 => {
+                    chunk.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes())
+                }
                 _ => chunk.copy_from_slice(&x.to_le_bytes()),
             }
         }
@@ -512,8 +585,12 @@ impl safetensors::View for RandomTensor<'_> {
         let width = self.dtype.bitsize() / 8;
         let mut bytes = vec![0u8; self.data_len()];
         let blocks: Vec<(usize, &mut [u8])> = bytes.chunks_mut(BLOCK * width).enumerate().collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(blocks.len()).max(1);
-        let mut per_thread: Vec<Vec<(usize, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(blocks.len())
+            .max(1);
+        let mut per_thread: Vec<Vec<(usize, &mut [u8])>> =
+            (0..threads).map(|_| Vec::new()).collect();
         for (i, block) in blocks {
             per_thread[i % threads].push((i, block));
         }
@@ -550,7 +627,12 @@ mod tests {
     }
 
     fn options(dtype: DType, seed: u64) -> RandomModelOptions {
-        RandomModelOptions { preset: Preset::Tiny, dtype, seed, tokenizer: tokenizer() }
+        RandomModelOptions {
+            preset: Preset::Tiny,
+            dtype,
+            seed,
+            tokenizer: tokenizer(),
+        }
     }
 
     fn load_all(path: &Path) -> HashMap<String, Tensor> {
@@ -561,7 +643,10 @@ mod tests {
     fn tiny_folder_loads_and_is_seeded() {
         let a = tmp("a");
         let written = write_random_model(&a, &options(DType::F16, 3)).unwrap();
-        assert!(written.tensors > 100 && written.parameters > 1_000_000, "{written:?}");
+        assert!(
+            written.tensors > 100 && written.parameters > 1_000_000,
+            "{written:?}"
+        );
 
         // Exactly the tensors the loader asks for, in the requested dtype, with sane statistics.
         let specs = tensor_specs(&a).unwrap();
@@ -571,11 +656,29 @@ mod tests {
             assert_eq!(unet[&s.name].dims(), s.shape.as_slice(), "{}", s.name);
             assert_eq!(unet[&s.name].dtype(), DType::F16);
         }
-        let conv = unet["conv_in.weight"].to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        let std = conv.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let conv = unet["conv_in.weight"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let std = conv
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         let expected = 1.0 / (4.0f32 * 9.0).sqrt();
-        assert!((std / expected - 1.0).abs() < 0.15, "conv_in std {std}, expected about {expected}");
-        let norm = unet["conv_norm_out.weight"].to_dtype(DType::F32).unwrap().mean_all().unwrap();
+        assert!(
+            (std / expected - 1.0).abs() < 0.15,
+            "conv_in std {std}, expected about {expected}"
+        );
+        let norm = unet["conv_norm_out.weight"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap();
         assert!((norm.to_scalar::<f32>().unwrap() - 1.0).abs() < 0.1);
 
         // Same seed, same bytes; another seed, other values.
@@ -584,13 +687,21 @@ mod tests {
         let c = tmp("c");
         write_random_model(&c, &options(DType::F16, 4)).unwrap();
         let file = "vae/diffusion_pytorch_model.safetensors";
-        assert_eq!(std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
-        assert_ne!(std::fs::read(a.join(file)).unwrap(), std::fs::read(c.join(file)).unwrap());
+        assert_eq!(
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap()
+        );
+        assert_ne!(
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(c.join(file)).unwrap()
+        );
 
         // The folder is a model sdserve loads, and a refilled folder is refused.
         let model = StableDiffusion::load(&a, LoadOptions::cpu()).unwrap();
         assert_eq!(model.unet().config().blocks.len(), 2);
-        let err = write_random_model(&a, &options(DType::F16, 3)).unwrap_err().to_string();
+        let err = write_random_model(&a, &options(DType::F16, 3))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not empty"), "{err}");
         for d in [a, b, c] {
             std::fs::remove_dir_all(d).unwrap();
@@ -599,10 +710,26 @@ mod tests {
 
     #[test]
     fn blocks_do_not_depend_on_threads_and_f32_matches_f16() {
-        let spec = TensorSpec { name: "w".into(), shape: vec![3, BLOCK / 2 + 5] };
-        let init = InitRule { mean: 0.0, std: 1.0 };
-        let f32_view = RandomTensor { spec: &spec, dtype: safetensors::Dtype::F32, seed: 9, init };
-        let f16_view = RandomTensor { spec: &spec, dtype: safetensors::Dtype::F16, seed: 9, init };
+        let spec = TensorSpec {
+            name: "w".into(),
+            shape: vec![3, BLOCK / 2 + 5],
+        };
+        let init = InitRule {
+            mean: 0.0,
+            std: 1.0,
+        };
+        let f32_view = RandomTensor {
+            spec: &spec,
+            dtype: safetensors::Dtype::F32,
+            seed: 9,
+            init,
+        };
+        let f16_view = RandomTensor {
+            spec: &spec,
+            dtype: safetensors::Dtype::F16,
+            seed: 9,
+            init,
+        };
         use safetensors::View;
         let wide = f32_view.data();
         let narrow = f16_view.data();
@@ -619,12 +746,36 @@ mod tests {
 
     #[test]
     fn init_rules_by_name() {
-        assert_eq!(init_for("encoder.layers.0.layer_norm1.weight", &[32]), InitRule { mean: 1.0, std: 0.1 });
-        assert_eq!(init_for("down_blocks.0.resnets.0.norm1.bias", &[32]), InitRule { mean: 0.0, std: 0.1 });
-        assert_eq!(init_for("conv_in.bias", &[32]), InitRule { mean: 0.0, std: 0.02 });
+        assert_eq!(
+            init_for("encoder.layers.0.layer_norm1.weight", &[32]),
+            InitRule {
+                mean: 1.0,
+                std: 0.1
+            }
+        );
+        assert_eq!(
+            init_for("down_blocks.0.resnets.0.norm1.bias", &[32]),
+            InitRule {
+                mean: 0.0,
+                std: 0.1
+            }
+        );
+        assert_eq!(
+            init_for("conv_in.bias", &[32]),
+            InitRule {
+                mean: 0.0,
+                std: 0.02
+            }
+        );
         assert_eq!(init_for("conv_in.weight", &[32, 4, 3, 3]).std, 1.0 / 6.0);
-        assert_eq!(init_for("x.attn1.to_q.weight", &[320, 320]).std, 1.4 / 320f32.sqrt());
-        assert_eq!(init_for("embeddings.token_embedding.weight", &[49408, 32]).std, 1.0);
+        assert_eq!(
+            init_for("x.attn1.to_q.weight", &[320, 320]).std,
+            1.4 / 320f32.sqrt()
+        );
+        assert_eq!(
+            init_for("embeddings.token_embedding.weight", &[49408, 32]).std,
+            1.0
+        );
     }
 
     #[test]
@@ -634,10 +785,17 @@ mod tests {
         o.tokenizer = d.join("nowhere");
         let err = write_random_model(&d, &o).unwrap_err().to_string();
         assert!(err.contains("vocab.json"), "{err}");
-        let err = write_random_model(&d, &options(DType::U8, 0)).unwrap_err().to_string();
+        let err = write_random_model(&d, &options(DType::U8, 0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("U8"), "{err}");
         assert_eq!(parse_dtype("FP16").unwrap(), DType::F16);
-        assert!(parse_dtype("int8").unwrap_err().to_string().contains("int8"));
+        assert!(
+            parse_dtype("int8")
+                .unwrap_err()
+                .to_string()
+                .contains("int8")
+        );
     }
 
     #[test]
@@ -645,7 +803,11 @@ mod tests {
         // Building the real-size models costs no memory with the recorder.
         let d = tmp("sd15-configs");
         let configs = Preset::Sd15.configs();
-        for (sub, value) in [("unet", &configs.unet), ("vae", &configs.vae), ("text_encoder", &configs.text_encoder)] {
+        for (sub, value) in [
+            ("unet", &configs.unet),
+            ("vae", &configs.vae),
+            ("text_encoder", &configs.text_encoder),
+        ] {
             write_json(&d.join(sub).join("config.json"), value).unwrap();
         }
         let specs = tensor_specs(&d).unwrap();
