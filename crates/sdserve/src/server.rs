@@ -57,7 +57,20 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
     let http_listener = bind(&server.host, server.http_port, "HTTP").await?;
     tracing::info!("HTTP server running on http://{}", http_listener.local_addr()?);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(http_listener, sdserve_http::router(state, rest_metrics), stop_rx.clone())));
+    tasks.push(tokio::spawn(serve(http_listener, sdserve_http::router(state.clone(), rest_metrics), stop_rx.clone())));
+    let grpc_listener = bind(&server.host, server.grpc_port, "gRPC").await?;
+    tracing::info!("gRPC server running on http://{}", grpc_listener.local_addr()?);
+    let grpc_metrics = server.metrics_enabled().then(|| Arc::new(sdserve_grpc::GrpcMetrics::register(&registry)));
+    let mut grpc_stop = stop_rx.clone();
+    tasks.push(tokio::spawn(sdserve_grpc::serve(
+        grpc_listener,
+        state,
+        sdserve_grpc::GrpcConfig::from_settings(server.grpc_max_message_length),
+        grpc_metrics,
+        async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        },
+    )));
     if let Some(endpoint) = &server.metrics_endpoint {
         let listener = bind(&server.host, server.metrics_port, "metrics").await?;
         let addr = listener.local_addr()?;

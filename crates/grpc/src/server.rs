@@ -1,0 +1,147 @@
+//! The listener: HTTP/2 connections served by hyper, the two services behind tonic's router.
+//!
+//! hyper serves the connections directly (not tonic's transport server) because that server
+//! answers an expired `grpc-timeout` itself, with CANCELLED, before the engine can; here the
+//! deadline is the engine's request timeout and expires as DEADLINE_EXCEEDED.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use sdserve_http::SharedState;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::codec::CompressionEncoding;
+use tonic::service::Routes;
+
+use crate::metrics::{GrpcMetrics, Instrumented};
+use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::pb::inference::model_repository::model_repository_service_server::ModelRepositoryServiceServer;
+use crate::repository::Repository;
+use crate::service::Dataplane;
+
+/// gRPC's own default limit on a received message.
+pub const DEFAULT_MAX_RECEIVE_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcConfig {
+    /// Largest request message (`grpc_max_message_length`; gRPC's 4 MiB when unset).
+    pub max_receive_message_bytes: usize,
+    /// Largest response message. Not limited by default: generated images quickly outgrow
+    /// 4 MiB, and the model's limits on image count and size already bound a response.
+    pub max_send_message_bytes: usize,
+    /// How long open connections may take to finish after the listener stops.
+    pub shutdown_grace: Duration,
+}
+
+impl GrpcConfig {
+    /// From the `grpc_max_message_length` setting, which (unlike MLServer) limits only what
+    /// the server receives.
+    pub fn from_settings(grpc_max_message_length: Option<u64>) -> Self {
+        Self {
+            max_receive_message_bytes: grpc_max_message_length
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+                .unwrap_or(DEFAULT_MAX_RECEIVE_BYTES),
+            max_send_message_bytes: usize::MAX,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self::from_settings(None)
+    }
+}
+
+/// Both services behind one router, wrapped for metrics.
+pub fn routes(
+    state: SharedState,
+    config: &GrpcConfig,
+    metrics: Option<Arc<GrpcMetrics>>,
+    stop: watch::Receiver<bool>,
+) -> Instrumented<Routes> {
+    let dataplane = GrpcInferenceServiceServer::new(Dataplane::new(state.clone(), stop))
+        .max_decoding_message_size(config.max_receive_message_bytes)
+        .max_encoding_message_size(config.max_send_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
+    let repository = ModelRepositoryServiceServer::new(Repository::new(state))
+        .max_decoding_message_size(config.max_receive_message_bytes)
+        .max_encoding_message_size(config.max_send_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
+    Instrumented::new(
+        Routes::new(dataplane).add_service(repository).prepare(),
+        metrics,
+    )
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes; then stops accepting, lets open
+/// streams finish the requests they hold (they take no new ones), and waits up to
+/// `shutdown_grace` for connections to close before dropping them.
+pub async fn serve(
+    listener: TcpListener,
+    state: SharedState,
+    config: GrpcConfig,
+    metrics: Option<Arc<GrpcMetrics>>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let service = routes(state, &config, metrics, stop_rx);
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.max_concurrent_streams(1024);
+    let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+                    let mut stop = conn_stop_rx.clone();
+                    connections.spawn(async move {
+                        tokio::pin!(connection);
+                        let result = tokio::select! {
+                            r = connection.as_mut() => r,
+                            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                                // GOAWAY: requests in progress finish, no new ones start.
+                                connection.as_mut().graceful_shutdown();
+                                connection.await
+                            }
+                        };
+                        if let Err(e) = result {
+                            tracing::debug!("gRPC connection from {peer}: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!("gRPC server could not accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let _ = conn_stop_tx.send(true);
+    let closed = tokio::time::timeout(config.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if closed.is_err() {
+        tracing::warn!(
+            "{} gRPC connection(s) still open {:.0} s after shutdown; closing them",
+            connections.len(),
+            config.shutdown_grace.as_secs_f64()
+        );
+        connections.shutdown().await;
+    }
+}
