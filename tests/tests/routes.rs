@@ -56,7 +56,8 @@ fn health_metadata_docs_and_fallbacks() {
         meta["version"].as_str().is_some_and(|v| !v.is_empty()),
         "{meta}"
     );
-    assert_eq!(meta["extensions"], json!([]));
+    // Triton's binary tensor data extension is always there (configured ones come first).
+    assert_eq!(meta["extensions"], json!(["binary_tensor_data"]));
 
     assert_empty_200(&s.get("/v2/health/live"));
     assert_empty_200(&s.get("/v2/health/ready"));

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sdserve_engine::{EngineError, InferObserver, ModelStatus, Prepared, Progress};
+use sdserve_http::convert::StepProgress;
 use sdserve_http::{ApiError, SharedState};
 use sdserve_protocol::diffusers::{input_metadata, output_metadata};
 use sdserve_protocol::{MetadataTensor, Parameters};
@@ -229,6 +230,8 @@ async fn stream_one(
     let mut observer = observer.expect("the observer is only taken on failure");
     let id = accepted.id.unwrap_or_else(new_id);
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
+    // Scheduler steps, as over REST (the engine counts UNet passes).
+    let mut steps = StepProgress::new(accepted.prepared.job().num_inference_steps);
     // Ends with the generation, or when the client goes away (the response stream is
     // dropped), which drops `run` and so cancels the generation.
     let result = {
@@ -240,6 +243,7 @@ async fn stream_one(
             tokio::select! {
                 biased;
                 Some(p) = progress_rx.recv() => {
+                    let Some(p) = steps.step(&p) else { continue };
                     if tx.send(Ok(progress_message(&name, &version, &id, &p))).await.is_err() {
                         break None;
                     }
@@ -255,6 +259,7 @@ async fn stream_one(
     };
     // Progress reported just before the end still goes out, in order, before the result.
     while let Ok(p) = progress_rx.try_recv() {
+        let Some(p) = steps.step(&p) else { continue };
         if tx
             .send(Ok(progress_message(&name, &version, &id, &p)))
             .await

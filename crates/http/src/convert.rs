@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use sdserve_engine::{GenerationRequest, InferOutcome};
+use sdserve_engine::{GenerationRequest, InferOutcome, Progress};
 use sdserve_protocol::{Datatype, DiffusersRequest, InferenceRequest, InferenceResponse, Parameters, ResponseOutput};
 use serde_json::{Value, json};
 
@@ -78,6 +78,17 @@ pub fn to_response(model_name: &str, id: String, outcome: &InferOutcome) -> Infe
     let data: Vec<Value> = outcome.images.iter().map(|img| Value::String(b64.encode(&img.png))).collect();
     let mut out_params = Parameters::new();
     out_params.insert("content_type".into(), json!("base64"));
+    image_response(model_name, id, outcome, Value::Array(data), out_params)
+}
+
+/// The response with the image output (BYTES `[images, 1]`) holding `data` and `out_params`.
+pub(crate) fn image_response(
+    model_name: &str,
+    id: String,
+    outcome: &InferOutcome,
+    data: Value,
+    out_params: Parameters,
+) -> InferenceResponse {
     InferenceResponse {
         model_name: model_name.to_owned(),
         model_version: outcome.model_version.clone(),
@@ -85,11 +96,40 @@ pub fn to_response(model_name: &str, id: String, outcome: &InferOutcome) -> Infe
         parameters: effective_parameters(outcome),
         outputs: vec![ResponseOutput {
             name: IMAGE_OUTPUT.into(),
-            shape: vec![data.len() as u64, 1],
+            shape: vec![outcome.images.len() as u64, 1],
             datatype: Datatype::Bytes,
             parameters: Some(out_params),
-            data: Value::Array(data),
+            data,
         }],
+    }
+}
+
+/// Turns the engine's progress, which counts UNet passes, into scheduler steps: one event per
+/// step, `step` 1..=`num_inference_steps`, `total` = `num_inference_steps`. The two differ only
+/// for PNDM (N+1 passes for N steps, more with its Runge-Kutta warm-up): pass `p` of `P`
+/// completes step ⌊p·N/P⌋, so the last step is reported at the last pass.
+#[derive(Debug, Clone)]
+pub struct StepProgress {
+    steps: usize,
+    reported: usize,
+}
+
+impl StepProgress {
+    pub fn new(num_inference_steps: usize) -> Self {
+        Self { steps: num_inference_steps, reported: 0 }
+    }
+
+    /// The event for this pass, or `None` when it completes no new step.
+    pub fn step(&mut self, p: &Progress) -> Option<Progress> {
+        if p.total == 0 || self.steps == 0 {
+            return None;
+        }
+        let step = (p.step.min(p.total) * self.steps) / p.total;
+        if step <= self.reported {
+            return None;
+        }
+        self.reported = step;
+        Some(Progress { step, total: self.steps, elapsed: p.elapsed })
     }
 }
 
@@ -126,6 +166,27 @@ mod tests {
         assert_eq!(v["parameters"]["seeds"], json!([3, 4]));
         assert_eq!(v["parameters"]["queue_seconds"], json!(1.5));
         assert!(v.get("model_version").is_none());
+    }
+
+    #[test]
+    fn progress_counts_scheduler_steps() {
+        let run = |steps: usize, passes: usize| -> Vec<(usize, usize)> {
+            let mut s = StepProgress::new(steps);
+            (1..=passes)
+                .filter_map(|p| s.step(&Progress { step: p, total: passes, elapsed: Duration::ZERO }))
+                .map(|p| (p.step, p.total))
+                .collect()
+        };
+        assert_eq!(run(3, 3), [(1, 3), (2, 3), (3, 3)]);
+        // PNDM without the warm-up: the first step takes two passes.
+        assert_eq!(run(3, 4), [(1, 3), (2, 3), (3, 3)]);
+        // PNDM's Runge-Kutta warm-up: many passes, still one event per step, the last at the end.
+        for (steps, passes) in [(1, 2), (5, 14), (20, 21), (50, 51), (7, 7)] {
+            let events = run(steps, passes);
+            let expected: Vec<(usize, usize)> = (1..=steps).map(|k| (k, steps)).collect();
+            assert_eq!(events, expected, "{steps} steps in {passes} passes");
+        }
+        assert!(run(0, 3).is_empty());
     }
 
     #[test]

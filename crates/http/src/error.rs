@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 /// Status used in metrics when the client left before any response was sent.
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// Schema violations reported in one 422 answer.
+pub const MAX_SCHEMA_ERRORS: usize = 20;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -32,10 +35,17 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// A 422 listing the first [`MAX_SCHEMA_ERRORS`] violations, so that a body with millions of
+    /// bad elements cannot make an answer of millions of lines.
     pub fn schema(errors: &[SchemaError]) -> Self {
+        let shown = &errors[..errors.len().min(MAX_SCHEMA_ERRORS)];
+        let mut message = sdserve_protocol::schema::summarize(shown);
+        if errors.len() > shown.len() {
+            message.push_str(&format!("; and {} more", errors.len() - shown.len()));
+        }
         Self {
-            detail: Some(Value::Array(errors.iter().map(SchemaError::to_detail).collect())),
-            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, sdserve_protocol::schema::summarize(errors))
+            detail: Some(Value::Array(shown.iter().map(SchemaError::to_detail).collect())),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
         }
     }
 
@@ -101,5 +111,22 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_answers_are_bounded() {
+        let body = format!("{{\"inputs\":[{}1]}}", "1,".repeat(999));
+        let errors = sdserve_protocol::InferenceRequest::from_slice(body.as_bytes()).unwrap_err();
+        assert_eq!(errors.len(), 1000);
+        let e = ApiError::schema(&errors);
+        assert_eq!(e.status, 422);
+        assert_eq!(e.detail.as_ref().and_then(Value::as_array).map(Vec::len), Some(MAX_SCHEMA_ERRORS));
+        assert!(e.message.ends_with("; and 980 more"), "{}", e.message);
+        assert!(e.message.contains("inputs.0"), "{}", e.message);
     }
 }

@@ -6,10 +6,12 @@
 //! - [`handlers`]: one module per API area (health, metadata, infer, repository, docs).
 //! - [`convert`]: V2 request ⇄ engine request/outcome.
 //! - [`body`]: body size limit and gzip/deflate decoding.
+//! - [`binary`]: Triton's binary tensor data extension (binary inputs and outputs).
 //! - [`error`]: failures → status codes and `{"error": ...}` bodies.
 //! - [`rest_metrics`]: the `rest_server_*` families.
 //! - [`state`]: what handlers share; the model repository trait.
 
+pub mod binary;
 pub mod body;
 pub mod convert;
 pub mod error;

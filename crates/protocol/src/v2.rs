@@ -131,6 +131,9 @@ pub struct ResponseOutput {
     pub datatype: Datatype,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Parameters>,
+    /// `null` (left out) when the tensor travels as binary data after the JSON
+    /// (`parameters.binary_data_size`, Triton's binary tensor data extension).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
 }
 

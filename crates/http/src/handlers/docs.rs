@@ -63,8 +63,21 @@ fn ok_json(schema: &str) -> Value {
 }
 
 fn model_paths(base: &str, params: &Value) -> Vec<(String, Value)> {
-    let infer = json!({"post": {"summary": "Generate images", "parameters": params, "requestBody": json_body("InferenceRequest"),
-        "responses": {"200": ok_json("InferenceResponse"), "400": error_response("Invalid request or model not ready"),
+    // Triton's binary tensor data extension: a JSON header, then the tensors' bytes.
+    let mut infer_params = params.as_array().cloned().unwrap_or_default();
+    infer_params.push(json!({"name": "Inference-Header-Content-Length", "in": "header", "required": false,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "Binary tensor data extension: length of the JSON header at the start of the body, followed by the \
+                        bytes of every input with parameters.binary_data_size, in input order; 0: the whole body is the prompt"}));
+    let raw = json!({"schema": {"type": "string", "format": "binary"}});
+    let mut request_body = json_body("InferenceRequest");
+    request_body["content"]["application/octet-stream"] = raw.clone();
+    let mut ok = ok_json("InferenceResponse");
+    ok["content"]["application/octet-stream"] = raw;
+    ok["description"] = json!("OK. With outputs[].parameters.binary_data or parameters.binary_data_output: the JSON header \
+                               (Inference-Header-Content-Length bytes), then each PNG as a 4-byte little-endian length and the file");
+    let infer = json!({"post": {"summary": "Generate images", "parameters": infer_params, "requestBody": request_body,
+        "responses": {"200": ok, "400": error_response("Invalid request or model not ready"),
                       "404": error_response("Unknown model or version"), "422": error_response("Body is not a V2 request"),
                       "503": error_response("Queue full or server draining (Retry-After)"), "504": error_response("Request deadline exceeded"),
                       "500": error_response("Generation failed")}}});

@@ -1,5 +1,6 @@
-//! Inference: `infer`/`generate` (one JSON response) and `infer_stream`/`generate_stream`
-//! (server-sent events: one progress event per denoising step, then the response).
+//! Inference: `infer`/`generate` (one JSON response, or Triton's binary form on request) and
+//! `infer_stream`/`generate_stream` (server-sent events: one progress event per scheduler step,
+//! then the response).
 //!
 //! Each handler does four things: admit (before the body is read), decode and validate,
 //! hand the job to the engine, encode the answer.
@@ -10,14 +11,15 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
 use sdserve_engine::{InferObserver, InferOutcome, Prepared, Progress};
-use sdserve_protocol::{InferenceRequest, InferenceResponse, Parameters};
+use sdserve_protocol::{InferenceResponse, Parameters};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::binary;
 use crate::body;
 use crate::convert;
 use crate::error::ApiError;
@@ -44,6 +46,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// What [`accept`] hands on: the request id, the queued-to-be job, and whether the image goes
+/// back as binary data.
+struct Accepted {
+    id: Option<String>,
+    prepared: Prepared,
+    binary_output: bool,
+}
+
 /// Everything up to the point where the request would be queued. Errors here are plain
 /// JSON answers with their status code, for streaming requests too.
 async fn accept(
@@ -53,7 +63,8 @@ async fn accept(
     headers: &HeaderMap,
     body: Body,
     observer: &mut Option<InferObserver>,
-) -> Result<(Option<String>, Prepared), ApiError> {
+    streaming: bool,
+) -> Result<Accepted, ApiError> {
     let fail = |observer: &mut Option<InferObserver>, reason: &'static str| {
         if let Some(o) = observer.take() {
             o.fail(reason);
@@ -66,16 +77,22 @@ async fn accept(
     let bytes = body::read(headers, body, state.config.max_request_body_bytes).await.inspect_err(|e| {
         fail(observer, if e.status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "invalid" });
     })?;
-    let request = InferenceRequest::from_slice(&bytes).map_err(|errors| {
-        fail(observer, "unprocessable");
-        ApiError::schema(&errors)
+    let decoded = binary::header_length(headers).and_then(|n| binary::decode(n, &bytes)).inspect_err(|e| {
+        fail(observer, if e.status == StatusCode::UNPROCESSABLE_ENTITY { "unprocessable" } else { "invalid" });
     })?;
+    if streaming && decoded.binary_output {
+        fail(observer, "invalid");
+        return Err(ApiError::bad_request(
+            "binary outputs (binary_data, binary_data_output, raw binary requests) cannot travel in an event stream; use /infer, or ask for JSON",
+        ));
+    }
+    let request = decoded.request;
     let (generation, timeout) = convert::to_generation_request(&request).inspect_err(|_| fail(observer, "invalid"))?;
     let prepared = state.engine.prepare(admission, name, version, &generation, timeout).map_err(|e| {
         fail(observer, e.reason());
         ApiError::from(e)
     })?;
-    Ok((request.id, prepared))
+    Ok(Accepted { id: request.id, prepared, binary_output: decoded.binary_output })
 }
 
 fn response_id(id: Option<String>) -> String {
@@ -118,22 +135,41 @@ pub async fn infer(
     }
     let (name, version) = target(&params);
     let mut observer = Some(state.engine.observer(&name, version.as_deref().unwrap_or("None")));
-    let (id, prepared) = match accept(&state, &name, version.as_deref(), &headers, body, &mut observer).await {
+    let accepted = match accept(&state, &name, version.as_deref(), &headers, body, &mut observer, false).await {
         Ok(ok) => ok,
         Err(e) => return e.into_response(),
     };
     let mut observer = observer.expect("observer is only taken on failure");
-    let result = state.engine.run(prepared, &mut observer, None).await;
+    let result = state.engine.run(accepted.prepared, &mut observer, None).await;
     observer.finish(result.as_ref().map(|o| o.images.len()));
     match result {
         Ok(outcome) => {
-            let id = response_id(id);
-            let body = convert::to_response(&name, id.clone(), &outcome);
-            let mut response = json_response(StatusCode::OK, &body);
+            let id = response_id(accepted.id);
+            let mut response = if accepted.binary_output {
+                binary_response(&name, id.clone(), &outcome)
+            } else {
+                json_response(StatusCode::OK, &convert::to_response(&name, id.clone(), &outcome))
+            };
             cloud_events(&state, &name, &id, response.headers_mut());
             response
         }
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Triton's binary form: the JSON header, then the PNGs as one serialised BYTES tensor.
+fn binary_response(name: &str, id: String, outcome: &InferOutcome) -> Response {
+    match binary::encode_response(name, id, outcome) {
+        Ok(body) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static(binary::CONTENT_TYPE)),
+                (HeaderName::from_static(binary::HEADER_LENGTH), HeaderValue::from(body.header_length)),
+            ],
+            body.bytes,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -155,12 +191,14 @@ pub async fn infer_stream(
     }
     let (name, version) = target(&params);
     let mut observer = Some(state.engine.observer(&name, version.as_deref().unwrap_or("None")));
-    let (id, prepared) = match accept(&state, &name, version.as_deref(), &headers, body, &mut observer).await {
-        Ok(ok) => ok,
-        Err(e) => return e.into_response(),
-    };
+    let Accepted { id, prepared, .. } =
+        match accept(&state, &name, version.as_deref(), &headers, body, &mut observer, true).await {
+            Ok(ok) => ok,
+            Err(e) => return e.into_response(),
+        };
     let mut observer = observer.expect("observer is only taken on failure");
     let id = response_id(id);
+    let mut steps = convert::StepProgress::new(prepared.job().num_inference_steps);
     let (events, receiver) = mpsc::channel::<Bytes>(16);
     let task_state = state.clone();
     let task_name = name.clone();
@@ -176,8 +214,8 @@ pub async fn infer_stream(
                 tokio::select! {
                     biased;
                     Some(p) = progress_rx.recv() => {
-                        let event = progress_event(&task_name, &task_id, &p);
-                        if events.send(event).await.is_err() { break None; }
+                        let Some(p) = steps.step(&p) else { continue };
+                        if events.send(progress_event(&task_name, &task_id, &p)).await.is_err() { break None; }
                     }
                     r = &mut run => break Some(r),
                     _ = events.closed() => break None,
@@ -186,6 +224,7 @@ pub async fn infer_stream(
         };
         // Progress sent just before the end still goes out, in order, before the result.
         while let Ok(p) = progress_rx.try_recv() {
+            let Some(p) = steps.step(&p) else { continue };
             if result.is_some() && events.send(progress_event(&task_name, &task_id, &p)).await.is_err() {
                 break;
             }

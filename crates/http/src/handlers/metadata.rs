@@ -7,14 +7,20 @@ use sdserve_protocol::diffusers::{input_metadata, output_metadata};
 use sdserve_protocol::{MetadataModelResponse, MetadataServerResponse, Parameters};
 use serde_json::json;
 
+use crate::binary;
 use crate::error::ApiError;
 use crate::state::SharedState;
 
+/// The configured `extensions`, plus the ones this server implements.
 pub async fn server(State(state): State<SharedState>) -> Json<MetadataServerResponse> {
+    let mut extensions = state.config.extensions.clone();
+    if !extensions.iter().any(|e| e == binary::EXTENSION) {
+        extensions.push(binary::EXTENSION.to_owned());
+    }
     Json(MetadataServerResponse {
         name: state.config.server_name.clone(),
         version: state.config.server_version.clone(),
-        extensions: state.config.extensions.clone(),
+        extensions,
     })
 }
 

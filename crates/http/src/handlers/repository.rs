@@ -53,9 +53,26 @@ pub async fn index(State(state): State<SharedState>, headers: HeaderMap, body: B
     Ok(axum::Json(list).into_response())
 }
 
+/// A name the repository may be searched for: one plain path component. Checked here so that
+/// every such name is a 400, whatever the repository implementation does with the rest.
+fn check_plain_name(name: &str) -> Result<(), ApiError> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control);
+    if plain {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "model name {name:?} is not a plain name (no '/', '\\', '.', '..' or control characters)"
+    )))
+}
+
 /// Loads (or reloads) every version of a model found under the repository root.
 pub async fn load(State(state): State<SharedState>, headers: HeaderMap, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     check_auth(&state, &headers)?;
+    check_plain_name(&name)?;
     let repo = state.repository.clone();
     let lookup = name.clone();
     let specs = tokio::task::spawn_blocking(move || repo.find(&lookup))
