@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: a temporary model repository, the real `sdserve` binary
 //! started as a child process on loopback ports, an HTTP client whose every call has a
-//! timeout, and a Prometheus text parser.
+//! timeout, a Prometheus text parser, a real Prometheus server, and the Python environment of
+//! the client tests.
 //!
 //! Every test starts its own server on port 0 (the kernel picks free ports; they are read
 //! back from the server's log), so tests run in parallel without clashing.
@@ -1038,6 +1039,278 @@ fn parse_sample(line: &str) -> Sample {
         labels,
         value,
     }
+}
+
+// ---- external tools: Prometheus and Python --------------------------------------------------
+
+/// The file `name` in a folder of `PATH`.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `prometheus` or `promtool`, both shipped by Debian's `prometheus` package. When missing, the
+/// package is installed if the tests run as root with apt; otherwise this panics saying so.
+pub fn prometheus_tool(name: &str) -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = on_path(name) {
+        return p;
+    }
+    let hint = "install Debian's prometheus package, which ships prometheus and promtool: \
+                `apt-get install -y --no-install-recommends prometheus` (.ci/run does)";
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || on_path("apt-get").is_none() {
+        panic!("{name} is not on PATH and cannot be installed from here: {hint}");
+    }
+    eprintln!("{name} is not on PATH: installing Debian's prometheus package");
+    let apt = |args: &[&str]| {
+        run_command(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            Duration::from_secs(900),
+        )
+    };
+    let install = ["install", "-y", "--no-install-recommends", "prometheus"];
+    let mut exit = apt(&install);
+    if !exit.status.success() {
+        // A fresh machine may have no package lists yet.
+        apt(&["update"]);
+        exit = apt(&install);
+    }
+    assert!(
+        exit.status.success(),
+        "apt-get install prometheus failed ({}): {}\n{hint}",
+        exit.status,
+        exit.stderr
+    );
+    on_path(name).unwrap_or_else(|| panic!("{name} is still not on PATH after installing: {hint}"))
+}
+
+/// A real `prometheus` server on loopback, with its configuration and storage in a temporary
+/// folder; killed when dropped (its log is printed if the test failed).
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+    log: Log,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Writes `config` as `prometheus.yml` and each of `files` (name, contents) beside it,
+    /// starts `prometheus` on a free loopback port and waits until it is ready.
+    pub fn start(config: &str, files: &[(&str, &[u8])]) -> Self {
+        let bin = prometheus_tool("prometheus");
+        let dir = tempfile::Builder::new()
+            .prefix("sdserve-prometheus-")
+            .tempdir()
+            .expect("temporary folder");
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("writing prometheus.yml");
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).expect("writing a Prometheus file");
+        }
+        let http = client();
+        // The port was free when picked but another process may bind it first: a start
+        // that fails is retried on another port.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            let log: Log = Arc::default();
+            collect(child.stdout.take().expect("stdout"), log.clone());
+            collect(child.stderr.take().expect("stderr"), log.clone());
+            let ready = format!("http://127.0.0.1:{port}/-/ready");
+            let deadline = Instant::now() + START_TIMEOUT;
+            let outcome = loop {
+                if let Ok(r) = http.get(&ready).timeout(Duration::from_secs(5)).send()
+                    && r.status() == 200
+                {
+                    break Ok(());
+                }
+                if let Some(status) = child.try_wait().expect("polling prometheus") {
+                    break Err(format!("prometheus exited ({status})"));
+                }
+                if Instant::now() >= deadline {
+                    break Err(format!("prometheus not ready within {START_TIMEOUT:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            match outcome {
+                Ok(()) => {
+                    return Prometheus {
+                        child,
+                        port,
+                        log,
+                        client: http,
+                        _dir: dir,
+                    };
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let text = log.0.lock().unwrap_or_else(|e| e.into_inner()).text.clone();
+                    failures.push(format!("port {port}: {e}; log:\n{text}"));
+                }
+            }
+        }
+        panic!("prometheus did not start:\n{}", failures.join("\n"));
+    }
+
+    /// Everything Prometheus logged so far.
+    pub fn log(&self) -> String {
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .text
+            .clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `GET` of an HTTP API path; returns the `data` of a `"status": "success"` answer.
+    pub fn api(&self, path: &str) -> Value {
+        let r = Reply::read(
+            self.client
+                .get(self.url(path))
+                .send()
+                .unwrap_or_else(|e| panic!("GET {path} on prometheus: {e}")),
+        );
+        let body = r.json();
+        assert_eq!(body["status"], "success", "GET {path}: {}", r.text());
+        body["data"].clone()
+    }
+
+    /// An instant query through `/api/v1/query` at `time` (Unix seconds; `None`: now).
+    /// Returns `data` (`resultType` and `result`), or Prometheus' error for a query that does
+    /// not parse or cannot run.
+    pub fn try_query(&self, expr: &str, time: Option<f64>) -> Result<Value, String> {
+        let mut form = vec![("query", expr.to_owned())];
+        if let Some(t) = time {
+            form.push(("time", format!("{t:.3}")));
+        }
+        let r = Reply::read(
+            self.client
+                .post(self.url("/api/v1/query"))
+                .form(&form)
+                .send()
+                .unwrap_or_else(|e| panic!("querying prometheus: {e}")),
+        );
+        let body = r.json();
+        if body["status"] == "success" {
+            Ok(body["data"].clone())
+        } else {
+            Err(format!(
+                "{} {}: {}",
+                r.status,
+                body["errorType"].as_str().unwrap_or(""),
+                body["error"].as_str().unwrap_or(&r.text())
+            ))
+        }
+    }
+
+    /// Like [`Prometheus::try_query`], panicking on an error.
+    #[track_caller]
+    pub fn query(&self, expr: &str, time: Option<f64>) -> Value {
+        self.try_query(expr, time)
+            .unwrap_or_else(|e| panic!("query {expr:?} failed: {e}"))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- prometheus log (port {}) ----\n{}",
+                self.port,
+                self.log()
+            );
+        }
+    }
+}
+
+/// The virtual environment of the Python client tests at `target/py-venv`: created with
+/// `python3 -m venv` when missing, and given `tests/python/requirements.txt` (from PyPI)
+/// whenever that file differs from what the environment was last installed from. Returns
+/// the environment's `python`.
+pub fn python_venv() -> PathBuf {
+    let root = workspace_root();
+    let venv = root.join("target").join("py-venv");
+    let python = venv.join("bin").join("python");
+    let requirements_path = root.join("tests").join("python").join("requirements.txt");
+    let requirements = std::fs::read_to_string(&requirements_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", requirements_path.display()));
+    // A copy of the requirements the environment was installed from.
+    let stamp = venv.join("sdserve-requirements.txt");
+    let check = |exit: Exit, what: &str| {
+        assert!(
+            exit.status.success(),
+            "{what} failed ({}):\n{}\n{}",
+            exit.status,
+            exit.stdout,
+            exit.stderr
+        );
+    };
+    if !python.is_file() {
+        let python3 = on_path("python3").unwrap_or_else(|| {
+            panic!("python3 is not on PATH: install it (Debian: python3 python3-venv)")
+        });
+        eprintln!("creating the Python environment {}", venv.display());
+        check(
+            run_command(
+                Command::new(python3).args(["-m", "venv"]).arg(&venv),
+                Duration::from_secs(300),
+            ),
+            "python3 -m venv (Debian needs the python3-venv package)",
+        );
+    }
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(requirements.as_str()) {
+        eprintln!(
+            "installing {} into {}",
+            requirements_path.display(),
+            venv.display()
+        );
+        check(
+            run_command(
+                Command::new(&python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--disable-pip-version-check",
+                        "-q",
+                        "-r",
+                    ])
+                    .arg(&requirements_path),
+                Duration::from_secs(1200),
+            ),
+            "pip install -r tests/python/requirements.txt",
+        );
+        std::fs::write(&stamp, &requirements).expect("writing the requirements stamp");
+    }
+    python
 }
 
 #[cfg(test)]

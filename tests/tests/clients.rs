@@ -1,0 +1,56 @@
+//! Independent V2 clients against the real server: `tests/python` runs NVIDIA's `tritonclient`
+//! (HTTP) and MLServer 1.7.1's own codecs, types and batch client with pytest, in the Python
+//! environment at `target/py-venv` (created from `tests/python/requirements.txt` if needed).
+
+use std::process::Command;
+use std::time::Duration;
+
+use sdserve_tests::*;
+
+#[test]
+fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
+    let python = python_venv();
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    let s = launch(&repo).start();
+    let root = workspace_root();
+    let exit = run_command(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pytest",
+                "-p",
+                "no:cacheprovider",
+                "-v",
+                "tests/python",
+            ])
+            .current_dir(&root)
+            .env("SDSERVE_URL", s.url(""))
+            .env("SDSERVE_MODEL", "tiny")
+            .env("PYTHONDONTWRITEBYTECODE", "1"),
+        Duration::from_secs(600),
+    );
+    let output = format!("{}{}", exit.stdout, exit.stderr);
+    println!("{output}");
+    assert!(
+        exit.status.success(),
+        "pytest tests/python failed ({}):\n{output}",
+        exit.status
+    );
+    // A run that collected nothing or skipped tests must not pass unnoticed.
+    let summary = output
+        .lines()
+        .rev()
+        .find(|l| l.contains(" passed"))
+        .unwrap_or_else(|| panic!("no pytest summary line:\n{output}"));
+    let passed: usize = summary
+        .split_whitespace()
+        .zip(summary.split_whitespace().skip(1))
+        .find(|(_, word)| word.trim_end_matches(',') == "passed")
+        .and_then(|(n, _)| n.trim_start_matches('=').parse().ok())
+        .unwrap_or_else(|| panic!("no passed count in {summary:?}"));
+    assert!(passed >= 14, "only {passed} client tests passed: {summary}");
+    for word in ["skipped", "failed", "error", "xfail"] {
+        assert!(!summary.contains(word), "{summary}");
+    }
+}
