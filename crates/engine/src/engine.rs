@@ -314,7 +314,8 @@ impl Engine {
         progress: Option<mpsc::UnboundedSender<Progress>>,
     ) -> Result<InferOutcome, EngineError> {
         let Prepared { admission, model, job, timeout } = prepared;
-        let deadline = timeout.map(|t| admission.arrived() + t);
+        // A deadline too far away to represent is no deadline.
+        let deadline = timeout.and_then(|t| admission.arrived().checked_add(t));
         let timeout_ms = timeout.map(|t| t.as_millis() as u64).unwrap_or(0);
         let control = Arc::new(JobControl {
             stop: AtomicU8::new(STOP_NONE),
@@ -398,10 +399,18 @@ impl Engine {
         let loader = self.inner.loader.clone();
         let started = Instant::now();
         let spec_for_load = spec.clone();
-        let result = tokio::task::spawn_blocking(move || loader.load(&spec_for_load))
-            .await
-            .map_err(|e| format!("model loading panicked: {e}"))
-            .and_then(|r| r);
+        // A thread of its own, not the runtime's blocking pool: a load stuck on its files must
+        // not hold up the runtime's shutdown when the server stops meanwhile.
+        let (tx, rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new().name(format!("sdserve-load-{}", spec.name)).spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader.load(&spec_for_load)))
+                .unwrap_or_else(|p| Err(format!("model loading panicked: {}", panic_message(p.as_ref()))));
+            let _ = tx.send(result);
+        });
+        let result = match spawned {
+            Ok(_) => rx.await.unwrap_or_else(|_| Err("the model loading thread ended without a result".into())),
+            Err(e) => Err(format!("cannot start a model loading thread: {e}")),
+        };
         let mut reg = self.inner.registry.write().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(generator) => {
@@ -599,6 +608,14 @@ impl Drop for InferObserver {
     }
 }
 
+/// The text of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panic".into())
+}
+
 // ---- workers ----------------------------------------------------------------------------
 
 fn worker_loop(inner: &Inner) {
@@ -707,6 +724,22 @@ impl StepControl for BatchControl<'_> {
 }
 
 fn run_batch(inner: &Inner, batch: Vec<Queued>) {
+    // Members that stopped while the batch gathered (deadline, client gone) leave before it
+    // starts, so that their slots are free at once.
+    let (batch, stopped): (Vec<Queued>, Vec<Queued>) = batch.into_iter().partition(|j| j.control.stopped().is_none());
+    if !stopped.is_empty() {
+        let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.running.retain(|(id, _)| !stopped.iter().any(|j| j.id == *id));
+        inner.metrics.running.set(&[], q.running.len() as f64);
+        drop(q);
+        for job in stopped {
+            let reason = job.control.stopped().unwrap_or(StopReason::Disconnected);
+            let _ = job.reply.send(Err(stop_error(reason, job.timeout_ms, "waiting in the queue")));
+        }
+    }
+    if batch.is_empty() {
+        return;
+    }
     let started = Instant::now();
     let model = batch[0].model.clone();
     let name = model.spec.name.clone();
@@ -732,12 +765,7 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         model.generator.generate(&merged, &mut control)
     }))
     .unwrap_or_else(|p| {
-        let message = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "panic".into());
-        Err(crate::generator::GenerateError::Internal { stage: "generation".into(), message })
+        Err(crate::generator::GenerateError::Internal { stage: "generation".into(), message: panic_message(p.as_ref()) })
     });
     let generation = started.elapsed();
     inner.metrics.generation_seconds.observe(&[&name], generation.as_secs_f64());

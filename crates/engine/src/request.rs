@@ -185,6 +185,9 @@ fn invalid(msg: impl Into<String>) -> ValidationError {
     ValidationError(msg.into())
 }
 
+/// Said of a value the request did not give.
+const DEFAULT: &str = " (the model's default)";
+
 /// Seeds for requests that give none: different per request, not reproducible.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -242,16 +245,19 @@ impl GenerationRequest {
             }
         }
 
-        let steps = match self.num_inference_steps {
-            None => defaults.num_inference_steps,
-            Some(n) if n >= 1 && (n as u64) <= limits.max_num_inference_steps as u64 => n as usize,
-            Some(n) => {
-                return Err(invalid(format!(
-                    "'num_inference_steps' is {n}; it must be between 1 and {}",
-                    limits.max_num_inference_steps
-                )));
-            }
+        // Defaults are held to the limits too: a model whose defaults exceed them must not serve
+        // such requests quietly.
+        let (steps, source) = match self.num_inference_steps {
+            None => (i128::from(defaults.num_inference_steps as u64), DEFAULT),
+            Some(n) => (i128::from(n), ""),
         };
+        if steps < 1 || steps > limits.max_num_inference_steps as i128 {
+            return Err(invalid(format!(
+                "'num_inference_steps' is {steps}{source}; it must be between 1 and {}",
+                limits.max_num_inference_steps
+            )));
+        }
+        let steps = steps as usize;
 
         let guidance_scale = self.guidance_scale.unwrap_or(defaults.guidance_scale);
         if !guidance_scale.is_finite() || guidance_scale < 0.0 || guidance_scale > limits.max_guidance_scale {
@@ -262,23 +268,23 @@ impl GenerationRequest {
         }
 
         let size = |name: &str, given: Option<i64>, default: usize, max: usize| -> Result<usize, ValidationError> {
-            let v = match given {
-                None => return Ok(default),
-                Some(v) => v,
+            let (v, source) = match given {
+                None => (default as i128, DEFAULT),
+                Some(v) => (i128::from(v), ""),
             };
-            if v < 8 || v % 8 != 0 || v as u64 > max as u64 {
+            if v < 8 || v % 8 != 0 || v > max as i128 {
                 return Err(invalid(format!(
-                    "'{name}' is {v}; it must be a multiple of 8 between 8 and {max}"
+                    "'{name}' is {v}{source}; it must be a multiple of 8 between 8 and {max}"
                 )));
             }
             Ok(v as usize)
         };
         let height = size("height", self.height, defaults.height.unwrap_or(model.native_height), limits.max_height)?;
         let width = size("width", self.width, defaults.width.unwrap_or(model.native_width), limits.max_width)?;
-        if height * width > limits.max_pixels {
+        if height.checked_mul(width).is_none_or(|pixels| pixels > limits.max_pixels) {
             return Err(invalid(format!(
                 "'height' × 'width' is {height}×{width} = {} pixels; at most {} are allowed",
-                height * width,
+                height as u128 * width as u128,
                 limits.max_pixels
             )));
         }
@@ -289,6 +295,7 @@ impl GenerationRequest {
             )));
         }
 
+        // At most `max_prompts` × `max_images`, both bounded by u32.
         let per_prompt = match self.num_images_per_prompt {
             None => 1,
             Some(n) if n >= 1 && (n as u64) <= limits.max_images as u64 => n as usize,
@@ -455,6 +462,23 @@ mod tests {
             let err = resolve(&r).unwrap_err();
             assert!(err.0.contains(expected), "{err} (expected '{expected}')");
         }
+    }
+
+    #[test]
+    fn defaults_outside_the_limits_are_refused_and_sizes_never_overflow() {
+        let limits = Limits { max_num_inference_steps: 20, max_height: 512, ..Limits::default() };
+        let defaults = GenerationDefaults { num_inference_steps: 30, ..Default::default() };
+        let err = req(&["a"]).resolve(&model(), &defaults, &limits, || 1).unwrap_err();
+        assert!(err.0.contains("'num_inference_steps' is 30 (the model's default)"), "{err}");
+
+        // A model whose native size is absurd: its default size is refused, not multiplied.
+        let huge = ModelDescription { native_height: 1 << 40, native_width: 1 << 40, ..model() };
+        let err = req(&["a"]).resolve(&huge, &GenerationDefaults::default(), &Limits::default(), || 1).unwrap_err();
+        assert!(err.0.contains("(the model's default)"), "{err}");
+        let wide = Limits { max_height: usize::MAX, max_width: usize::MAX, ..Limits::default() };
+        let r = GenerationRequest { height: Some(1 << 40), width: Some(1 << 40), ..req(&["a"]) };
+        let err = r.resolve(&model(), &GenerationDefaults::default(), &wide, || 1).unwrap_err();
+        assert!(err.0.contains("pixels"), "{err}");
     }
 
     #[test]

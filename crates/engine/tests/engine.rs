@@ -273,3 +273,26 @@ async fn unknown_unready_and_invalid_requests() {
     assert!(matches!(engine.unload("m"), Err(EngineError::ModelNotFound { .. })));
     assert!(!engine.is_ready());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_expires_while_its_batch_gathers_never_runs() {
+    let mut s = spec("m");
+    s.max_batch_size = 4;
+    s.max_batch_time = Duration::from_millis(400);
+    let f = fixture(1, 4, 10, None, s).await;
+    let r = infer(&f.engine, request("late"), Some(Duration::from_millis(100))).await;
+    assert!(matches!(r, Err(EngineError::DeadlineExceeded { .. })), "{r:?}");
+    // The batch window closes; the expired member leaves before any generation starts.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(f.calls.lock().unwrap().is_empty(), "{:?}", f.calls.lock().unwrap());
+    assert_eq!(metric(&f.registry, "sdserve_requests_in_flight"), 0.0);
+    assert_eq!(metric(&f.registry, "sdserve_requests_running"), 0.0);
+    infer(&f.engine, request("next"), None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_too_far_to_represent_is_no_deadline() {
+    let f = fixture(1, 1, 1, Some(Duration::MAX), spec("m")).await;
+    let r = infer(&f.engine, request("patient"), Some(Duration::from_secs(u64::MAX / 2))).await;
+    assert_eq!(r.unwrap().images.len(), 1);
+}

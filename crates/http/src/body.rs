@@ -72,6 +72,17 @@ async fn read_within(headers: &HeaderMap, mut body: Body, limit: usize, idle: Du
     }
 }
 
+/// Reads and drops the body of a request refused before reading it (overloaded, draining), so
+/// that the client gets the answer rather than a reset connection. Bodies announced larger than
+/// [`DISCARD_BYTES`] are left unread.
+pub async fn drain(headers: &HeaderMap, mut body: Body) {
+    let announced =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_none_or(|len| len <= DISCARD_BYTES) {
+        discard(&mut body).await;
+    }
+}
+
 /// Reads and drops the rest of a body, within [`DISCARD_BYTES`] and [`DISCARD_TIME`].
 async fn discard(body: &mut Body) {
     let deadline = tokio::time::Instant::now() + DISCARD_TIME;

@@ -12,6 +12,21 @@ use crate::error::PipelineError;
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
+/// Largest config file read; real ones are a few KiB.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest integer any component config may hold: far above every real value (CLIP's vocabulary
+/// is 49408 tokens, SD's widest block 1280 channels), far below sizes that could exhaust memory
+/// or overflow shape arithmetic.
+const MAX_CONFIG_INT: u64 = 1 << 20;
+/// Most resolution levels of a UNet, and of a VAE (whose scale factor is 2^(levels - 1)).
+const MAX_UNET_BLOCKS: usize = 16;
+const MAX_VAE_BLOCKS: usize = 8;
+/// Most layers in one block, and in the text encoder.
+const MAX_BLOCK_LAYERS: usize = 64;
+const MAX_TEXT_LAYERS: usize = 256;
+/// Largest latent height or width a UNet may declare as its training size.
+const MAX_SAMPLE_SIZE: usize = 1024;
+
 /// One parsed JSON object plus the path it came from, for key-naming errors.
 pub(crate) struct JsonFile {
     pub path: PathBuf,
@@ -20,6 +35,15 @@ pub(crate) struct JsonFile {
 
 impl JsonFile {
     pub fn read(path: &Path) -> Result<Self> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| PipelineError::io(path, e))?
+            .len();
+        if len > MAX_CONFIG_BYTES {
+            return Err(PipelineError::config(
+                path,
+                format!("is {len} bytes; a config file may be at most {MAX_CONFIG_BYTES} bytes"),
+            ));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| PipelineError::config(path, format!("invalid JSON: {e}")))?;
@@ -45,9 +69,24 @@ impl JsonFile {
     }
 
     fn usize_of(&self, key: &str, v: &Value) -> Result<usize> {
-        v.as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))
+        let n = v
+            .as_u64()
+            .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}")))?;
+        if n > MAX_CONFIG_INT {
+            return Err(self.err(
+                key,
+                format!("{n} is implausibly large (at most {MAX_CONFIG_INT})"),
+            ));
+        }
+        usize::try_from(n).map_err(|_| self.err(key, format!("{n} does not fit this machine")))
+    }
+
+    /// `n` read from `key`, refused above `max`.
+    fn at_most(&self, key: &str, n: usize, max: usize) -> Result<usize> {
+        if n > max {
+            return Err(self.err(key, format!("{n} is more than the {max} supported")));
+        }
+        Ok(n)
     }
 
     pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
@@ -357,6 +396,7 @@ impl UNetConfig {
         if n == 0 {
             return Err(f.err("down_block_types", "is empty"));
         }
+        f.at_most("down_block_types", n, MAX_UNET_BLOCKS)?;
         if up.len() != n {
             return Err(f.err(
                 "up_block_types",
@@ -425,6 +465,12 @@ impl UNetConfig {
             if layers[i] == 0 {
                 return Err(f.err("layers_per_block", "must be greater than 0"));
             }
+            f.at_most("layers_per_block", layers[i], MAX_BLOCK_LAYERS)?;
+            f.at_most(
+                "transformer_layers_per_block",
+                transformer_layers[i],
+                MAX_BLOCK_LAYERS,
+            )?;
             // The last level's attention settings also configure the mid block.
             let attends = down_cross_attn || up_cross_attn || i == n - 1;
             if attends {
@@ -469,6 +515,11 @@ impl UNetConfig {
         if sample_size.0 == 0 || sample_size.1 == 0 {
             return Err(f.err("sample_size", "must be greater than 0"));
         }
+        f.at_most(
+            "sample_size",
+            sample_size.0.max(sample_size.1),
+            MAX_SAMPLE_SIZE,
+        )?;
 
         Ok(Self {
             sample_size,
@@ -531,7 +582,7 @@ impl VaeConfig {
                 "must be a non-empty list of positive integers",
             ));
         }
-        let n = channels.len();
+        let n = f.at_most("block_out_channels", channels.len(), MAX_VAE_BLOCKS)?;
         for (key, expected) in [
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
@@ -581,7 +632,11 @@ impl VaeConfig {
             in_channels: f.positive("in_channels", 3)?,
             out_channels: f.positive("out_channels", 3)?,
             block_out_channels: channels,
-            layers_per_block: f.positive("layers_per_block", 1)?,
+            layers_per_block: f.at_most(
+                "layers_per_block",
+                f.positive("layers_per_block", 1)?,
+                MAX_BLOCK_LAYERS,
+            )?,
             latent_channels: f.positive("latent_channels", 4)?,
             norm_num_groups,
             scaling_factor,
@@ -661,7 +716,11 @@ impl TextEncoderConfig {
             vocab_size: f.positive("vocab_size", 49408)?,
             hidden_size,
             intermediate_size: f.positive("intermediate_size", 2048)?,
-            num_hidden_layers: f.usize("num_hidden_layers", 12)?,
+            num_hidden_layers: f.at_most(
+                "num_hidden_layers",
+                f.usize("num_hidden_layers", 12)?,
+                MAX_TEXT_LAYERS,
+            )?,
             num_attention_heads,
             max_position_embeddings: f.positive("max_position_embeddings", 77)?,
             hidden_act,

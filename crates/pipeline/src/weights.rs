@@ -224,6 +224,8 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
     let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
         .map_err(|e| PipelineError::weights(path, format!("corrupt safetensors header: {e}")))?;
     let mut tensors = HashMap::with_capacity(header.len());
+    // Byte ranges of every non-empty tensor, to refuse tensors that share bytes.
+    let mut ranges: Vec<(u64, u64, String)> = Vec::with_capacity(header.len());
     for (name, entry) in header {
         if name == "__metadata__" {
             continue;
@@ -265,6 +267,9 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
                 end - start
             )));
         }
+        if end > start {
+            ranges.push((start, end, name.clone()));
+        }
         let Some(dtype) = dtype else {
             // Present but not loadable by candle; only an error if a model asks for it.
             tensors.insert(
@@ -287,6 +292,18 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
                 end: data_start + end as usize,
             },
         );
+    }
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((a_start, a_end, a), (b_start, b_end, b)) = (&pair[0], &pair[1]);
+        if b_start < a_end {
+            return Err(PipelineError::weights(
+                path,
+                format!(
+                    "tensors `{a}` (bytes {a_start}..{a_end}) and `{b}` (bytes {b_start}..{b_end}) overlap; the file is corrupt"
+                ),
+            ));
+        }
     }
     Ok(tensors)
 }
@@ -443,6 +460,26 @@ mod tests {
             err.contains("short.safetensors") && err.contains("`w`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn overlapping_tensors_name_both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},"e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#;
+        let p = write(d, "overlap.safetensors", &safetensors(h, &[0u8; 12]));
+        let err = SafetensorsFile::open(&p).err().unwrap().to_string();
+        assert!(
+            err.contains("overlap.safetensors")
+                && err.contains("`a`")
+                && err.contains("`b`")
+                && err.contains("overlap"),
+            "{err}"
+        );
+        // Adjacent tensors and empty ones are fine.
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#;
+        let p = write(d, "adjacent.safetensors", &safetensors(h, &[0u8; 12]));
+        assert!(SafetensorsFile::open(&p).is_ok());
     }
 
     #[test]

@@ -439,3 +439,186 @@ fn load_options_from_model_settings() {
         .to_string();
     assert_mentions(&err, &["parameters.extra.dtype", "fp8"]);
 }
+
+// ---- untrusted model files: malicious safetensors headers and absurd config values ----------
+
+/// Writes a safetensors file whose first 8 bytes announce `header_len`, over real data.
+fn with_header_length(path: &Path, header_len: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[..8].copy_from_slice(&header_len.to_le_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn header_lengths_beyond_the_file_are_refused() {
+    let (_tmp, dir) = copy_model("tiny-sd1");
+    let path = dir.join(VAE_WEIGHTS);
+    let len = std::fs::metadata(&path).unwrap().len();
+    for announced in [1u64 << 63, u64::MAX, len - 7, len] {
+        copy_dir(&model_dir("tiny-sd1").join("vae"), &dir.join("vae"));
+        with_header_length(&path, announced);
+        assert_mentions(
+            &load_err(&dir),
+            &[VAE_WEIGHTS, "header length", &announced.to_string()],
+        );
+    }
+}
+
+#[test]
+fn overlapping_tensors_are_refused() {
+    let (_tmp, dir) = copy_model("tiny-sd1");
+    let mut victim = String::new();
+    edit_header(&dir.join(VAE_WEIGHTS), |h| {
+        // Two tensors of the same byte size: the second one is pointed at the first one's bytes.
+        let mut by_size: HashMap<u64, String> = HashMap::new();
+        let mut names: Vec<String> = h.keys().filter(|k| *k != "__metadata__").cloned().collect();
+        names.sort();
+        for name in names {
+            let o = &h[&name]["data_offsets"];
+            let size = o[1].as_u64().unwrap() - o[0].as_u64().unwrap();
+            if let Some(first) = by_size.get(&size) {
+                let offsets = h[first]["data_offsets"].clone();
+                h[&name]["data_offsets"] = offsets;
+                victim = name;
+                return;
+            }
+            by_size.insert(size, name);
+        }
+        panic!("no two tensors of the same size");
+    });
+    assert_mentions(&load_err(&dir), &[VAE_WEIGHTS, "overlap"]);
+    let _ = victim;
+}
+
+#[test]
+fn tensor_entries_that_lie_are_refused() {
+    let tensor = "decoder.conv_in.weight";
+    let cases: [(&str, Value, &[&str]); 7] = [
+        ("data_offsets", json!([9472, 256]), &["outside"]),
+        ("data_offsets", json!([0, u64::MAX]), &["outside"]),
+        ("data_offsets", json!([-1, 256]), &["data_offsets"]),
+        ("dtype", json!("F16"), &["needs", "bytes"]),
+        ("dtype", json!("F128"), &["unknown dtype"]),
+        ("shape", json!([1u64 << 62, 1u64 << 62]), &["overflows"]),
+        ("shape", json!([-64, 4, 3, 3]), &["shape"]),
+    ];
+    for (key, value, expected) in cases {
+        let (_tmp, dir) = copy_model("tiny-sd1");
+        edit_header(&dir.join(VAE_WEIGHTS), |h| h[tensor][key] = value.clone());
+        let err = load_err(&dir);
+        assert_mentions(&err, &[VAE_WEIGHTS, tensor]);
+        assert_mentions(&err, expected);
+    }
+    // A header that is JSON but not a map of tensors.
+    for header in [
+        json!([1, 2, 3]),
+        json!({"w": 5}),
+        json!({"w": {"dtype": "F32"}}),
+    ] {
+        let (_tmp, dir) = copy_model("tiny-sd1");
+        let path = dir.join(VAE_WEIGHTS);
+        let text = header.to_string();
+        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(text.as_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        assert_mentions(&load_err(&dir), &[VAE_WEIGHTS]);
+    }
+}
+
+/// Peak resident memory of this test process, in MiB.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
+#[test]
+fn absurd_config_values_are_errors_not_panics_or_giant_allocations() {
+    let unet = "unet/config.json";
+    let vae = "vae/config.json";
+    let text = "text_encoder/config.json";
+    let scheduler = "scheduler/scheduler_config.json";
+    let cases: Vec<(&str, &str, Value)> = vec![
+        (unet, "block_out_channels", json!([1e12, 1e12])),
+        (
+            unet,
+            "block_out_channels",
+            json!([1_000_000_000_000u64, 1_000_000_000_000u64]),
+        ),
+        (unet, "block_out_channels", json!([u64::MAX, 64])),
+        (unet, "sample_size", json!(0)),
+        (unet, "sample_size", json!(1_000_000_000u64)),
+        (unet, "sample_size", json!([8, u64::MAX])),
+        (unet, "layers_per_block", json!(1_000_000)),
+        (unet, "transformer_layers_per_block", json!(1_000_000)),
+        (unet, "cross_attention_dim", json!(1u64 << 40)),
+        (unet, "norm_num_groups", json!(1u64 << 40)),
+        (unet, "in_channels", json!(1u64 << 40)),
+        (
+            unet,
+            "down_block_types",
+            json!(vec!["DownBlock2D"; 100_000]),
+        ),
+        (vae, "block_out_channels", json!(vec![32; 70])),
+        (vae, "latent_channels", json!(1u64 << 40)),
+        (vae, "layers_per_block", json!(1_000_000)),
+        (text, "num_hidden_layers", json!(1_000_000)),
+        (text, "vocab_size", json!(1u64 << 40)),
+        (text, "hidden_size", json!(1u64 << 40)),
+        (text, "max_position_embeddings", json!(1u64 << 40)),
+        (text, "intermediate_size", json!(1u64 << 40)),
+        (text, "num_attention_heads", json!(1u64 << 40)),
+    ];
+    for (file, key, value) in cases {
+        let (_tmp, dir) = copy_model("tiny-sd1");
+        edit_json(&dir.join(file), |c| c[key] = value.clone());
+        let err = load_err(&dir);
+        assert!(
+            err.contains(file) && err.contains(key),
+            "{file} {key}={value}: {err}"
+        );
+    }
+    // The scheduler config is read per request: an absurd value fails every generation with
+    // the file and key named, before any schedule is allocated.
+    let (_tmp, dir) = copy_model("tiny-sd1");
+    edit_json(&dir.join(scheduler), |c| {
+        c["num_train_timesteps"] = json!(1_000_000_000_000u64)
+    });
+    let err = match StableDiffusion::load(&dir, LoadOptions::cpu()) {
+        Err(e) => e.to_string(),
+        Ok(sd) => {
+            use sdserve_engine::{GenerationJob, Generator, ImageSpec, RunToEnd};
+            let job = GenerationJob {
+                images: vec![ImageSpec {
+                    prompt: "a cat".into(),
+                    negative_prompt: String::new(),
+                    seed: 1,
+                    latents: None,
+                }],
+                num_inference_steps: 2,
+                guidance_scale: 7.5,
+                height: 64,
+                width: 64,
+                scheduler: sd.description().default_scheduler.clone(),
+                eta: 0.0,
+            };
+            sd.generate(&job, &mut RunToEnd).unwrap_err().to_string()
+        }
+    };
+    assert_mentions(&err, &["num_train_timesteps"]);
+
+    // A config file too large to be real is not read into memory.
+    let (_tmp, dir) = copy_model("tiny-sd1");
+    let path = dir.join(unet);
+    let mut padded = std::fs::read(&path).unwrap();
+    padded.resize(17 << 20, b' ');
+    std::fs::write(&path, padded).unwrap();
+    assert_mentions(&load_err(&dir), &[unet, "at most"]);
+    // Every refusal came before anything big was allocated and touched.
+    let peak = peak_rss_mib();
+    assert!(peak < 2048, "peak RSS {peak} MiB");
+}

@@ -82,6 +82,8 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
     // Models load while the servers already answer: live is 200, ready is 400 until done.
     let signal = tokio::spawn(shutdown_signal());
     let mut failed = None;
+    // A signal while models load stops the server like one while serving: it is not a failure.
+    let mut interrupted = false;
     for spec in specs {
         let name = spec.name.clone();
         let uri = spec.uri.clone();
@@ -100,7 +102,8 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
                 }
             },
             _ = signal_finished(&signal) => {
-                failed = Some("interrupted while loading models".into());
+                tracing::info!("shutdown signal received while loading model {name}; not waiting for it");
+                interrupted = true;
                 break;
             }
         }
@@ -115,7 +118,9 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         bail!("{reason}");
     }
 
-    let _ = signal.await;
+    if !interrupted {
+        let _ = signal.await;
+    }
     tracing::info!(
         "shutdown signal received: no longer ready, draining for up to {:.0} s",
         server.drain_timeout_duration().as_secs_f64()

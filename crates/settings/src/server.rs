@@ -557,11 +557,16 @@ fn check_host(host: &String) -> Result<(), String> {
     }
 }
 
+/// Longest timeout accepted (about 31 years): longer ones cannot be added to a clock reading.
+const MAX_TIMEOUT_SECONDS: f64 = 1e9;
+
 fn check_seconds(secs: &f64) -> Result<(), String> {
-    if secs.is_finite() && *secs >= 0.0 {
+    if secs.is_finite() && *secs >= 0.0 && *secs <= MAX_TIMEOUT_SECONDS {
         Ok(())
     } else {
-        Err("must be a number of seconds, 0 or more".into())
+        Err(format!(
+            "must be a number of seconds between 0 and {MAX_TIMEOUT_SECONDS:e}"
+        ))
     }
 }
 
@@ -982,6 +987,33 @@ mod tests {
             &mut warnings,
         )?;
         Ok((s, warnings))
+    }
+
+    #[test]
+    fn timeouts_too_long_for_a_clock_are_refused() {
+        // Once a panic in request_timeout_duration() at startup.
+        for key in ["request_timeout", "drain_timeout"] {
+            let err = from_json(json!({ key: 1e30 }), &env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("between 0 and"), "{err}");
+        }
+        let var = [("MLSERVER_REQUEST_TIMEOUT", "1e20")];
+        let err = from_json(json!({}), &env(&var)).unwrap_err().to_string();
+        assert!(err.contains("MLSERVER_REQUEST_TIMEOUT"), "{err}");
+        let (s, _) = from_json(
+            json!({"request_timeout": 1e9, "drain_timeout": 1e9}),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.request_timeout_duration(),
+            Some(Duration::from_secs(1_000_000_000))
+        );
+        assert_eq!(
+            s.drain_timeout_duration(),
+            Duration::from_secs(1_000_000_000)
+        );
     }
 
     #[test]

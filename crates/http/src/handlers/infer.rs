@@ -70,10 +70,14 @@ async fn accept(
             o.fail(reason);
         }
     };
-    let admission = state.engine.admit().map_err(|e| {
-        fail(observer, e.reason());
-        ApiError::from(e)
-    })?;
+    let admission = match state.engine.admit() {
+        Ok(a) => a,
+        Err(e) => {
+            fail(observer, e.reason());
+            body::drain(headers, body).await;
+            return Err(ApiError::from(e));
+        }
+    };
     let bytes = body::read(headers, body, state.config.max_request_body_bytes).await.inspect_err(|e| {
         fail(observer, if e.status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "invalid" });
     })?;
