@@ -297,8 +297,12 @@ impl SimpleBackend for Recorder {
         candle_core::bail!("tensor `{name}` was asked for without a shape")
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        false
+    /// Answers the loaders' format probes as a current diffusers / transformers 5 checkpoint
+    /// would: VAE attention named `to_q`/`to_k`/`to_v`/`to_out.0` (not the deprecated
+    /// `query`/`key`/`value`/`proj_attn`), the text encoder without the `text_model.` prefix,
+    /// norms as `weight`/`bias`.
+    fn contains_tensor(&self, name: &str) -> bool {
+        name == "to_q.weight" || name.ends_with(".to_q.weight")
     }
 }
 
@@ -438,6 +442,43 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
         .unwrap_or("PNDMScheduler");
     write_json(&out.join("model_index.json"), &model_index(scheduler_class))?;
     Ok(written)
+}
+
+/// [`write_random_model`] from command-line words (`--config`, `--dtype`, ...); returns the
+/// one-line summary to print.
+pub fn write_named(
+    config: &str,
+    dtype: &str,
+    seed: u64,
+    tokenizer: PathBuf,
+    out: &Path,
+) -> Result<String> {
+    let preset = Preset::from_name(config).ok_or_else(|| {
+        let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        PipelineError::Options(format!(
+            "--config {config:?} is not one of {}",
+            names.join(", ")
+        ))
+    })?;
+    let dtype = parse_dtype(dtype)?;
+    let started = std::time::Instant::now();
+    let w = write_random_model(
+        out,
+        &RandomModelOptions {
+            preset,
+            dtype,
+            seed,
+            tokenizer,
+        },
+    )?;
+    Ok(format!(
+        "{}: {preset} {dtype:?} seed {seed}: {} tensors, {} parameters, {:.1} MB of weights in {:.1} s",
+        out.display(),
+        w.tensors,
+        w.parameters,
+        w.weight_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    ))
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
@@ -615,6 +656,7 @@ impl safetensors::View for RandomTensor<'_> {
 mod tests {
     use super::*;
     use crate::{LoadOptions, StableDiffusion};
+    use sdserve_engine::{GenerationJob, Generator, ImageSpec, RunToEnd};
 
     fn tokenizer() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-sd1/tokenizer")
@@ -674,6 +716,14 @@ mod tests {
             (std / expected - 1.0).abs() < 0.15,
             "conv_in std {std}, expected about {expected}"
         );
+        let vae = load_all(&a.join("vae/diffusion_pytorch_model.safetensors"));
+        assert!(vae.contains_key("decoder.mid_block.attentions.0.to_out.0.weight"));
+        assert!(
+            !vae.keys()
+                .any(|k| k.contains("proj_attn") || k.contains(".query."))
+        );
+        let te = load_all(&a.join("text_encoder/model.safetensors"));
+        assert!(te.contains_key("embeddings.token_embedding.weight"));
         let norm = unet["conv_norm_out.weight"]
             .to_dtype(DType::F32)
             .unwrap()
@@ -699,6 +749,31 @@ mod tests {
         // The folder is a model sdserve loads, and a refilled folder is refused.
         let model = StableDiffusion::load(&a, LoadOptions::cpu()).unwrap();
         assert_eq!(model.unet().config().blocks.len(), 2);
+        // The scales give a real picture: finite, not flat, not saturated.
+        let job = GenerationJob {
+            images: vec![ImageSpec {
+                prompt: "a red circle".into(),
+                negative_prompt: String::new(),
+                seed: 1,
+                latents: None,
+            }],
+            num_inference_steps: 5,
+            guidance_scale: 7.5,
+            height: 64,
+            width: 64,
+            scheduler: model.description().default_scheduler.clone(),
+            eta: 0.0,
+        };
+        let image = model.generate_float(&job, &mut RunToEnd).unwrap();
+        let n = image.data.len() as f32;
+        assert!(image.data.iter().all(|x| x.is_finite()));
+        let mean = image.data.iter().sum::<f32>() / n;
+        let std = (image.data.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n).sqrt();
+        let saturated = image.data.iter().filter(|&&x| x <= 0.0 || x >= 1.0).count() as f32 / n;
+        assert!(
+            std > 0.1 && saturated < 0.5,
+            "std {std}, saturated {saturated}"
+        );
         let err = write_random_model(&a, &options(DType::F16, 3))
             .unwrap_err()
             .to_string();
@@ -790,6 +865,10 @@ mod tests {
             .to_string();
         assert!(err.contains("U8"), "{err}");
         assert_eq!(parse_dtype("FP16").unwrap(), DType::F16);
+        let err = write_named("sdxl", "f16", 0, tokenizer(), &d)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sdxl") && err.contains("sd15"), "{err}");
         assert!(
             parse_dtype("int8")
                 .unwrap_err()

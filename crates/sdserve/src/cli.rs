@@ -9,6 +9,7 @@ use sdserve_settings::{SERVER_SETTINGS, ServerOverrides};
 pub enum Invocation {
     Start { folder: PathBuf, overrides: ServerOverrides },
     Settings,
+    MakeRandomModel { config: String, dtype: String, seed: u64, tokenizer: PathBuf, out: PathBuf },
 }
 
 fn flag_id(flag: &str) -> String {
@@ -37,6 +38,20 @@ pub fn command() -> Command {
         .arg_required_else_help(true)
         .subcommand(start)
         .subcommand(Command::new("settings").about("Print every server setting: settings.json key, environment variable, flag, default"))
+        .subcommand(make_random_model())
+}
+
+/// Hidden: benchmark machines get random-weight models from the one binary they carry.
+fn make_random_model() -> Command {
+    let path = || Arg::new("x").value_parser(clap::value_parser!(PathBuf)).required(true);
+    Command::new("make-random-model")
+        .hide(true)
+        .about("Write a diffusers folder with seeded random weights at a real model size (benchmarks)")
+        .arg(Arg::new("config").long("config").required(true).help("sd15, sd21 or tiny"))
+        .arg(Arg::new("dtype").long("dtype").default_value("f16").help("f16, f32 or bf16"))
+        .arg(Arg::new("seed").long("seed").default_value("0").value_parser(clap::value_parser!(u64)))
+        .arg(path().id("tokenizer").long("tokenizer").help("CLIP tokenizer folder to copy (vocab.json, merges.txt)"))
+        .arg(path().id("out").long("out").help("Output folder; must not exist or be empty"))
 }
 
 fn get<T: std::str::FromStr>(m: &ArgMatches, flag: &str) -> Result<Option<T>, String> {
@@ -78,6 +93,13 @@ pub fn parse() -> Result<Invocation, String> {
             Ok(Invocation::Start { folder, overrides })
         }
         Some(("settings", _)) => Ok(Invocation::Settings),
+        Some(("make-random-model", m)) => Ok(Invocation::MakeRandomModel {
+            config: m.get_one::<String>("config").cloned().unwrap_or_default(),
+            dtype: m.get_one::<String>("dtype").cloned().unwrap_or_default(),
+            seed: m.get_one::<u64>("seed").copied().unwrap_or_default(),
+            tokenizer: m.get_one::<PathBuf>("tokenizer").cloned().unwrap_or_default(),
+            out: m.get_one::<PathBuf>("out").cloned().unwrap_or_default(),
+        }),
         _ => Err("unknown command".into()),
     }
 }
