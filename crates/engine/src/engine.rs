@@ -390,7 +390,7 @@ impl Engine {
             let mut reg = self.inner.registry.write().unwrap_or_else(|e| e.into_inner());
             let previous = reg.get(&spec.name, spec.version.as_deref()).ok().cloned().filter(|s| spec.version.is_some() || s.spec().version.is_none());
             if previous.is_none() {
-                reg.insert(ModelStatus::Loading(spec.clone()));
+                reg.insert(ModelStatus::Loading(Box::new(spec.clone())));
             }
             previous
         };

@@ -64,7 +64,7 @@ impl std::fmt::Debug for LoadedModel {
 
 #[derive(Debug, Clone)]
 pub enum ModelStatus {
-    Loading(ModelSpec),
+    Loading(Box<ModelSpec>),
     Ready(Arc<LoadedModel>),
 }
 

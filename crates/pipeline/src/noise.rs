@@ -29,7 +29,7 @@ impl NormalStream {
         ((self.rng.next_u64() >> 11) as f64 + 1.0) * (1.0 / (1u64 << 53) as f64)
     }
 
-    pub fn next(&mut self) -> f32 {
+    pub fn sample(&mut self) -> f32 {
         if let Some(z) = self.spare.take() {
             return z;
         }
@@ -42,7 +42,7 @@ impl NormalStream {
     }
 
     pub fn fill(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
+        (0..n).map(|_| self.sample()).collect()
     }
 }
 

@@ -599,7 +599,7 @@ impl RandomTensor<'_> {
                 .wrapping_add((block as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         );
         for chunk in out.chunks_exact_mut(width) {
-            let x = self.init.mean + self.init.std * stream.next();
+            let x = self.init.mean + self.init.std * stream.sample();
             match self.dtype {
                 safetensors::Dtype::F16 => {
                     chunk.copy_from_slice(&half::f16::from_f32(x).to_le_bytes())

@@ -155,11 +155,7 @@ fn check_datatype(input: &RequestInput, allowed: &[Datatype]) -> Result<(), Cont
 
 fn strings(input: &RequestInput) -> Result<Vec<String>, ContractError> {
     check_datatype(input, &[Datatype::Bytes])?;
-    let shape_ok = match input.shape.as_slice() {
-        [_] => true,
-        [_, 1] => true,
-        _ => false,
-    };
+    let shape_ok = matches!(input.shape.as_slice(), [_] | [_, 1]);
     if !shape_ok {
         return Err(bad(format!(
             "input '{}': shape {:?} is not allowed; use [N] or [N, 1]",
@@ -184,7 +180,7 @@ fn text(s: &str, what: &str) -> Result<String, ContractError> {
 }
 
 /// Exactly one element (shape `[1]`, `[1, 1]` or `[]`).
-fn single<'a>(input: &'a RequestInput) -> Result<&'a Value, ContractError> {
+fn single(input: &RequestInput) -> Result<&Value, ContractError> {
     let els = elements(input)?;
     if els.len() != 1 {
         return Err(bad(format!(
@@ -426,6 +422,40 @@ impl DiffusersRequest {
     }
 }
 
+/// The contract's inputs, as model metadata reports them.
+pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
+    let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| crate::v2::MetadataTensor {
+        name: name.into(),
+        datatype,
+        shape: shape.to_vec(),
+        parameters: content_type.map(|c| {
+            let mut p = crate::v2::Parameters::new();
+            p.insert("content_type".into(), Value::String(c.into()));
+            p
+        }),
+    };
+    vec![
+        t("prompt", Datatype::Bytes, &[-1], Some("str")),
+        t("negative_prompt", Datatype::Bytes, &[-1], Some("str")),
+        t("num_inference_steps", Datatype::Int64, &[1], None),
+        t("guidance_scale", Datatype::Fp32, &[1], None),
+        t("height", Datatype::Int64, &[1], None),
+        t("width", Datatype::Int64, &[1], None),
+        t("seed", Datatype::Uint64, &[-1], None),
+        t("num_images_per_prompt", Datatype::Int64, &[1], None),
+        t("scheduler", Datatype::Bytes, &[1], Some("str")),
+        t("eta", Datatype::Fp32, &[1], None),
+        t("latents", Datatype::Fp32, &[-1, -1, -1, -1], None),
+    ]
+}
+
+/// The contract's single output: base64 PNG files, one per image.
+pub fn output_metadata() -> Vec<crate::v2::MetadataTensor> {
+    let mut p = crate::v2::Parameters::new();
+    p.insert("content_type".into(), Value::String("base64".into()));
+    vec![crate::v2::MetadataTensor { name: "image".into(), datatype: Datatype::Bytes, shape: vec![-1, 1], parameters: Some(p) }]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,36 +564,3 @@ mod tests {
     }
 }
 
-/// The contract's inputs, as model metadata reports them.
-pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
-    let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| crate::v2::MetadataTensor {
-        name: name.into(),
-        datatype,
-        shape: shape.to_vec(),
-        parameters: content_type.map(|c| {
-            let mut p = crate::v2::Parameters::new();
-            p.insert("content_type".into(), Value::String(c.into()));
-            p
-        }),
-    };
-    vec![
-        t("prompt", Datatype::Bytes, &[-1], Some("str")),
-        t("negative_prompt", Datatype::Bytes, &[-1], Some("str")),
-        t("num_inference_steps", Datatype::Int64, &[1], None),
-        t("guidance_scale", Datatype::Fp32, &[1], None),
-        t("height", Datatype::Int64, &[1], None),
-        t("width", Datatype::Int64, &[1], None),
-        t("seed", Datatype::Uint64, &[-1], None),
-        t("num_images_per_prompt", Datatype::Int64, &[1], None),
-        t("scheduler", Datatype::Bytes, &[1], Some("str")),
-        t("eta", Datatype::Fp32, &[1], None),
-        t("latents", Datatype::Fp32, &[-1, -1, -1, -1], None),
-    ]
-}
-
-/// The contract's single output: base64 PNG files, one per image.
-pub fn output_metadata() -> Vec<crate::v2::MetadataTensor> {
-    let mut p = crate::v2::Parameters::new();
-    p.insert("content_type".into(), Value::String("base64".into()));
-    vec![crate::v2::MetadataTensor { name: "image".into(), datatype: Datatype::Bytes, shape: vec![-1, 1], parameters: Some(p) }]
-}
