@@ -39,7 +39,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let extra: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&args.options).context("--options")?;
+    let extra: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&args.options).context("--options")?;
     let t0 = Instant::now();
     let model = StableDiffusion::load(&args.model, LoadOptions::from_extra(&extra)?)?;
     let load = t0.elapsed();
@@ -57,7 +58,10 @@ fn main() -> anyhow::Result<()> {
         guidance_scale: args.guidance_scale,
         height: args.height.unwrap_or(d.native_height),
         width: args.width.unwrap_or(d.native_width),
-        scheduler: args.scheduler.clone().unwrap_or(d.default_scheduler.clone()),
+        scheduler: args
+            .scheduler
+            .clone()
+            .unwrap_or(d.default_scheduler.clone()),
         eta: 0.0,
     };
     println!(

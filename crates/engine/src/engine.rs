@@ -87,7 +87,12 @@ struct JobControl {
 
 impl JobControl {
     fn stop(&self, reason: StopReason) {
-        let _ = self.stop.compare_exchange(STOP_NONE, reason_code(reason), Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.stop.compare_exchange(
+            STOP_NONE,
+            reason_code(reason),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     fn stopped(&self) -> Option<StopReason> {
@@ -188,7 +193,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, loader: Arc<dyn ModelLoader>, metrics: &MetricsRegistry) -> Self {
+    pub fn new(
+        config: EngineConfig,
+        loader: Arc<dyn ModelLoader>,
+        metrics: &MetricsRegistry,
+    ) -> Self {
         let metrics = Arc::new(EngineMetrics::register(metrics));
         metrics.capacity.set(&[], config.capacity() as f64);
         metrics.queue_depth.set(&[], 0.0);
@@ -222,7 +231,10 @@ impl Engine {
                     .expect("spawning a worker thread")
             })
             .collect();
-        Self { inner, workers: Arc::new(Mutex::new(workers)) }
+        Self {
+            inner,
+            workers: Arc::new(Mutex::new(workers)),
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -244,15 +256,26 @@ impl Engine {
         let mut current = gate.admitted.load(Ordering::SeqCst);
         loop {
             if current >= gate.capacity {
-                return Err(EngineError::Overloaded { in_flight: current, capacity: gate.capacity });
+                return Err(EngineError::Overloaded {
+                    in_flight: current,
+                    capacity: gate.capacity,
+                });
             }
-            match gate.admitted.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
+            match gate.admitted.compare_exchange(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => break,
                 Err(actual) => current = actual,
             }
         }
         gate.metrics.in_flight.set(&[], (current + 1) as f64);
-        Ok(Admission { gate: gate.clone(), arrived: Instant::now() })
+        Ok(Admission {
+            gate: gate.clone(),
+            arrived: Instant::now(),
+        })
     }
 
     /// Starts the model metrics of one inference request (see [`InferObserver`]).
@@ -294,15 +317,30 @@ impl Engine {
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
-        let model = self.inner.registry.read().unwrap_or_else(|e| e.into_inner()).ready(name, version)?;
+        let model = self
+            .inner
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .ready(name, version)?;
         let job = request
-            .resolve(model.description(), &model.spec.defaults, &model.spec.limits, random_seed)
+            .resolve(
+                model.description(),
+                &model.spec.defaults,
+                &model.spec.limits,
+                random_seed,
+            )
             .map_err(|e| EngineError::Invalid(e.0))?;
         let timeout = match (self.inner.config.request_timeout, timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        Ok(Prepared { admission, model, job, timeout })
+        Ok(Prepared {
+            admission,
+            model,
+            job,
+            timeout,
+        })
     }
 
     /// Queues a prepared request and awaits its result. Dropping the future cancels it: a
@@ -313,7 +351,12 @@ impl Engine {
         observer: &mut InferObserver,
         progress: Option<mpsc::UnboundedSender<Progress>>,
     ) -> Result<InferOutcome, EngineError> {
-        let Prepared { admission, model, job, timeout } = prepared;
+        let Prepared {
+            admission,
+            model,
+            job,
+            timeout,
+        } = prepared;
         // A deadline too far away to represent is no deadline.
         let deadline = timeout.and_then(|t| admission.arrived().checked_add(t));
         let timeout_ms = timeout.map(|t| t.as_millis() as u64).unwrap_or(0);
@@ -324,7 +367,10 @@ impl Engine {
             progress,
         });
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(EngineError::DeadlineExceeded { timeout_ms, phase: "waiting in the queue" });
+            return Err(EngineError::DeadlineExceeded {
+                timeout_ms,
+                phase: "waiting in the queue",
+            });
         }
 
         let (tx, rx) = oneshot::channel();
@@ -349,7 +395,12 @@ impl Engine {
         }
         self.inner.wake.notify_all();
 
-        let mut guard = CancelOnDrop { inner: &self.inner, id, control: &control, armed: true };
+        let mut guard = CancelOnDrop {
+            inner: &self.inner,
+            id,
+            control: &control,
+            armed: true,
+        };
         let received = match deadline {
             Some(d) => match tokio::time::timeout_at(tokio::time::Instant::from_std(d), rx).await {
                 Ok(r) => r,
@@ -372,7 +423,13 @@ impl Engine {
             stage: "worker".into(),
             message: "the worker dropped the request".into(),
         })??;
-        Ok(InferOutcome { images, job, model_version: model.spec.version.clone(), queue_wait, generation })
+        Ok(InferOutcome {
+            images,
+            job,
+            model_version: model.spec.version.clone(),
+            queue_wait,
+            generation,
+        })
     }
 
     fn remove_queued(&self, id: u64) {
@@ -387,36 +444,71 @@ impl Engine {
     /// except that a reload failure keeps the previously loaded version.
     pub async fn load(&self, spec: ModelSpec) -> Result<(), String> {
         let previous = {
-            let mut reg = self.inner.registry.write().unwrap_or_else(|e| e.into_inner());
-            let previous = reg.get(&spec.name, spec.version.as_deref()).ok().cloned().filter(|s| spec.version.is_some() || s.spec().version.is_none());
+            let mut reg = self
+                .inner
+                .registry
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let previous = reg
+                .get(&spec.name, spec.version.as_deref())
+                .ok()
+                .cloned()
+                .filter(|s| spec.version.is_some() || s.spec().version.is_none());
             if previous.is_none() {
                 reg.insert(ModelStatus::Loading(Box::new(spec.clone())));
             }
             previous
         };
         let version_label = spec.version.clone().unwrap_or_default();
-        self.inner.metrics.model_ready.set(&[&spec.name, &version_label], 0.0);
+        self.inner
+            .metrics
+            .model_ready
+            .set(&[&spec.name, &version_label], 0.0);
         let loader = self.inner.loader.clone();
         let started = Instant::now();
         let spec_for_load = spec.clone();
         // A thread of its own, not the runtime's blocking pool: a load stuck on its files must
         // not hold up the runtime's shutdown when the server stops meanwhile.
         let (tx, rx) = oneshot::channel();
-        let spawned = std::thread::Builder::new().name(format!("sdserve-load-{}", spec.name)).spawn(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader.load(&spec_for_load)))
-                .unwrap_or_else(|p| Err(format!("model loading panicked: {}", panic_message(p.as_ref()))));
-            let _ = tx.send(result);
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("sdserve-load-{}", spec.name))
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    loader.load(&spec_for_load)
+                }))
+                .unwrap_or_else(|p| {
+                    Err(format!(
+                        "model loading panicked: {}",
+                        panic_message(p.as_ref())
+                    ))
+                });
+                let _ = tx.send(result);
+            });
         let result = match spawned {
-            Ok(_) => rx.await.unwrap_or_else(|_| Err("the model loading thread ended without a result".into())),
+            Ok(_) => rx
+                .await
+                .unwrap_or_else(|_| Err("the model loading thread ended without a result".into())),
             Err(e) => Err(format!("cannot start a model loading thread: {e}")),
         };
-        let mut reg = self.inner.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = self
+            .inner
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(generator) => {
-                self.inner.metrics.model_load_seconds.set(&[&spec.name, &version_label], started.elapsed().as_secs_f64());
-                self.inner.metrics.model_ready.set(&[&spec.name, &version_label], 1.0);
-                reg.insert(ModelStatus::Ready(Arc::new(LoadedModel { spec, generator })));
+                self.inner.metrics.model_load_seconds.set(
+                    &[&spec.name, &version_label],
+                    started.elapsed().as_secs_f64(),
+                );
+                self.inner
+                    .metrics
+                    .model_ready
+                    .set(&[&spec.name, &version_label], 1.0);
+                reg.insert(ModelStatus::Ready(Arc::new(LoadedModel {
+                    spec,
+                    generator,
+                })));
                 Ok(())
             }
             Err(e) => {
@@ -424,7 +516,10 @@ impl Engine {
                     Some(prev) => {
                         let ready = prev.is_ready();
                         reg.insert(prev);
-                        self.inner.metrics.model_ready.set(&[&spec.name, &version_label], if ready { 1.0 } else { 0.0 });
+                        self.inner
+                            .metrics
+                            .model_ready
+                            .set(&[&spec.name, &version_label], if ready { 1.0 } else { 0.0 });
                     }
                     None => reg.remove(&spec.name, spec.version.as_deref()),
                 }
@@ -435,31 +530,59 @@ impl Engine {
 
     /// Removes every version of a model; requests already running finish.
     pub fn unload(&self, name: &str) -> Result<(), EngineError> {
-        let mut reg = self.inner.registry.write().unwrap_or_else(|e| e.into_inner());
-        let versions: Vec<Option<String>> =
-            reg.all().filter(|s| s.spec().name == name).map(|s| s.spec().version.clone()).collect();
+        let mut reg = self
+            .inner
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let versions: Vec<Option<String>> = reg
+            .all()
+            .filter(|s| s.spec().name == name)
+            .map(|s| s.spec().version.clone())
+            .collect();
         if !reg.remove_all(name) {
-            return Err(EngineError::ModelNotFound { name: name.into(), version: None });
+            return Err(EngineError::ModelNotFound {
+                name: name.into(),
+                version: None,
+            });
         }
         for v in versions {
-            self.inner.metrics.model_ready.set(&[name, v.as_deref().unwrap_or("")], 0.0);
+            self.inner
+                .metrics
+                .model_ready
+                .set(&[name, v.as_deref().unwrap_or("")], 0.0);
         }
         Ok(())
     }
 
     /// Status of one model (newest version when `version` is `None`).
     pub fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError> {
-        self.inner.registry.read().unwrap_or_else(|e| e.into_inner()).get(name, version).cloned()
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name, version)
+            .cloned()
     }
 
     /// Every registered model version.
     pub fn models(&self) -> Vec<ModelStatus> {
-        self.inner.registry.read().unwrap_or_else(|e| e.into_inner()).all().cloned().collect()
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .all()
+            .cloned()
+            .collect()
     }
 
     /// Ready for traffic: not draining, at least one model, and every model loaded.
     pub fn is_ready(&self) -> bool {
-        let reg = self.inner.registry.read().unwrap_or_else(|e| e.into_inner());
+        let reg = self
+            .inner
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         !self.is_draining() && !reg.is_empty() && reg.all_ready()
     }
 
@@ -480,7 +603,9 @@ impl Engine {
     /// to let go. Returns true when everything finished in time.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.begin_drain();
-        let clean = tokio::time::timeout(timeout, self.wait_idle()).await.is_ok();
+        let clean = tokio::time::timeout(timeout, self.wait_idle())
+            .await
+            .is_ok();
         if !clean {
             self.cancel_everything(StopReason::Shutdown);
             let _ = tokio::time::timeout(Duration::from_secs(30), self.wait_idle()).await;
@@ -505,7 +630,11 @@ impl Engine {
         }
         for job in q.jobs.drain(..) {
             job.control.stop(reason);
-            let _ = job.reply.send(Err(stop_error(reason, job.timeout_ms, "waiting in the queue")));
+            let _ = job.reply.send(Err(stop_error(
+                reason,
+                job.timeout_ms,
+                "waiting in the queue",
+            )));
         }
         self.inner.metrics.queue_depth.set(&[], 0.0);
     }
@@ -518,7 +647,8 @@ impl Engine {
         }
         self.cancel_everything(StopReason::Shutdown);
         self.inner.wake.notify_all();
-        let workers: Vec<JoinHandle<()>> = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let workers: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         for w in workers {
             let _ = w.join();
         }
@@ -584,9 +714,14 @@ impl InferObserver {
         }
         self.done = true;
         let labels = [self.model.as_str(), self.version.as_str()];
-        let seconds = self.queued_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let seconds = self
+            .queued_at
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
         self.metrics.duration.observe(&labels, seconds);
-        self.metrics.request_seconds.observe(&[&self.model], seconds);
+        self.metrics
+            .request_seconds
+            .observe(&[&self.model], seconds);
         match result {
             Ok(images) => {
                 self.metrics.success.inc(&labels);
@@ -646,7 +781,11 @@ fn next_batch(inner: &Inner) -> Option<Vec<Queued>> {
         if let Some(job) = q.jobs.pop_front() {
             if job.control.stopped().is_some() {
                 let reason = job.control.stopped().unwrap_or(StopReason::Disconnected);
-                let _ = job.reply.send(Err(stop_error(reason, job.timeout_ms, "waiting in the queue")));
+                let _ = job.reply.send(Err(stop_error(
+                    reason,
+                    job.timeout_ms,
+                    "waiting in the queue",
+                )));
                 continue;
             }
             break job;
@@ -662,7 +801,8 @@ fn next_batch(inner: &Inner) -> Option<Vec<Queued>> {
             let mut images: usize = batch.iter().map(|j| j.job.images.len()).sum();
             let mut i = 0;
             while i < q.jobs.len() && images < max_images {
-                let fits = compatible(&batch[0], &q.jobs[i]) && images + q.jobs[i].job.images.len() <= max_images;
+                let fits = compatible(&batch[0], &q.jobs[i])
+                    && images + q.jobs[i].job.images.len() <= max_images;
                 if fits && q.jobs[i].control.stopped().is_none() {
                     let job = q.jobs.remove(i).expect("index checked");
                     images += job.job.images.len();
@@ -675,7 +815,11 @@ fn next_batch(inner: &Inner) -> Option<Vec<Queued>> {
             if images >= max_images || now >= until || q.shutdown {
                 break;
             }
-            q = inner.wake.wait_timeout(q, until - now).unwrap_or_else(|e| e.into_inner()).0;
+            q = inner
+                .wake
+                .wait_timeout(q, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
     inner.metrics.queue_depth.set(&[], q.jobs.len() as f64);
@@ -699,7 +843,8 @@ struct BatchControl<'a> {
 impl StepControl for BatchControl<'_> {
     fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason> {
         let now = Instant::now();
-        self.step_seconds.observe(&[self.model], (now - self.last_step).as_secs_f64());
+        self.step_seconds
+            .observe(&[self.model], (now - self.last_step).as_secs_f64());
         self.last_step = now;
         let mut first_reason = None;
         let mut all_stopped = true;
@@ -711,7 +856,11 @@ impl StepControl for BatchControl<'_> {
                 None => {
                     all_stopped = false;
                     if let Some(p) = &m.progress {
-                        let _ = p.send(Progress { step: done, total, elapsed: self.started.elapsed() });
+                        let _ = p.send(Progress {
+                            step: done,
+                            total,
+                            elapsed: self.started.elapsed(),
+                        });
                     }
                 }
             }
@@ -726,15 +875,22 @@ impl StepControl for BatchControl<'_> {
 fn run_batch(inner: &Inner, batch: Vec<Queued>) {
     // Members that stopped while the batch gathered (deadline, client gone) leave before it
     // starts, so that their slots are free at once.
-    let (batch, stopped): (Vec<Queued>, Vec<Queued>) = batch.into_iter().partition(|j| j.control.stopped().is_none());
+    let (batch, stopped): (Vec<Queued>, Vec<Queued>) = batch
+        .into_iter()
+        .partition(|j| j.control.stopped().is_none());
     if !stopped.is_empty() {
         let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.running.retain(|(id, _)| !stopped.iter().any(|j| j.id == *id));
+        q.running
+            .retain(|(id, _)| !stopped.iter().any(|j| j.id == *id));
         inner.metrics.running.set(&[], q.running.len() as f64);
         drop(q);
         for job in stopped {
             let reason = job.control.stopped().unwrap_or(StopReason::Disconnected);
-            let _ = job.reply.send(Err(stop_error(reason, job.timeout_ms, "waiting in the queue")));
+            let _ = job.reply.send(Err(stop_error(
+                reason,
+                job.timeout_ms,
+                "waiting in the queue",
+            )));
         }
     }
     if batch.is_empty() {
@@ -749,8 +905,14 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         inner.metrics.queue_wait_long.observe(&[], wait);
     }
     let mut merged = batch[0].job.clone();
-    merged.images = batch.iter().flat_map(|j| j.job.images.iter().cloned()).collect();
-    inner.metrics.batch_images.observe(&[&name], merged.images.len() as f64);
+    merged.images = batch
+        .iter()
+        .flat_map(|j| j.job.images.iter().cloned())
+        .collect();
+    inner
+        .metrics
+        .batch_images
+        .observe(&[&name], merged.images.len() as f64);
 
     let controls: Vec<Arc<JobControl>> = batch.iter().map(|j| j.control.clone()).collect();
     let mut control = BatchControl {
@@ -765,14 +927,21 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         model.generator.generate(&merged, &mut control)
     }))
     .unwrap_or_else(|p| {
-        Err(crate::generator::GenerateError::Internal { stage: "generation".into(), message: panic_message(p.as_ref()) })
+        Err(crate::generator::GenerateError::Internal {
+            stage: "generation".into(),
+            message: panic_message(p.as_ref()),
+        })
     });
     let generation = started.elapsed();
-    inner.metrics.generation_seconds.observe(&[&name], generation.as_secs_f64());
+    inner
+        .metrics
+        .generation_seconds
+        .observe(&[&name], generation.as_secs_f64());
 
     {
         let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.running.retain(|(id, _)| !batch.iter().any(|j| j.id == *id));
+        q.running
+            .retain(|(id, _)| !batch.iter().any(|j| j.id == *id));
         inner.metrics.running.set(&[], q.running.len() as f64);
     }
 
@@ -780,16 +949,23 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         Ok(images) if images.len() == merged.images.len() => {
             let mut images = images.into_iter();
             for job in batch {
-                let mine: Vec<GeneratedImage> = images.by_ref().take(job.job.images.len()).collect();
+                let mine: Vec<GeneratedImage> =
+                    images.by_ref().take(job.job.images.len()).collect();
                 // Sent even if the job was cancelled meanwhile: a finished image is never
                 // thrown away while someone still waits for it.
-                let _ = job.reply.send(Ok((mine, started - job.enqueued, generation)));
+                let _ = job
+                    .reply
+                    .send(Ok((mine, started - job.enqueued, generation)));
             }
         }
         Ok(images) => {
             let err = EngineError::Internal {
                 stage: "generation".into(),
-                message: format!("model returned {} images for {} requested", images.len(), merged.images.len()),
+                message: format!(
+                    "model returned {} images for {} requested",
+                    images.len(),
+                    merged.images.len()
+                ),
             };
             for job in batch {
                 let _ = job.reply.send(Err(err.clone()));

@@ -5,21 +5,32 @@ use crate::generator::{GenerateError, StopReason};
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     #[error("{}", not_found_message(.name, .version.as_deref()))]
-    ModelNotFound { name: String, version: Option<String> },
+    ModelNotFound {
+        name: String,
+        version: Option<String>,
+    },
     #[error("{}", not_ready_message(.name, .version.as_deref()))]
-    ModelNotReady { name: String, version: Option<String> },
+    ModelNotReady {
+        name: String,
+        version: Option<String>,
+    },
     /// The request breaks the contract or a limit (400).
     #[error("{0}")]
     Invalid(String),
     /// The body is not a V2 request at all (422).
     #[error("{0}")]
     Unprocessable(String),
-    #[error("server overloaded: {in_flight} requests are running or queued (parallel_workers + max_queue_size = {capacity}); retry later")]
+    #[error(
+        "server overloaded: {in_flight} requests are running or queued (parallel_workers + max_queue_size = {capacity}); retry later"
+    )]
     Overloaded { in_flight: usize, capacity: usize },
     #[error("server is shutting down and accepts no new requests")]
     Draining,
     #[error("request deadline of {timeout_ms} ms exceeded while {phase}")]
-    DeadlineExceeded { timeout_ms: u64, phase: &'static str },
+    DeadlineExceeded {
+        timeout_ms: u64,
+        phase: &'static str,
+    },
     #[error("client disconnected; generation cancelled")]
     Disconnected,
     #[error("server shut down before the request finished (drain timeout reached)")]
@@ -61,9 +72,10 @@ impl EngineError {
 
     pub(crate) fn from_generate(err: GenerateError, timeout_ms: u64) -> Self {
         match err {
-            GenerateError::Stopped(StopReason::Deadline) => {
-                EngineError::DeadlineExceeded { timeout_ms, phase: "generating" }
-            }
+            GenerateError::Stopped(StopReason::Deadline) => EngineError::DeadlineExceeded {
+                timeout_ms,
+                phase: "generating",
+            },
             GenerateError::Stopped(StopReason::Disconnected) => EngineError::Disconnected,
             GenerateError::Stopped(StopReason::Shutdown) => EngineError::Shutdown,
             GenerateError::Invalid(m) => EngineError::Invalid(m),

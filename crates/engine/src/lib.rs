@@ -17,7 +17,9 @@ pub mod models;
 pub mod request;
 pub mod telemetry;
 
-pub use engine::{Admission, Engine, EngineConfig, InferObserver, InferOutcome, Prepared, Progress};
+pub use engine::{
+    Admission, Engine, EngineConfig, InferObserver, InferOutcome, Prepared, Progress,
+};
 pub use error::EngineError;
 pub use generator::{
     GenerateError, GeneratedImage, GenerationJob, Generator, ImageSpec, Latents, ModelDescription,

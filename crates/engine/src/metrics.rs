@@ -16,8 +16,8 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
 
 /// Buckets for our own series, fit for generations that take seconds to minutes.
 pub const LONG_BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0,
-    300.0, 600.0, 1200.0,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
+    600.0, 1200.0,
 ];
 
 /// Formats a sample value the way Python's `repr(float)` does for the values we emit.
@@ -25,7 +25,11 @@ pub fn format_value(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else if v.fract() == 0.0 && v.abs() < 1e16 {
         format!("{v:.1}")
     } else {
@@ -34,7 +38,9 @@ pub fn format_value(v: f64) -> String {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n").replace('"', "\\\"")
+    v.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('"', "\\\"")
 }
 
 fn escape_help(v: &str) -> String {
@@ -92,7 +98,9 @@ impl Family {
             kind,
             labels: labels.to_vec(),
             buckets: buckets.to_vec(),
-            state: Mutex::new(FamilyState { series: BTreeMap::new() }),
+            state: Mutex::new(FamilyState {
+                series: BTreeMap::new(),
+            }),
         }
     }
 
@@ -101,14 +109,20 @@ impl Family {
     }
 
     fn with_series(&self, values: &[&str], f: impl FnOnce(&mut Series)) {
-        debug_assert_eq!(values.len(), self.labels.len(), "label count of {}", self.name);
+        debug_assert_eq!(
+            values.len(),
+            self.labels.len(),
+            "label count of {}",
+            self.name
+        );
         let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.buckets.len();
-        let series = state
-            .series
-            .entry(key)
-            .or_insert_with(|| Series { value: 0.0, count: 0, buckets: vec![0; n] });
+        let series = state.series.entry(key).or_insert_with(|| Series {
+            value: 0.0,
+            count: 0,
+            buckets: vec![0; n],
+        });
         f(series);
     }
 
@@ -150,8 +164,12 @@ impl Family {
     }
 
     fn label_text(&self, values: &[String], le: Option<&str>) -> String {
-        let mut pairs: Vec<(&str, String)> =
-            self.labels.iter().copied().zip(values.iter().map(|v| escape_label(v))).collect();
+        let mut pairs: Vec<(&str, String)> = self
+            .labels
+            .iter()
+            .copied()
+            .zip(values.iter().map(|v| escape_label(v)))
+            .collect();
         if let Some(le) = le {
             pairs.push(("le", le.to_owned()));
         }
@@ -171,11 +189,23 @@ impl Family {
         for (values, s) in &state.series {
             match self.kind {
                 Kind::Counter | Kind::Gauge => {
-                    let _ = writeln!(out, "{}{} {}", self.name, self.label_text(values, None), format_value(s.value));
+                    let _ = writeln!(
+                        out,
+                        "{}{} {}",
+                        self.name,
+                        self.label_text(values, None),
+                        format_value(s.value)
+                    );
                 }
                 Kind::Summary => {
                     let labels = self.label_text(values, None);
-                    let _ = writeln!(out, "{}_count{} {}", self.name, labels, format_value(s.count as f64));
+                    let _ = writeln!(
+                        out,
+                        "{}_count{} {}",
+                        self.name,
+                        labels,
+                        format_value(s.count as f64)
+                    );
                     let _ = writeln!(out, "{}_sum{} {}", self.name, labels, format_value(s.value));
                 }
                 Kind::Histogram => {
@@ -198,7 +228,13 @@ impl Family {
                     );
                     let labels = self.label_text(values, None);
                     let _ = writeln!(out, "{}_sum{} {}", self.name, labels, format_value(s.value));
-                    let _ = writeln!(out, "{}_count{} {}", self.name, labels, format_value(s.count as f64));
+                    let _ = writeln!(
+                        out,
+                        "{}_count{} {}",
+                        self.name,
+                        labels,
+                        format_value(s.count as f64)
+                    );
                 }
             }
         }
@@ -218,7 +254,10 @@ impl Registry {
 
     fn register(&self, family: Family) -> Arc<Family> {
         let family = Arc::new(family);
-        self.families.lock().unwrap_or_else(|e| e.into_inner()).push(family.clone());
+        self.families
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(family.clone());
         family
     }
 
@@ -230,7 +269,13 @@ impl Registry {
         self.register(Family::new(name, help, Kind::Gauge, labels, &[]))
     }
 
-    pub fn histogram(&self, name: &str, help: &str, labels: &[&'static str], buckets: &[f64]) -> Arc<Family> {
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&'static str],
+        buckets: &[f64],
+    ) -> Arc<Family> {
         self.register(Family::new(name, help, Kind::Histogram, labels, buckets))
     }
 
@@ -240,7 +285,11 @@ impl Registry {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
-        let families = self.families.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let families = self
+            .families
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut out = String::new();
         for f in families {
             f.render(&mut out);
@@ -268,8 +317,16 @@ mod tests {
     #[test]
     fn renders_the_document_shapes() {
         let r = Registry::new();
-        let c = r.counter("model_infer_request_success_total", "Model infer request success count", &["model", "version"]);
-        let s = r.summary("model_infer_request_duration", "Model infer request duration", &["model", "version"]);
+        let c = r.counter(
+            "model_infer_request_success_total",
+            "Model infer request success count",
+            &["model", "version"],
+        );
+        let s = r.summary(
+            "model_infer_request_duration",
+            "Model infer request duration",
+            &["model", "version"],
+        );
         let h = r.histogram("parallel_request_queue", "queue wait", &[], DEFAULT_BUCKETS);
         c.inc(&["m", "None"]);
         c.inc(&["m", "None"]);
@@ -277,10 +334,16 @@ mod tests {
         h.observe(&[], 0.3);
         h.observe(&[], 12.0);
         let text = r.render();
-        assert!(text.contains("model_infer_request_success_total{model=\"m\",version=\"None\"} 2.0\n"));
+        assert!(
+            text.contains("model_infer_request_success_total{model=\"m\",version=\"None\"} 2.0\n")
+        );
         assert!(text.contains("# TYPE model_infer_request_duration summary\n"));
-        assert!(text.contains("model_infer_request_duration_count{model=\"m\",version=\"None\"} 1.0\n"));
-        assert!(text.contains("model_infer_request_duration_sum{model=\"m\",version=\"None\"} 1.5\n"));
+        assert!(
+            text.contains("model_infer_request_duration_count{model=\"m\",version=\"None\"} 1.0\n")
+        );
+        assert!(
+            text.contains("model_infer_request_duration_sum{model=\"m\",version=\"None\"} 1.5\n")
+        );
         assert!(text.contains("parallel_request_queue_bucket{le=\"0.25\"} 0.0\n"));
         assert!(text.contains("parallel_request_queue_bucket{le=\"0.5\"} 1.0\n"));
         assert!(text.contains("parallel_request_queue_bucket{le=\"10.0\"} 1.0\n"));
@@ -295,6 +358,9 @@ mod tests {
         let h = r.histogram("x_seconds", "h", &["path", "method"], &[1.0]);
         h.observe(&["/a\"b", "GET"], 0.5);
         let text = r.render();
-        assert!(text.contains("x_seconds_bucket{le=\"1.0\",method=\"GET\",path=\"/a\\\"b\"} 1.0"), "{text}");
+        assert!(
+            text.contains("x_seconds_bucket{le=\"1.0\",method=\"GET\",path=\"/a\\\"b\"} 1.0"),
+            "{text}"
+        );
     }
 }

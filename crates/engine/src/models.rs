@@ -58,7 +58,9 @@ impl LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel").field("spec", &self.spec).finish_non_exhaustive()
+        f.debug_struct("LoadedModel")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +106,10 @@ pub struct Registry {
 impl Registry {
     pub fn insert(&mut self, status: ModelStatus) {
         let spec = status.spec();
-        self.models.entry(spec.name.clone()).or_default().insert(spec.version.clone(), status);
+        self.models
+            .entry(spec.name.clone())
+            .or_default()
+            .insert(spec.version.clone(), status);
     }
 
     pub fn remove(&mut self, name: &str, version: Option<&str>) {
@@ -122,7 +127,10 @@ impl Registry {
 
     /// The named version, or the newest when `version` is `None`.
     pub fn get(&self, name: &str, version: Option<&str>) -> Result<&ModelStatus, EngineError> {
-        let not_found = || EngineError::ModelNotFound { name: name.into(), version: version.map(str::to_owned) };
+        let not_found = || EngineError::ModelNotFound {
+            name: name.into(),
+            version: version.map(str::to_owned),
+        };
         let versions = self.models.get(name).ok_or_else(not_found)?;
         match version {
             Some(v) => versions.get(&Some(v.to_owned())).ok_or_else(not_found),
@@ -134,12 +142,17 @@ impl Registry {
         }
     }
 
-    pub fn ready(&self, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, EngineError> {
+    pub fn ready(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<LoadedModel>, EngineError> {
         match self.get(name, version)? {
             ModelStatus::Ready(m) => Ok(m.clone()),
-            ModelStatus::Loading(_) => {
-                Err(EngineError::ModelNotReady { name: name.into(), version: version.map(str::to_owned) })
-            }
+            ModelStatus::Loading(_) => Err(EngineError::ModelNotReady {
+                name: name.into(),
+                version: version.map(str::to_owned),
+            }),
         }
     }
 

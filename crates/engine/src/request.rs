@@ -37,7 +37,13 @@ pub struct GenerationDefaults {
 
 impl Default for GenerationDefaults {
     fn default() -> Self {
-        Self { num_inference_steps: 30, guidance_scale: 7.5, scheduler: None, height: None, width: None }
+        Self {
+            num_inference_steps: 30,
+            guidance_scale: 7.5,
+            scheduler: None,
+            height: None,
+            width: None,
+        }
     }
 }
 
@@ -78,14 +84,22 @@ impl Default for Limits {
 #[error("{0}")]
 pub struct ExtraError(pub String);
 
-fn get_usize(obj: &Map<String, Value>, key: &str, section: &str) -> Result<Option<usize>, ExtraError> {
+fn get_usize(
+    obj: &Map<String, Value>,
+    key: &str,
+    section: &str,
+) -> Result<Option<usize>, ExtraError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
             .as_u64()
             .filter(|&n| n > 0 && n <= u32::MAX as u64)
             .map(|n| Some(n as usize))
-            .ok_or_else(|| ExtraError(format!("parameters.extra.{section}.{key} must be a positive integer, got {v}"))),
+            .ok_or_else(|| {
+                ExtraError(format!(
+                    "parameters.extra.{section}.{key} must be a positive integer, got {v}"
+                ))
+            }),
     }
 }
 
@@ -96,11 +110,19 @@ fn get_f64(obj: &Map<String, Value>, key: &str, section: &str) -> Result<Option<
             .as_f64()
             .filter(|f| f.is_finite() && *f >= 0.0)
             .map(Some)
-            .ok_or_else(|| ExtraError(format!("parameters.extra.{section}.{key} must be a non-negative number, got {v}"))),
+            .ok_or_else(|| {
+                ExtraError(format!(
+                    "parameters.extra.{section}.{key} must be a non-negative number, got {v}"
+                ))
+            }),
     }
 }
 
-fn section<'a>(extra: &'a Map<String, Value>, name: &str, keys: &[&str]) -> Result<Option<&'a Map<String, Value>>, ExtraError> {
+fn section<'a>(
+    extra: &'a Map<String, Value>,
+    name: &str,
+    keys: &[&str],
+) -> Result<Option<&'a Map<String, Value>>, ExtraError> {
     match extra.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => {
@@ -112,17 +134,26 @@ fn section<'a>(extra: &'a Map<String, Value>, name: &str, keys: &[&str]) -> Resu
             }
             Ok(Some(m))
         }
-        Some(v) => Err(ExtraError(format!("parameters.extra.{name} must be an object, got {v}"))),
+        Some(v) => Err(ExtraError(format!(
+            "parameters.extra.{name} must be an object, got {v}"
+        ))),
     }
 }
 
 impl GenerationDefaults {
-    pub const KEYS: &'static [&'static str] =
-        &["num_inference_steps", "guidance_scale", "scheduler", "height", "width"];
+    pub const KEYS: &'static [&'static str] = &[
+        "num_inference_steps",
+        "guidance_scale",
+        "scheduler",
+        "height",
+        "width",
+    ];
 
     pub fn from_extra(extra: &Map<String, Value>) -> Result<Self, ExtraError> {
         let mut d = Self::default();
-        let Some(m) = section(extra, "defaults", Self::KEYS)? else { return Ok(d) };
+        let Some(m) = section(extra, "defaults", Self::KEYS)? else {
+            return Ok(d);
+        };
         if let Some(n) = get_usize(m, "num_inference_steps", "defaults")? {
             d.num_inference_steps = n;
         }
@@ -134,7 +165,11 @@ impl GenerationDefaults {
         d.scheduler = match m.get("scheduler") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(v) => return Err(ExtraError(format!("parameters.extra.defaults.scheduler must be a string, got {v}"))),
+            Some(v) => {
+                return Err(ExtraError(format!(
+                    "parameters.extra.defaults.scheduler must be a string, got {v}"
+                )));
+            }
         };
         Ok(d)
     }
@@ -154,7 +189,9 @@ impl Limits {
 
     pub fn from_extra(extra: &Map<String, Value>) -> Result<Self, ExtraError> {
         let mut l = Self::default();
-        let Some(m) = section(extra, "limits", Self::KEYS)? else { return Ok(l) };
+        let Some(m) = section(extra, "limits", Self::KEYS)? else {
+            return Ok(l);
+        };
         let fields: [(&str, &mut usize); 7] = [
             ("max_num_inference_steps", &mut l.max_num_inference_steps),
             ("max_prompts", &mut l.max_prompts),
@@ -192,7 +229,12 @@ const DEFAULT: &str = " (the model's default)";
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -260,14 +302,21 @@ impl GenerationRequest {
         let steps = steps as usize;
 
         let guidance_scale = self.guidance_scale.unwrap_or(defaults.guidance_scale);
-        if !guidance_scale.is_finite() || guidance_scale < 0.0 || guidance_scale > limits.max_guidance_scale {
+        if !guidance_scale.is_finite()
+            || guidance_scale < 0.0
+            || guidance_scale > limits.max_guidance_scale
+        {
             return Err(invalid(format!(
                 "'guidance_scale' is {guidance_scale}; it must be a finite number between 0 and {}",
                 limits.max_guidance_scale
             )));
         }
 
-        let size = |name: &str, given: Option<i64>, default: usize, max: usize| -> Result<usize, ValidationError> {
+        let size = |name: &str,
+                    given: Option<i64>,
+                    default: usize,
+                    max: usize|
+         -> Result<usize, ValidationError> {
             let (v, source) = match given {
                 None => (default as i128, DEFAULT),
                 Some(v) => (i128::from(v), ""),
@@ -279,9 +328,22 @@ impl GenerationRequest {
             }
             Ok(v as usize)
         };
-        let height = size("height", self.height, defaults.height.unwrap_or(model.native_height), limits.max_height)?;
-        let width = size("width", self.width, defaults.width.unwrap_or(model.native_width), limits.max_width)?;
-        if height.checked_mul(width).is_none_or(|pixels| pixels > limits.max_pixels) {
+        let height = size(
+            "height",
+            self.height,
+            defaults.height.unwrap_or(model.native_height),
+            limits.max_height,
+        )?;
+        let width = size(
+            "width",
+            self.width,
+            defaults.width.unwrap_or(model.native_width),
+            limits.max_width,
+        )?;
+        if height
+            .checked_mul(width)
+            .is_none_or(|pixels| pixels > limits.max_pixels)
+        {
             return Err(invalid(format!(
                 "'height' × 'width' is {height}×{width} = {} pixels; at most {} are allowed",
                 height as u128 * width as u128,
@@ -328,22 +390,30 @@ impl GenerationRequest {
 
         let eta = self.eta.unwrap_or(0.0);
         if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
-            return Err(invalid(format!("'eta' is {eta}; it must be between 0 and 1")));
+            return Err(invalid(format!(
+                "'eta' is {eta}; it must be between 0 and 1"
+            )));
         }
         if eta != 0.0 && scheduler != "ddim" {
-            return Err(invalid(format!("'eta' only applies to the ddim scheduler, not '{scheduler}'")));
+            return Err(invalid(format!(
+                "'eta' only applies to the ddim scheduler, not '{scheduler}'"
+            )));
         }
 
         if let Some(fmt) = &self.output_format
             && !fmt.eq_ignore_ascii_case("png")
         {
-            return Err(invalid(format!("'output_format' is '{fmt}'; only 'png' is supported")));
+            return Err(invalid(format!(
+                "'output_format' is '{fmt}'; only 'png' is supported"
+            )));
         }
 
         let seeds: Vec<u64> = match &self.seeds {
             None => {
                 let first = random_seed();
-                (0..n_images as u64).map(|i| first.wrapping_add(i)).collect()
+                (0..n_images as u64)
+                    .map(|i| first.wrapping_add(i))
+                    .collect()
             }
             Some(s) if s.len() == 1 => (0..n_images as u64).map(|i| s[0].wrapping_add(i)).collect(),
             Some(s) if s.len() == n_images => s.clone(),
@@ -355,7 +425,11 @@ impl GenerationRequest {
             }
         };
 
-        let latent_shape = [model.latent_channels, height / model.vae_scale_factor, width / model.vae_scale_factor];
+        let latent_shape = [
+            model.latent_channels,
+            height / model.vae_scale_factor,
+            width / model.vae_scale_factor,
+        ];
         let latents: Vec<Option<Latents>> = match &self.latents {
             None => vec![None; n_images],
             Some((shape, data)) => {
@@ -367,7 +441,14 @@ impl GenerationRequest {
                     )));
                 }
                 let per = latent_shape.iter().product::<usize>();
-                data.chunks(per).map(|c| Some(Latents { shape: latent_shape, data: c.to_vec() })).collect()
+                data.chunks(per)
+                    .map(|c| {
+                        Some(Latents {
+                            shape: latent_shape,
+                            data: c.to_vec(),
+                        })
+                    })
+                    .collect()
             }
         };
 
@@ -384,7 +465,15 @@ impl GenerationRequest {
                 k += 1;
             }
         }
-        Ok(GenerationJob { images, num_inference_steps: steps, guidance_scale, height, width, scheduler, eta })
+        Ok(GenerationJob {
+            images,
+            num_inference_steps: steps,
+            guidance_scale,
+            height,
+            width,
+            scheduler,
+            eta,
+        })
     }
 }
 
@@ -408,17 +497,28 @@ mod tests {
     }
 
     fn req(prompts: &[&str]) -> GenerationRequest {
-        GenerationRequest { prompts: prompts.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        GenerationRequest {
+            prompts: prompts.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     fn resolve(r: &GenerationRequest) -> Result<GenerationJob, ValidationError> {
-        r.resolve(&model(), &GenerationDefaults::default(), &Limits::default(), || 100)
+        r.resolve(
+            &model(),
+            &GenerationDefaults::default(),
+            &Limits::default(),
+            || 100,
+        )
     }
 
     #[test]
     fn defaults_fill_everything() {
         let job = resolve(&req(&["a", "b"])).unwrap();
-        assert_eq!((job.height, job.width, job.num_inference_steps), (64, 64, 30));
+        assert_eq!(
+            (job.height, job.width, job.num_inference_steps),
+            (64, 64, 30)
+        );
         assert_eq!(job.scheduler, "pndm");
         assert_eq!(job.guidance_scale, 7.5);
         let seeds: Vec<u64> = job.images.iter().map(|i| i.seed).collect();
@@ -433,30 +533,121 @@ mod tests {
         r.seeds = Some(vec![7]);
         r.negative_prompts = Some(vec!["x".into(), "y".into()]);
         let job = resolve(&r).unwrap();
-        let got: Vec<(&str, &str, u64)> =
-            job.images.iter().map(|i| (i.prompt.as_str(), i.negative_prompt.as_str(), i.seed)).collect();
-        assert_eq!(got, [("a", "x", 7), ("a", "x", 8), ("b", "y", 9), ("b", "y", 10)]);
+        let got: Vec<(&str, &str, u64)> = job
+            .images
+            .iter()
+            .map(|i| (i.prompt.as_str(), i.negative_prompt.as_str(), i.seed))
+            .collect();
+        assert_eq!(
+            got,
+            [("a", "x", 7), ("a", "x", 8), ("b", "y", 9), ("b", "y", 10)]
+        );
     }
 
     #[test]
     fn every_bound_is_enforced_with_a_named_field() {
         let cases: Vec<(GenerationRequest, &str)> = vec![
-            (GenerationRequest { num_inference_steps: Some(0), ..req(&["a"]) }, "'num_inference_steps' is 0"),
-            (GenerationRequest { num_inference_steps: Some(151), ..req(&["a"]) }, "between 1 and 150"),
-            (GenerationRequest { height: Some(60), ..req(&["a"]) }, "'height' is 60"),
-            (GenerationRequest { width: Some(0), ..req(&["a"]) }, "'width' is 0"),
-            (GenerationRequest { width: Some(-8), ..req(&["a"]) }, "'width' is -8"),
-            (GenerationRequest { height: Some(2048), width: Some(2048), ..req(&["a"]) }, "pixels"),
-            (GenerationRequest { guidance_scale: Some(-1.0), ..req(&["a"]) }, "'guidance_scale'"),
-            (GenerationRequest { scheduler: Some("heun".into()), ..req(&["a"]) }, "unknown scheduler 'heun'"),
-            (GenerationRequest { eta: Some(0.5), ..req(&["a"]) }, "only applies to the ddim"),
-            (GenerationRequest { num_images_per_prompt: Some(17), ..req(&["a"]) }, "'num_images_per_prompt'"),
-            (GenerationRequest { num_images_per_prompt: Some(9), ..req(&["a", "b"]) }, "18 images"),
-            (GenerationRequest { seeds: Some(vec![1, 2, 3]), ..req(&["a", "b"]) }, "'seed' has 3"),
-            (GenerationRequest { output_format: Some("jpeg".into()), ..req(&["a"]) }, "'output_format'"),
+            (
+                GenerationRequest {
+                    num_inference_steps: Some(0),
+                    ..req(&["a"])
+                },
+                "'num_inference_steps' is 0",
+            ),
+            (
+                GenerationRequest {
+                    num_inference_steps: Some(151),
+                    ..req(&["a"])
+                },
+                "between 1 and 150",
+            ),
+            (
+                GenerationRequest {
+                    height: Some(60),
+                    ..req(&["a"])
+                },
+                "'height' is 60",
+            ),
+            (
+                GenerationRequest {
+                    width: Some(0),
+                    ..req(&["a"])
+                },
+                "'width' is 0",
+            ),
+            (
+                GenerationRequest {
+                    width: Some(-8),
+                    ..req(&["a"])
+                },
+                "'width' is -8",
+            ),
+            (
+                GenerationRequest {
+                    height: Some(2048),
+                    width: Some(2048),
+                    ..req(&["a"])
+                },
+                "pixels",
+            ),
+            (
+                GenerationRequest {
+                    guidance_scale: Some(-1.0),
+                    ..req(&["a"])
+                },
+                "'guidance_scale'",
+            ),
+            (
+                GenerationRequest {
+                    scheduler: Some("heun".into()),
+                    ..req(&["a"])
+                },
+                "unknown scheduler 'heun'",
+            ),
+            (
+                GenerationRequest {
+                    eta: Some(0.5),
+                    ..req(&["a"])
+                },
+                "only applies to the ddim",
+            ),
+            (
+                GenerationRequest {
+                    num_images_per_prompt: Some(17),
+                    ..req(&["a"])
+                },
+                "'num_images_per_prompt'",
+            ),
+            (
+                GenerationRequest {
+                    num_images_per_prompt: Some(9),
+                    ..req(&["a", "b"])
+                },
+                "18 images",
+            ),
+            (
+                GenerationRequest {
+                    seeds: Some(vec![1, 2, 3]),
+                    ..req(&["a", "b"])
+                },
+                "'seed' has 3",
+            ),
+            (
+                GenerationRequest {
+                    output_format: Some("jpeg".into()),
+                    ..req(&["a"])
+                },
+                "'output_format'",
+            ),
             (req(&vec!["a"; 17]), "17 prompts"),
             (req(&["x".repeat(5000).as_str()]), "5000 bytes"),
-            (GenerationRequest { latents: Some((vec![1, 4, 4, 4], vec![0.0; 64])), ..req(&["a"]) }, "needs [1, 4, 8, 8]"),
+            (
+                GenerationRequest {
+                    latents: Some((vec![1, 4, 4, 4], vec![0.0; 64])),
+                    ..req(&["a"])
+                },
+                "needs [1, 4, 8, 8]",
+            ),
         ];
         for (r, expected) in cases {
             let err = resolve(&r).unwrap_err();
@@ -466,25 +657,62 @@ mod tests {
 
     #[test]
     fn defaults_outside_the_limits_are_refused_and_sizes_never_overflow() {
-        let limits = Limits { max_num_inference_steps: 20, max_height: 512, ..Limits::default() };
-        let defaults = GenerationDefaults { num_inference_steps: 30, ..Default::default() };
-        let err = req(&["a"]).resolve(&model(), &defaults, &limits, || 1).unwrap_err();
-        assert!(err.0.contains("'num_inference_steps' is 30 (the model's default)"), "{err}");
+        let limits = Limits {
+            max_num_inference_steps: 20,
+            max_height: 512,
+            ..Limits::default()
+        };
+        let defaults = GenerationDefaults {
+            num_inference_steps: 30,
+            ..Default::default()
+        };
+        let err = req(&["a"])
+            .resolve(&model(), &defaults, &limits, || 1)
+            .unwrap_err();
+        assert!(
+            err.0
+                .contains("'num_inference_steps' is 30 (the model's default)"),
+            "{err}"
+        );
 
         // A model whose native size is absurd: its default size is refused, not multiplied.
-        let huge = ModelDescription { native_height: 1 << 40, native_width: 1 << 40, ..model() };
-        let err = req(&["a"]).resolve(&huge, &GenerationDefaults::default(), &Limits::default(), || 1).unwrap_err();
+        let huge = ModelDescription {
+            native_height: 1 << 40,
+            native_width: 1 << 40,
+            ..model()
+        };
+        let err = req(&["a"])
+            .resolve(
+                &huge,
+                &GenerationDefaults::default(),
+                &Limits::default(),
+                || 1,
+            )
+            .unwrap_err();
         assert!(err.0.contains("(the model's default)"), "{err}");
-        let wide = Limits { max_height: usize::MAX, max_width: usize::MAX, ..Limits::default() };
-        let r = GenerationRequest { height: Some(1 << 40), width: Some(1 << 40), ..req(&["a"]) };
-        let err = r.resolve(&model(), &GenerationDefaults::default(), &wide, || 1).unwrap_err();
+        let wide = Limits {
+            max_height: usize::MAX,
+            max_width: usize::MAX,
+            ..Limits::default()
+        };
+        let r = GenerationRequest {
+            height: Some(1 << 40),
+            width: Some(1 << 40),
+            ..req(&["a"])
+        };
+        let err = r
+            .resolve(&model(), &GenerationDefaults::default(), &wide, || 1)
+            .unwrap_err();
         assert!(err.0.contains("pixels"), "{err}");
     }
 
     #[test]
     fn latents_are_split_per_image() {
         let data: Vec<f32> = (0..512).map(|i| i as f32).collect();
-        let r = GenerationRequest { latents: Some((vec![2, 4, 8, 8], data)), ..req(&["a", "b"]) };
+        let r = GenerationRequest {
+            latents: Some((vec![2, 4, 8, 8], data)),
+            ..req(&["a", "b"])
+        };
         let job = resolve(&r).unwrap();
         assert_eq!(job.images[1].latents.as_ref().unwrap().data[0], 256.0);
     }
@@ -494,10 +722,20 @@ mod tests {
         let extra = json!({"defaults": {"num_inference_steps": 12, "scheduler": "ddim"},
                            "limits": {"max_num_inference_steps": 50, "max_images": 4}});
         let extra = extra.as_object().unwrap();
-        assert_eq!(GenerationDefaults::from_extra(extra).unwrap().num_inference_steps, 12);
+        assert_eq!(
+            GenerationDefaults::from_extra(extra)
+                .unwrap()
+                .num_inference_steps,
+            12
+        );
         assert_eq!(Limits::from_extra(extra).unwrap().max_images, 4);
         let bad = json!({"limits": {"max_step": 5}});
-        assert!(Limits::from_extra(bad.as_object().unwrap()).unwrap_err().0.contains("max_step"));
+        assert!(
+            Limits::from_extra(bad.as_object().unwrap())
+                .unwrap_err()
+                .0
+                .contains("max_step")
+        );
         let bad = json!({"defaults": {"num_inference_steps": -3}});
         assert!(GenerationDefaults::from_extra(bad.as_object().unwrap()).is_err());
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use crate::metrics::{DEFAULT_BUCKETS, Family, LONG_BUCKETS, Registry};
 
 /// Buckets for one denoising step (milliseconds on GPU, seconds on CPU).
-const STEP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const STEP_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 pub struct EngineMetrics {

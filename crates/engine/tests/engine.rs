@@ -22,7 +22,11 @@ impl Generator for SleepyModel {
         &self.desc
     }
 
-    fn generate(&self, job: &GenerationJob, control: &mut dyn StepControl) -> Result<Vec<GeneratedImage>, GenerateError> {
+    fn generate(
+        &self,
+        job: &GenerationJob,
+        control: &mut dyn StepControl,
+    ) -> Result<Vec<GeneratedImage>, GenerateError> {
         self.calls.lock().unwrap().push(job.images.len());
         for i in 0..job.num_inference_steps {
             std::thread::sleep(self.step);
@@ -31,7 +35,13 @@ impl Generator for SleepyModel {
                 return Err(GenerateError::Stopped(r));
             }
         }
-        Ok(job.images.iter().map(|im| GeneratedImage { png: format!("{}:{}", im.prompt, im.seed).into_bytes() }).collect())
+        Ok(job
+            .images
+            .iter()
+            .map(|im| GeneratedImage {
+                png: format!("{}:{}", im.prompt, im.seed).into_bytes(),
+            })
+            .collect())
     }
 }
 
@@ -85,12 +95,21 @@ fn spec(name: &str) -> ModelSpec {
         content_type: None,
         max_batch_size: 0,
         max_batch_time: Duration::ZERO,
-        defaults: GenerationDefaults { num_inference_steps: 4, ..Default::default() },
+        defaults: GenerationDefaults {
+            num_inference_steps: 4,
+            ..Default::default()
+        },
         limits: Limits::default(),
     }
 }
 
-async fn fixture(workers: usize, queue: usize, step_ms: u64, timeout: Option<Duration>, model: ModelSpec) -> Fixture {
+async fn fixture(
+    workers: usize,
+    queue: usize,
+    step_ms: u64,
+    timeout: Option<Duration>,
+    model: ModelSpec,
+) -> Fixture {
     let registry = Arc::new(Registry::new());
     let calls = Arc::new(Mutex::new(Vec::new()));
     let steps_run = Arc::new(AtomicUsize::new(0));
@@ -101,29 +120,51 @@ async fn fixture(workers: usize, queue: usize, step_ms: u64, timeout: Option<Dur
         load_delay: Duration::ZERO,
     });
     let engine = Engine::new(
-        EngineConfig { parallel_workers: workers, max_queue_size: queue, request_timeout: timeout },
+        EngineConfig {
+            parallel_workers: workers,
+            max_queue_size: queue,
+            request_timeout: timeout,
+        },
         loader,
         &registry,
     );
     engine.load(model).await.unwrap();
-    Fixture { engine, registry, calls, steps_run }
+    Fixture {
+        engine,
+        registry,
+        calls,
+        steps_run,
+    }
 }
 
 fn request(prompt: &str) -> GenerationRequest {
-    GenerationRequest { prompts: vec![prompt.into()], seeds: Some(vec![1]), ..Default::default() }
+    GenerationRequest {
+        prompts: vec![prompt.into()],
+        seeds: Some(vec![1]),
+        ..Default::default()
+    }
 }
 
-async fn infer(engine: &Engine, req: GenerationRequest, timeout: Option<Duration>) -> Result<InferOutcome, EngineError> {
+async fn infer(
+    engine: &Engine,
+    req: GenerationRequest,
+    timeout: Option<Duration>,
+) -> Result<InferOutcome, EngineError> {
     let admission = engine.admit()?;
     let mut obs = engine.observer("m", "None");
-    let r = engine.infer(admission, &mut obs, "m", None, &req, timeout, None).await;
+    let r = engine
+        .infer(admission, &mut obs, "m", None, &req, timeout, None)
+        .await;
     obs.finish(r.as_ref().map(|o| o.images.len()));
     r
 }
 
 fn metric(registry: &Registry, line_start: &str) -> f64 {
     let text = registry.render();
-    let line = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("{line_start} missing in\n{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("{line_start} missing in\n{text}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
@@ -149,7 +190,13 @@ async fn queue_bound_refuses_at_once_and_waits_are_observed() {
         }
     }
     assert_eq!((ok, overloaded), (2, 3));
-    assert_eq!(metric(&f.registry, "model_infer_request_success_total{model=\"m\",version=\"None\"}"), 2.0);
+    assert_eq!(
+        metric(
+            &f.registry,
+            "model_infer_request_success_total{model=\"m\",version=\"None\"}"
+        ),
+        2.0
+    );
     assert_eq!(metric(&f.registry, "parallel_request_queue_count"), 2.0);
     // The second request waited for the first one's 4 steps of 40 ms.
     assert!(metric(&f.registry, "parallel_request_queue_sum") > 0.1);
@@ -160,39 +207,123 @@ async fn queue_bound_refuses_at_once_and_waits_are_observed() {
 async fn deadline_while_queued_and_while_running() {
     let f = fixture(1, 4, 50, None, spec("m")).await;
     let e = f.engine.clone();
-    let long = tokio::spawn(async move { infer(&e, GenerationRequest { num_inference_steps: Some(20), ..request("long") }, None).await });
+    let long = tokio::spawn(async move {
+        infer(
+            &e,
+            GenerationRequest {
+                num_inference_steps: Some(20),
+                ..request("long")
+            },
+            None,
+        )
+        .await
+    });
     tokio::time::sleep(Duration::from_millis(30)).await;
     let t0 = Instant::now();
     let queued = infer(&f.engine, request("q"), Some(Duration::from_millis(100))).await;
-    assert!(matches!(queued, Err(EngineError::DeadlineExceeded { phase: "waiting in the queue", .. })), "{queued:?}");
+    assert!(
+        matches!(
+            queued,
+            Err(EngineError::DeadlineExceeded {
+                phase: "waiting in the queue",
+                ..
+            })
+        ),
+        "{queued:?}"
+    );
     assert!(t0.elapsed() < Duration::from_millis(400));
     let running = long.await.unwrap();
     assert!(running.is_ok());
 
     let t0 = Instant::now();
-    let r = infer(&f.engine, GenerationRequest { num_inference_steps: Some(50), ..request("r") }, Some(Duration::from_millis(120))).await;
-    assert!(matches!(r, Err(EngineError::DeadlineExceeded { phase: "generating", .. })), "{r:?}");
+    let r = infer(
+        &f.engine,
+        GenerationRequest {
+            num_inference_steps: Some(50),
+            ..request("r")
+        },
+        Some(Duration::from_millis(120)),
+    )
+    .await;
+    assert!(
+        matches!(
+            r,
+            Err(EngineError::DeadlineExceeded {
+                phase: "generating",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     assert!(t0.elapsed() < Duration::from_millis(400));
     // The worker stops within a step: a new request starts promptly.
     let t0 = Instant::now();
-    infer(&f.engine, GenerationRequest { num_inference_steps: Some(1), ..request("after") }, None).await.unwrap();
-    assert!(t0.elapsed() < Duration::from_millis(300), "{:?}", t0.elapsed());
-    assert_eq!(metric(&f.registry, "sdserve_request_failures_total{model=\"m\",reason=\"deadline\"}"), 2.0);
+    infer(
+        &f.engine,
+        GenerationRequest {
+            num_inference_steps: Some(1),
+            ..request("after")
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &f.registry,
+            "sdserve_request_failures_total{model=\"m\",reason=\"deadline\"}"
+        ),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_request_cancels_the_generation() {
     let f = fixture(1, 4, 30, None, spec("m")).await;
     let e = f.engine.clone();
-    let running = tokio::spawn(async move { infer(&e, GenerationRequest { num_inference_steps: Some(100), ..request("gone") }, None).await });
+    let running = tokio::spawn(async move {
+        infer(
+            &e,
+            GenerationRequest {
+                num_inference_steps: Some(100),
+                ..request("gone")
+            },
+            None,
+        )
+        .await
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
     running.abort();
     let t0 = Instant::now();
-    infer(&f.engine, GenerationRequest { num_inference_steps: Some(1), ..request("next") }, None).await.unwrap();
+    infer(
+        &f.engine,
+        GenerationRequest {
+            num_inference_steps: Some(1),
+            ..request("next")
+        },
+        None,
+    )
+    .await
+    .unwrap();
     // 100 steps would take 3 s; the slot frees within about one step.
-    assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(f.steps_run.load(Ordering::SeqCst) < 20);
-    assert_eq!(metric(&f.registry, "model_infer_request_failure_total{model=\"m\",version=\"None\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &f.registry,
+            "model_infer_request_failure_total{model=\"m\",version=\"None\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +365,17 @@ async fn drain_finishes_in_flight_and_refuses_new_work() {
 async fn drain_deadline_cancels_what_is_left() {
     let f = fixture(1, 4, 50, None, spec("m")).await;
     let e = f.engine.clone();
-    let running = tokio::spawn(async move { infer(&e, GenerationRequest { num_inference_steps: Some(100), ..request("a") }, None).await });
+    let running = tokio::spawn(async move {
+        infer(
+            &e,
+            GenerationRequest {
+                num_inference_steps: Some(100),
+                ..request("a")
+            },
+            None,
+        )
+        .await
+    });
     let e = f.engine.clone();
     let queued = tokio::spawn(async move { infer(&e, request("b"), None).await });
     tokio::time::sleep(Duration::from_millis(60)).await;
@@ -252,7 +393,15 @@ async fn unknown_unready_and_invalid_requests() {
         steps_run: Default::default(),
         load_delay: Duration::from_millis(300),
     });
-    let engine = Engine::new(EngineConfig { parallel_workers: 1, max_queue_size: 2, request_timeout: None }, loader, &registry);
+    let engine = Engine::new(
+        EngineConfig {
+            parallel_workers: 1,
+            max_queue_size: 2,
+            request_timeout: None,
+        },
+        loader,
+        &registry,
+    );
     assert!(!engine.is_ready());
     let e = engine.clone();
     let loading = tokio::spawn(async move { e.load(spec("m")).await });
@@ -263,14 +412,36 @@ async fn unknown_unready_and_invalid_requests() {
     assert!(engine.is_ready());
     let admission = engine.admit().unwrap();
     let mut obs = engine.observer("nope", "None");
-    let r = engine.infer(admission, &mut obs, "nope", None, &request("a"), None, None).await;
+    let r = engine
+        .infer(admission, &mut obs, "nope", None, &request("a"), None, None)
+        .await;
     assert_eq!(r.unwrap_err().to_string(), "Model nope not found");
-    let r = infer(&engine, GenerationRequest { scheduler: Some("heun".into()), ..request("a") }, None).await;
+    let r = infer(
+        &engine,
+        GenerationRequest {
+            scheduler: Some("heun".into()),
+            ..request("a")
+        },
+        None,
+    )
+    .await;
     assert!(matches!(r, Err(EngineError::Invalid(m)) if m.contains("heun")));
-    assert!(engine.load(spec("broken")).await.unwrap_err().contains("cannot read weights"));
-    assert!(matches!(engine.model("broken", None), Err(EngineError::ModelNotFound { .. })));
+    assert!(
+        engine
+            .load(spec("broken"))
+            .await
+            .unwrap_err()
+            .contains("cannot read weights")
+    );
+    assert!(matches!(
+        engine.model("broken", None),
+        Err(EngineError::ModelNotFound { .. })
+    ));
     engine.unload("m").unwrap();
-    assert!(matches!(engine.unload("m"), Err(EngineError::ModelNotFound { .. })));
+    assert!(matches!(
+        engine.unload("m"),
+        Err(EngineError::ModelNotFound { .. })
+    ));
     assert!(!engine.is_ready());
 }
 
@@ -281,10 +452,17 @@ async fn a_request_that_expires_while_its_batch_gathers_never_runs() {
     s.max_batch_time = Duration::from_millis(400);
     let f = fixture(1, 4, 10, None, s).await;
     let r = infer(&f.engine, request("late"), Some(Duration::from_millis(100))).await;
-    assert!(matches!(r, Err(EngineError::DeadlineExceeded { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(EngineError::DeadlineExceeded { .. })),
+        "{r:?}"
+    );
     // The batch window closes; the expired member leaves before any generation starts.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(f.calls.lock().unwrap().is_empty(), "{:?}", f.calls.lock().unwrap());
+    assert!(
+        f.calls.lock().unwrap().is_empty(),
+        "{:?}",
+        f.calls.lock().unwrap()
+    );
     assert_eq!(metric(&f.registry, "sdserve_requests_in_flight"), 0.0);
     assert_eq!(metric(&f.registry, "sdserve_requests_running"), 0.0);
     infer(&f.engine, request("next"), None).await.unwrap();
@@ -293,6 +471,11 @@ async fn a_request_that_expires_while_its_batch_gathers_never_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_too_far_to_represent_is_no_deadline() {
     let f = fixture(1, 1, 1, Some(Duration::MAX), spec("m")).await;
-    let r = infer(&f.engine, request("patient"), Some(Duration::from_secs(u64::MAX / 2))).await;
+    let r = infer(
+        &f.engine,
+        request("patient"),
+        Some(Duration::from_secs(u64::MAX / 2)),
+    )
+    .await;
     assert_eq!(r.unwrap().images.len(), 1);
 }

@@ -6,10 +6,13 @@
 
 use std::collections::HashMap;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use sdserve_engine::InferOutcome;
+use sdserve_http::ApiError;
+use sdserve_protocol::raw::{self, RawError};
 use sdserve_protocol::{Datatype, InferenceRequest, Parameters, RequestInput, RequestOutput};
 use serde_json::{Number, Value};
+use tonic::codegen::http::StatusCode;
 
 use crate::pb::inference::infer_parameter::ParameterChoice;
 use crate::pb::inference::model_infer_request::InferInputTensor;
@@ -128,22 +131,21 @@ fn element_count(input: &InferInputTensor) -> Result<usize, ConvertError> {
     })
 }
 
+/// Tensor data of input `name` that cannot be read.
+fn raw_error(name: &str, e: RawError) -> ConvertError {
+    if e.is_element_value() {
+        bad(format!("input '{name}' {e}"))
+    } else {
+        bad(format!("input '{name}': raw BYTES contents: {e}"))
+    }
+}
+
 fn finite(v: f64, name: &str, i: usize) -> Result<Value, ConvertError> {
-    Number::from_f64(v).map(Value::Number).ok_or_else(|| {
-        bad(format!(
-            "input '{name}' element {i} is {v}, which is not a finite number"
-        ))
-    })
+    raw::number(i, v).map_err(|e| raw_error(name, e))
 }
 
 fn text(b: &[u8], name: &str, i: usize) -> Result<Value, ConvertError> {
-    std::str::from_utf8(b)
-        .map(|s| Value::String(s.to_owned()))
-        .map_err(|_| {
-            bad(format!(
-                "input '{name}' element {i} is not valid UTF-8 text"
-            ))
-        })
+    raw::text(i, b).map_err(|e| raw_error(name, e))
 }
 
 /// The typed-contents field a datatype uses, and how many elements each field holds.
@@ -229,127 +231,21 @@ fn from_contents(input: &InferInputTensor, d: Datatype) -> Result<Vec<Value>, Co
     })
 }
 
-fn element_size(d: Datatype) -> Option<usize> {
-    Some(match d {
-        Datatype::Bool | Datatype::Int8 | Datatype::Uint8 => 1,
-        Datatype::Int16 | Datatype::Uint16 | Datatype::Fp16 => 2,
-        Datatype::Int32 | Datatype::Uint32 | Datatype::Fp32 => 4,
-        Datatype::Int64 | Datatype::Uint64 | Datatype::Fp64 => 8,
-        Datatype::Bytes => return None,
-    })
-}
-
-/// Splits serialized BYTES elements: each a 4-byte little-endian length, then the bytes.
-pub fn split_bytes_elements(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut out = Vec::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-            return Err(format!(
-                "element {} has a truncated 4-byte length prefix",
-                out.len()
-            ));
-        };
-        let len = u32::from_le_bytes(*len) as usize;
-        if tail.len() < len {
-            return Err(format!(
-                "element {} declares {len} bytes but only {} remain",
-                out.len(),
-                tail.len()
-            ));
-        }
-        let (element, tail) = tail.split_at(len);
-        out.push(element);
-        rest = tail;
-    }
-    Ok(out)
-}
-
-/// Serializes BYTES elements the way `raw_output_contents` carries them.
-pub fn join_bytes_elements<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Bytes {
-    let mut out = BytesMut::new();
-    for e in elements {
-        out.put_u32_le(e.len() as u32);
-        out.put_slice(e);
-    }
-    out.freeze()
-}
-
-/// Elements of one `raw_input_contents` entry.
+/// Elements of one `raw_input_contents` entry; fixed-size data must fill the input's shape.
 fn from_raw(input: &InferInputTensor, d: Datatype, raw: &[u8]) -> Result<Vec<Value>, ConvertError> {
     let name = &input.name;
-    let Some(size) = element_size(d) else {
-        return split_bytes_elements(raw)
-            .map_err(|e| bad(format!("input '{name}': raw BYTES contents: {e}")))?
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| text(b, name, i))
-            .collect();
-    };
-    let count = element_count(input)?;
-    if Some(raw.len()) != count.checked_mul(size) {
-        return Err(bad(format!(
-            "input '{name}': raw contents hold {} bytes, but shape {:?} of {} needs {count} × {size}",
-            raw.len(),
-            input.shape,
-            d.as_str()
-        )));
+    if let Some(size) = raw::element_size(d) {
+        let count = element_count(input)?;
+        if Some(raw.len()) != count.checked_mul(size) {
+            return Err(bad(format!(
+                "input '{name}': raw contents hold {} bytes, but shape {:?} of {} needs {count} × {size}",
+                raw.len(),
+                input.shape,
+                d.as_str()
+            )));
+        }
     }
-    let chunks = raw.chunks_exact(size);
-    Ok(match d {
-        Datatype::Bool => raw.iter().map(|b| Value::Bool(*b != 0)).collect(),
-        Datatype::Int8 => raw.iter().map(|b| Value::from(*b as i8)).collect(),
-        Datatype::Uint8 => raw.iter().map(|b| Value::from(*b)).collect(),
-        Datatype::Int16 => chunks
-            .map(|c| Value::from(i16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        Datatype::Uint16 => chunks
-            .map(|c| Value::from(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        Datatype::Int32 => chunks
-            .map(|c| Value::from(i32::from_le_bytes(c.try_into().unwrap_or_default())))
-            .collect(),
-        Datatype::Uint32 => chunks
-            .map(|c| Value::from(u32::from_le_bytes(c.try_into().unwrap_or_default())))
-            .collect(),
-        Datatype::Int64 => chunks
-            .map(|c| Value::from(i64::from_le_bytes(c.try_into().unwrap_or_default())))
-            .collect(),
-        Datatype::Uint64 => chunks
-            .map(|c| Value::from(u64::from_le_bytes(c.try_into().unwrap_or_default())))
-            .collect(),
-        Datatype::Fp16 => chunks
-            .enumerate()
-            .map(|(i, c)| {
-                finite(
-                    f64::from(half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-                    name,
-                    i,
-                )
-            })
-            .collect::<Result<_, _>>()?,
-        Datatype::Fp32 => chunks
-            .enumerate()
-            .map(|(i, c)| {
-                finite(
-                    f64::from(f32::from_le_bytes(c.try_into().unwrap_or_default())),
-                    name,
-                    i,
-                )
-            })
-            .collect::<Result<_, _>>()?,
-        Datatype::Fp64 => chunks
-            .enumerate()
-            .map(|(i, c)| {
-                finite(
-                    f64::from_le_bytes(c.try_into().unwrap_or_default()),
-                    name,
-                    i,
-                )
-            })
-            .collect::<Result<_, _>>()?,
-        Datatype::Bytes => unreachable!("BYTES has no fixed element size"),
-    })
+    raw::values(d, raw).map_err(|e| raw_error(name, e))
 }
 
 fn datatype(input: &InferInputTensor) -> Result<Datatype, ConvertError> {
@@ -434,7 +330,7 @@ pub fn to_infer_response(
     id: String,
     outcome: &InferOutcome,
     raw: bool,
-) -> ModelInferResponse {
+) -> Result<ModelInferResponse, ApiError> {
     let pngs: Vec<Bytes> = outcome
         .images
         .iter()
@@ -442,10 +338,9 @@ pub fn to_infer_response(
         .collect();
     let shape = vec![pngs.len() as i64, 1];
     let (contents, raw_output_contents) = if raw {
-        (
-            None,
-            vec![join_bytes_elements(pngs.iter().map(|b| b.as_ref()))],
-        )
+        let joined = raw::join_bytes(pngs.iter().map(|b| b.as_ref()))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        (None, vec![Bytes::from(joined)])
     } else {
         (
             Some(InferTensorContents {
@@ -455,7 +350,7 @@ pub fn to_infer_response(
             Vec::new(),
         )
     };
-    ModelInferResponse {
+    Ok(ModelInferResponse {
         model_name: model_name.to_owned(),
         model_version: outcome.model_version.clone().unwrap_or_default(),
         id,
@@ -468,7 +363,7 @@ pub fn to_infer_response(
             contents,
         }],
         raw_output_contents,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -476,6 +371,14 @@ mod tests {
     use super::*;
     use crate::pb::inference::model_infer_request::InferRequestedOutputTensor;
     use serde_json::json;
+
+    fn join_bytes_elements<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Bytes {
+        raw::join_bytes(elements).unwrap().into()
+    }
+
+    fn split_bytes_elements(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
+        raw::split_bytes(raw).map_err(|e| e.to_string())
+    }
 
     fn param(c: ParameterChoice) -> InferParameter {
         InferParameter {

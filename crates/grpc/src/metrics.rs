@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use sdserve_engine::metrics::{DEFAULT_BUCKETS, Family, Registry};
 use tonic::Code;
-use tonic::codegen::http::{HeaderMap, HeaderValue, Request, Response};
+use tonic::codegen::http::{HeaderMap, Request, Response};
 use tower::Service;
 
 use crate::status::code_name;
@@ -295,11 +295,6 @@ impl http_body::Body for TrackedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// Header values for trailing metadata; invalid values are left out.
-pub(crate) fn header_value(v: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(v).ok()
 }
 
 #[cfg(test)]

@@ -1,12 +1,8 @@
 //! The model repository calls (index, load, unload) as `POST /v2/repository/*` answers them,
 //! and `inference.model_repository.ModelRepositoryService`, which offers the same three.
 
-use std::collections::BTreeMap;
-
-use sdserve_engine::ModelStatus;
-use sdserve_http::{ApiError, RepositoryError, SharedState};
+use sdserve_http::{SharedState, handlers};
 use sdserve_protocol::ModelState;
-use tonic::codegen::http::StatusCode;
 use tonic::{Request, Response, Status};
 
 use crate::pb::inference::model_repository as mr;
@@ -22,19 +18,6 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
-fn repository_status(e: RepositoryError) -> Status {
-    let status = match e {
-        RepositoryError::NotFound(_) => StatusCode::NOT_FOUND,
-        RepositoryError::Invalid(_) => StatusCode::BAD_REQUEST,
-        RepositoryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    from_api(&ApiError::new(status, e.to_string()))
-}
-
-fn internal(message: String) -> Status {
-    from_api(&ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
-}
-
 fn state_name(s: ModelState) -> &'static str {
     match s {
         ModelState::Unknown => "UNKNOWN",
@@ -45,64 +28,27 @@ fn state_name(s: ModelState) -> &'static str {
     }
 }
 
-/// Models on disk (re-read every call) and their state in the registry: READY, UNKNOWN
-/// while loading, UNAVAILABLE when not loaded.
+/// Models on disk (re-read every call) and their state in the registry, as over REST.
 pub async fn index(state: &SharedState, only_ready: bool) -> Result<Vec<IndexEntry>, Status> {
-    let repo = state.repository.clone();
-    let on_disk = tokio::task::spawn_blocking(move || repo.list())
+    let models = handlers::repository::models(state, only_ready)
         .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(repository_status)?;
-    let mut items: BTreeMap<(String, Option<String>), ModelState> = on_disk
+        .map_err(|e| from_api(&e))?;
+    Ok(models
         .into_iter()
-        .map(|k| (k, ModelState::Unavailable))
-        .collect();
-    for status in state.engine.models() {
-        let spec = status.spec();
-        let s = match status {
-            ModelStatus::Ready(_) => ModelState::Ready,
-            ModelStatus::Loading(_) => ModelState::Unknown,
-        };
-        items.insert((spec.name.clone(), spec.version.clone()), s);
-    }
-    Ok(items
-        .into_iter()
-        .filter(|(_, s)| !only_ready || *s == ModelState::Ready)
-        .map(|((name, version), s)| IndexEntry {
-            name,
-            version,
-            state: state_name(s).into(),
-            reason: String::new(),
+        .map(|m| IndexEntry {
+            name: m.name,
+            version: m.version,
+            state: state_name(m.state).into(),
+            reason: m.reason,
         })
         .collect())
 }
 
-/// Loads (or reloads) every version of a model found under the repository root.
+/// Loads (or reloads) every version of a model found under the repository root, as over REST.
 pub async fn load(state: &SharedState, name: &str) -> Result<(), Status> {
-    let repo = state.repository.clone();
-    let lookup = name.to_owned();
-    let specs = tokio::task::spawn_blocking(move || repo.find(&lookup))
+    handlers::repository::load_model(state, name)
         .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(repository_status)?;
-    if specs.is_empty() {
-        return Err(repository_status(RepositoryError::NotFound(
-            name.to_owned(),
-        )));
-    }
-    for spec in specs {
-        let label = spec
-            .version
-            .clone()
-            .map(|v| format!("{name} (version {v})"))
-            .unwrap_or_else(|| name.to_owned());
-        state
-            .engine
-            .load(spec)
-            .await
-            .map_err(|e| internal(format!("Model {label} failed to load: {e}")))?;
-    }
-    Ok(())
+        .map_err(|e| from_api(&e))
 }
 
 pub fn unload(state: &SharedState, name: &str) -> Result<(), Status> {

@@ -9,8 +9,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sdserve_engine::{EngineError, InferObserver, ModelStatus, Prepared, Progress};
+use sdserve_engine::{EngineError, InferObserver, Prepared, Progress};
 use sdserve_http::convert::StepProgress;
+use sdserve_http::handlers::infer::cloud_events;
+use sdserve_http::handlers::metadata::model_parameters;
 use sdserve_http::{ApiError, SharedState};
 use sdserve_protocol::diffusers::{input_metadata, output_metadata};
 use sdserve_protocol::{MetadataTensor, Parameters};
@@ -22,7 +24,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{parameter_out, parameters_out, to_infer_response, to_inference_request};
-use crate::metrics::{Arrived, TrailingMetadata, header_value};
+use crate::metrics::{Arrived, TrailingMetadata};
 use crate::pb::inference as pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::repository;
@@ -106,33 +108,6 @@ fn accept(
         raw: decoded.raw,
         prepared,
     })
-}
-
-/// MLServer's CloudEvents headers, sent as trailing metadata as MLServer sends them.
-fn cloud_events(state: &SharedState, model: &str, id: &str) -> HeaderMap {
-    let server = &state.config.server_name;
-    let source = match &state.config.namespace {
-        Some(ns) => format!("io.seldon.serving.deployment.{server}.{ns}"),
-        None => format!("io.seldon.serving.deployment.{server}"),
-    };
-    let mut headers = HeaderMap::new();
-    let mut put = |name: &'static str, value: &str| {
-        if let Some(v) = header_value(value) {
-            headers.insert(name, v);
-        }
-    };
-    put("ce-specversion", "0.3");
-    put("ce-source", &source);
-    put("ce-type", "io.seldon.serving.inference.response");
-    put("ce-modelid", model);
-    put("ce-inferenceservicename", server);
-    put("ce-endpoint", model);
-    put("ce-id", id);
-    put("ce-requestid", id);
-    if let Some(ns) = &state.config.namespace {
-        put("ce-namespace", ns);
-    }
-    headers
 }
 
 fn tensor_metadata(t: &MetadataTensor) -> pb::model_metadata_response::TensorMetadata {
@@ -269,12 +244,15 @@ async fn stream_one(
         }
     }
     observer.finish(result.as_ref().map(|o| o.images.len()));
-    let message = match result {
-        Ok(outcome) => pb::ModelStreamInferResponse {
+    let response = result
+        .map_err(ApiError::from)
+        .and_then(|outcome| to_infer_response(&name, id.clone(), &outcome, accepted.raw));
+    let message = match response {
+        Ok(r) => pb::ModelStreamInferResponse {
             error_message: String::new(),
-            infer_response: Some(to_infer_response(&name, id, &outcome, accepted.raw)),
+            infer_response: Some(r),
         },
-        Err(e) => error_message(&name, &version, &id, &ApiError::from(e)),
+        Err(e) => error_message(&name, &version, &id, &e),
     };
     let _ = tx.send(Ok(message)).await;
 }
@@ -366,25 +344,6 @@ impl GrpcInferenceService for Dataplane {
             .model(&r.name, version_of(&r.version))
             .map_err(from_engine)?;
         let spec = status.spec();
-        let mut parameters = Parameters::new();
-        if let Some(ct) = &spec.content_type {
-            parameters.insert("content_type".into(), json!(ct));
-        }
-        if let ModelStatus::Ready(m) = &status {
-            let d = m.description();
-            parameters.insert("default_scheduler".into(), json!(d.default_scheduler));
-            parameters.insert("schedulers".into(), json!(d.schedulers));
-            parameters.insert("native_height".into(), json!(d.native_height));
-            parameters.insert("native_width".into(), json!(d.native_width));
-            parameters.insert(
-                "default_num_inference_steps".into(),
-                json!(spec.defaults.num_inference_steps),
-            );
-            parameters.insert(
-                "max_num_inference_steps".into(),
-                json!(spec.limits.max_num_inference_steps),
-            );
-        }
         let outputs = output_metadata()
             .into_iter()
             .map(|mut t| {
@@ -400,7 +359,7 @@ impl GrpcInferenceService for Dataplane {
             platform: spec.platform.clone(),
             inputs: input_metadata().iter().map(tensor_metadata).collect(),
             outputs,
-            parameters: parameters_out(&parameters),
+            parameters: parameters_out(&model_parameters(&status)),
         }))
     }
 
@@ -428,9 +387,13 @@ impl GrpcInferenceService for Dataplane {
         observer.finish(result.as_ref().map(|o| o.images.len()));
         let outcome = result.map_err(from_engine)?;
         let id = accepted.id.unwrap_or_else(new_id);
-        let trailing = TrailingMetadata(cloud_events(&self.state, &name, &id));
-        let mut response = Response::new(to_infer_response(&name, id, &outcome, accepted.raw));
-        response.extensions_mut().insert(trailing);
+        // MLServer's CloudEvents headers, sent as trailing metadata as MLServer sends them.
+        let mut trailing = HeaderMap::new();
+        cloud_events(&self.state, &name, &id, &mut trailing);
+        let response =
+            to_infer_response(&name, id, &outcome, accepted.raw).map_err(|e| from_api(&e))?;
+        let mut response = Response::new(response);
+        response.extensions_mut().insert(TrailingMetadata(trailing));
         Ok(response)
     }
 

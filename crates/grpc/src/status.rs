@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use sdserve_engine::EngineError;
 use sdserve_http::ApiError;
+use sdserve_http::handlers::infer::authorized;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
@@ -108,22 +109,12 @@ fn parse_timeout(text: &str) -> Option<Duration> {
 /// The bearer-token check REST applies to inference and repository calls, on the
 /// `authorization` metadata.
 pub fn check_auth(token: Option<&str>, metadata: &MetadataMap) -> Result<(), Status> {
-    let Some(token) = token else { return Ok(()) };
-    let given = metadata
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    match given {
-        Some(g) if constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(from_api(&ApiError::unauthorized())),
+    let given = metadata.get("authorization").and_then(|v| v.to_str().ok());
+    if authorized(token, given) {
+        Ok(())
+    } else {
+        Err(from_api(&ApiError::unauthorized()))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@
 
 use axum::http::HeaderMap;
 use sdserve_engine::InferOutcome;
+use sdserve_protocol::raw::{self, RawError};
 use sdserve_protocol::{Datatype, InferenceRequest, Parameters, RequestInput};
-use serde_json::{Map, Number, Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::convert::{self, IMAGE_OUTPUT};
 use crate::error::ApiError;
@@ -170,136 +171,23 @@ fn attach_tensors(request: &mut Value, tensors: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Splits serialised BYTES elements: each a 4-byte little-endian length, then the bytes.
-pub fn split_bytes(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut out = Vec::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-            return Err(format!(
-                "BYTES element {} has a truncated 4-byte length prefix",
-                out.len()
-            ));
-        };
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > tail.len() {
-            return Err(format!(
-                "BYTES element {} declares {len} bytes, but only {} remain",
-                out.len(),
-                tail.len()
-            ));
-        }
-        let (element, tail) = tail.split_at(len);
-        out.push(element);
-        rest = tail;
-    }
-    Ok(out)
-}
-
-/// Serialises BYTES elements: each a 4-byte little-endian length, then the bytes.
-pub fn join_bytes<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, ApiError> {
-    let mut out = Vec::new();
-    for e in elements {
-        let len = u32::try_from(e.len()).map_err(|_| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!(
-                    "a BYTES element of {} bytes does not fit a 4-byte length",
-                    e.len()
-                ),
-            )
-        })?;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(e);
-    }
-    Ok(out)
-}
-
-/// Bytes per element; `None` for BYTES, whose elements carry their own length.
-fn element_size(d: Datatype) -> Option<usize> {
-    Some(match d {
-        Datatype::Bool | Datatype::Int8 | Datatype::Uint8 => 1,
-        Datatype::Int16 | Datatype::Uint16 | Datatype::Fp16 => 2,
-        Datatype::Int32 | Datatype::Uint32 | Datatype::Fp32 => 4,
-        Datatype::Int64 | Datatype::Uint64 | Datatype::Fp64 => 8,
-        Datatype::Bytes => return None,
-    })
-}
-
-/// IEEE half precision to single (exact: every half value is a float).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exponent = i32::from((h >> 10) & 0x1f);
-    let fraction = f32::from(h & 0x3ff);
-    sign * match exponent {
-        0 => fraction * 2f32.powi(-24),
-        31 if fraction == 0.0 => f32::INFINITY,
-        31 => f32::NAN,
-        e => (1.0 + fraction / 1024.0) * 2f32.powi(e - 15),
-    }
-}
-
 /// One input's tensor bytes as JSON elements (flat, row-major). The element count is checked
 /// against the shape later, by the contract, with the same message as for JSON data.
 fn tensor_values(name: &str, d: Datatype, bytes: &[u8]) -> Result<Vec<Value>, ApiError> {
-    let bad = |msg: String| ApiError::bad_request(format!("input '{name}': {msg}"));
-    let Some(size) = element_size(d) else {
-        return split_bytes(bytes)
-            .map_err(bad)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| {
-                std::str::from_utf8(b)
-                    .map(|s| Value::String(s.to_owned()))
-                    .map_err(|_| {
-                        ApiError::bad_request(format!(
-                            "input '{name}' element {i} is not valid UTF-8 text"
-                        ))
-                    })
-            })
-            .collect();
-    };
-    if !bytes.len().is_multiple_of(size) {
-        return Err(bad(format!(
-            "parameters.binary_data_size is {} bytes, which is not a whole number of {} elements ({size} bytes each)",
-            bytes.len(),
-            d.as_str()
-        )));
-    }
-    let float = |i: usize, f: f64| {
-        Number::from_f64(f).map(Value::Number).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "input '{name}' element {i} is {f}, which is not a finite number"
-            ))
+    raw::values(d, bytes).map_err(|e| {
+        ApiError::bad_request(match e {
+            RawError::PartialElement {
+                len,
+                datatype,
+                size,
+            } => format!(
+                "input '{name}': parameters.binary_data_size is {len} bytes, which is not a whole number of {} elements ({size} bytes each)",
+                datatype.as_str()
+            ),
+            e if e.is_element_value() => format!("input '{name}' {e}"),
+            e => format!("input '{name}': BYTES {e}"),
         })
-    };
-    bytes
-        .chunks_exact(size)
-        .enumerate()
-        .map(|(i, c)| {
-            let mut b = [0u8; 8];
-            b[..size].copy_from_slice(c);
-            Ok(match d {
-                Datatype::Bool => Value::Bool(c[0] != 0),
-                Datatype::Uint8 => json!(c[0]),
-                Datatype::Int8 => json!(c[0] as i8),
-                Datatype::Uint16 => json!(u16::from_le_bytes([b[0], b[1]])),
-                Datatype::Int16 => json!(i16::from_le_bytes([b[0], b[1]])),
-                Datatype::Uint32 => json!(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                Datatype::Int32 => json!(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                Datatype::Uint64 => json!(u64::from_le_bytes(b)),
-                Datatype::Int64 => json!(i64::from_le_bytes(b)),
-                Datatype::Fp16 => {
-                    float(i, f64::from(f16_to_f32(u16::from_le_bytes([b[0], b[1]]))))?
-                }
-                Datatype::Fp32 => {
-                    float(i, f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))?
-                }
-                Datatype::Fp64 => float(i, f64::from_le_bytes(b))?,
-                Datatype::Bytes => unreachable!("BYTES is split above"),
-            })
-        })
-        .collect()
+    })
 }
 
 /// A raw binary request: the whole body is the one `prompt` (BYTES, shape [1]). A body that is
@@ -386,7 +274,8 @@ pub fn encode_response(
     id: String,
     outcome: &InferOutcome,
 ) -> Result<BinaryBody, ApiError> {
-    let tensor = join_bytes(outcome.images.iter().map(|i| i.png.as_slice()))?;
+    let tensor = raw::join_bytes(outcome.images.iter().map(|i| i.png.as_slice()))
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut params = Parameters::new();
     params.insert("binary_data_size".into(), json!(tensor.len()));
     let response = convert::image_response(model_name, id, outcome, Value::Null, params);
@@ -407,6 +296,7 @@ pub fn encode_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdserve_protocol::raw::{f16_to_f32, join_bytes, split_bytes};
 
     fn bytes_tensor(items: &[&[u8]]) -> Vec<u8> {
         join_bytes(items.iter().copied()).unwrap()

@@ -24,9 +24,16 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u
     read_within(headers, body, limit, BODY_IDLE).await
 }
 
-async fn read_within(headers: &HeaderMap, mut body: Body, limit: usize, idle: Duration) -> Result<Vec<u8>, ApiError> {
-    let announced =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+async fn read_within(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    idle: Duration,
+) -> Result<Vec<u8>, ApiError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = announced
         && len > limit as u64
     {
@@ -44,12 +51,18 @@ async fn read_within(headers: &HeaderMap, mut body: Body, limit: usize, idle: Du
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
-                    format!("no request body data arrived for {:.0} s", idle.as_secs_f64()),
+                    format!(
+                        "no request body data arrived for {:.0} s",
+                        idle.as_secs_f64()
+                    ),
                 ));
             }
         };
-        let frame = frame.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         if raw.len() + data.len() > limit {
             discard(&mut body).await;
             return Err(ApiError::payload_too_large(limit));
@@ -76,8 +89,10 @@ async fn read_within(headers: &HeaderMap, mut body: Body, limit: usize, idle: Du
 /// that the client gets the answer rather than a reset connection. Bodies announced larger than
 /// [`DISCARD_BYTES`] are left unread.
 pub async fn drain(headers: &HeaderMap, mut body: Body) {
-    let announced =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if announced.is_none_or(|len| len <= DISCARD_BYTES) {
         discard(&mut body).await;
     }
@@ -103,10 +118,14 @@ fn inflate(reader: impl Read, limit: usize, what: &str) -> Result<Vec<u8>, ApiEr
     match read {
         Ok(_) if out.len() > limit => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("decompressed request body is larger than the limit of {limit} bytes (max_request_body_bytes)"),
+            format!(
+                "decompressed request body is larger than the limit of {limit} bytes (max_request_body_bytes)"
+            ),
         )),
         Ok(_) => Ok(out),
-        Err(e) => Err(ApiError::bad_request(format!("request body is not valid {what} data: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "request body is not valid {what} data: {e}"
+        ))),
     }
 }
 
@@ -132,16 +151,44 @@ mod tests {
 
     #[tokio::test]
     async fn plain_gzip_and_limits() {
-        assert_eq!(read(&headers(None), Body::from("abc"), 10).await.unwrap(), b"abc");
+        assert_eq!(
+            read(&headers(None), Body::from("abc"), 10).await.unwrap(),
+            b"abc"
+        );
         let packed = gzip(b"hello");
-        assert_eq!(read(&headers(Some("gzip")), Body::from(packed), 100).await.unwrap(), b"hello");
-        assert_eq!(read(&headers(None), Body::from("x".repeat(11)), 10).await.unwrap_err().status, 413);
+        assert_eq!(
+            read(&headers(Some("gzip")), Body::from(packed), 100)
+                .await
+                .unwrap(),
+            b"hello"
+        );
+        assert_eq!(
+            read(&headers(None), Body::from("x".repeat(11)), 10)
+                .await
+                .unwrap_err()
+                .status,
+            413
+        );
         let bomb = gzip(&vec![0u8; 10_000_000]);
         assert!(bomb.len() < 20_000);
-        let err = read(&headers(Some("gzip")), Body::from(bomb), 1_000_000).await.unwrap_err();
+        let err = read(&headers(Some("gzip")), Body::from(bomb), 1_000_000)
+            .await
+            .unwrap_err();
         assert_eq!(err.status, 413);
-        assert_eq!(read(&headers(Some("gzip")), Body::from("nope"), 100).await.unwrap_err().status, 400);
-        assert_eq!(read(&headers(Some("br")), Body::from("x"), 100).await.unwrap_err().status, 415);
+        assert_eq!(
+            read(&headers(Some("gzip")), Body::from("nope"), 100)
+                .await
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            read(&headers(Some("br")), Body::from("x"), 100)
+                .await
+                .unwrap_err()
+                .status,
+            415
+        );
     }
 
     /// A body that sends its one chunk and then nothing, ever.
@@ -165,9 +212,15 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_body_times_out() {
         let body = Body::new(Stalled(Some(Bytes::from_static(b"{\"inputs\""))));
-        let err = read_within(&headers(None), body, 100, Duration::from_millis(50)).await.unwrap_err();
+        let err = read_within(&headers(None), body, 100, Duration::from_millis(50))
+            .await
+            .unwrap_err();
         assert_eq!(err.status, 408);
-        assert!(err.message.contains("no request body data"), "{}", err.message);
+        assert!(
+            err.message.contains("no request body data"),
+            "{}",
+            err.message
+        );
     }
 
     /// `left` chunks of 1000 bytes, counting how many were taken.
@@ -189,7 +242,10 @@ mod tests {
             }
             self.left -= 1;
             self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 1000])))))
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+                b'x';
+                1000
+            ])))))
         }
     }
 
@@ -198,8 +254,14 @@ mod tests {
         // No length announced: the refusal comes once the whole body was consumed, so the
         // client is not cut off while it still sends.
         let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let body = Body::new(Counted { left: 50, taken: taken.clone() });
-        assert_eq!(read(&headers(None), body, 10_000).await.unwrap_err().status, 413);
+        let body = Body::new(Counted {
+            left: 50,
+            taken: taken.clone(),
+        });
+        assert_eq!(
+            read(&headers(None), body, 10_000).await.unwrap_err().status,
+            413
+        );
         assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), 50);
     }
 }

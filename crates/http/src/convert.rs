@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use sdserve_engine::{GenerationRequest, InferOutcome, Progress};
-use sdserve_protocol::{Datatype, DiffusersRequest, InferenceRequest, InferenceResponse, Parameters, ResponseOutput};
+use sdserve_protocol::{
+    Datatype, DiffusersRequest, InferenceRequest, InferenceResponse, Parameters, ResponseOutput,
+};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -13,7 +15,9 @@ use crate::error::ApiError;
 pub const IMAGE_OUTPUT: &str = "image";
 
 /// Decodes the diffusers contract; returns the engine request and the per-request timeout.
-pub fn to_generation_request(req: &InferenceRequest) -> Result<(GenerationRequest, Option<Duration>), ApiError> {
+pub fn to_generation_request(
+    req: &InferenceRequest,
+) -> Result<(GenerationRequest, Option<Duration>), ApiError> {
     if let Some(outputs) = &req.outputs
         && let Some(o) = outputs.iter().find(|o| o.name != IMAGE_OUTPUT)
     {
@@ -64,7 +68,10 @@ pub fn effective_parameters(outcome: &InferOutcome) -> Parameters {
         p.insert("eta".into(), json!(job.eta));
     }
     p.insert("queue_seconds".into(), json!(round_ms(outcome.queue_wait)));
-    p.insert("generation_seconds".into(), json!(round_ms(outcome.generation)));
+    p.insert(
+        "generation_seconds".into(),
+        json!(round_ms(outcome.generation)),
+    );
     p
 }
 
@@ -75,7 +82,11 @@ fn round_ms(d: Duration) -> f64 {
 /// Builds the V2 response: one BYTES element per image, base64 PNG, in prompt order.
 pub fn to_response(model_name: &str, id: String, outcome: &InferOutcome) -> InferenceResponse {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let data: Vec<Value> = outcome.images.iter().map(|img| Value::String(b64.encode(&img.png))).collect();
+    let data: Vec<Value> = outcome
+        .images
+        .iter()
+        .map(|img| Value::String(b64.encode(&img.png)))
+        .collect();
     let mut out_params = Parameters::new();
     out_params.insert("content_type".into(), json!("base64"));
     image_response(model_name, id, outcome, Value::Array(data), out_params)
@@ -116,7 +127,10 @@ pub struct StepProgress {
 
 impl StepProgress {
     pub fn new(num_inference_steps: usize) -> Self {
-        Self { steps: num_inference_steps, reported: 0 }
+        Self {
+            steps: num_inference_steps,
+            reported: 0,
+        }
     }
 
     /// The event for this pass, or `None` when it completes no new step.
@@ -129,7 +143,11 @@ impl StepProgress {
             return None;
         }
         self.reported = step;
-        Some(Progress { step, total: self.steps, elapsed: p.elapsed })
+        Some(Progress {
+            step,
+            total: self.steps,
+            elapsed: p.elapsed,
+        })
     }
 }
 
@@ -142,8 +160,18 @@ mod tests {
     fn response_has_one_base64_element_per_image() {
         let job = GenerationJob {
             images: vec![
-                ImageSpec { prompt: "a".into(), negative_prompt: String::new(), seed: 3, latents: None },
-                ImageSpec { prompt: "b".into(), negative_prompt: String::new(), seed: 4, latents: None },
+                ImageSpec {
+                    prompt: "a".into(),
+                    negative_prompt: String::new(),
+                    seed: 3,
+                    latents: None,
+                },
+                ImageSpec {
+                    prompt: "b".into(),
+                    negative_prompt: String::new(),
+                    seed: 4,
+                    latents: None,
+                },
             ],
             num_inference_steps: 5,
             guidance_scale: 7.5,
@@ -153,7 +181,10 @@ mod tests {
             eta: 0.0,
         };
         let outcome = InferOutcome {
-            images: vec![GeneratedImage { png: vec![1, 2, 3] }, GeneratedImage { png: vec![4] }],
+            images: vec![
+                GeneratedImage { png: vec![1, 2, 3] },
+                GeneratedImage { png: vec![4] },
+            ],
             job,
             model_version: None,
             queue_wait: Duration::from_millis(1500),
@@ -173,7 +204,13 @@ mod tests {
         let run = |steps: usize, passes: usize| -> Vec<(usize, usize)> {
             let mut s = StepProgress::new(steps);
             (1..=passes)
-                .filter_map(|p| s.step(&Progress { step: p, total: passes, elapsed: Duration::ZERO }))
+                .filter_map(|p| {
+                    s.step(&Progress {
+                        step: p,
+                        total: passes,
+                        elapsed: Duration::ZERO,
+                    })
+                })
                 .map(|p| (p.step, p.total))
                 .collect()
         };
@@ -196,12 +233,22 @@ mod tests {
             "outputs": [{"name": "images"}]
         }))
         .unwrap();
-        assert!(to_generation_request(&req).unwrap_err().message.contains("unknown output 'images'"));
+        assert!(
+            to_generation_request(&req)
+                .unwrap_err()
+                .message
+                .contains("unknown output 'images'")
+        );
         let req = InferenceRequest::from_value(&json!({
             "inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
             "parameters": {"timeout": -5}
         }))
         .unwrap();
-        assert!(to_generation_request(&req).unwrap_err().message.contains("'timeout'"));
+        assert!(
+            to_generation_request(&req)
+                .unwrap_err()
+                .message
+                .contains("'timeout'")
+        );
     }
 }

@@ -28,7 +28,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), detail: None, retry_after: false, authenticate: false }
+        Self {
+            status,
+            message: message.into(),
+            detail: None,
+            retry_after: false,
+            authenticate: false,
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -44,13 +50,18 @@ impl ApiError {
             message.push_str(&format!("; and {} more", errors.len() - shown.len()));
         }
         Self {
-            detail: Some(Value::Array(shown.iter().map(SchemaError::to_detail).collect())),
+            detail: Some(Value::Array(
+                shown.iter().map(SchemaError::to_detail).collect(),
+            )),
             ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
         }
     }
 
     pub fn not_found_route() -> Self {
-        Self { detail: Some(json!("Not Found")), ..Self::new(StatusCode::NOT_FOUND, "Not Found") }
+        Self {
+            detail: Some(json!("Not Found")),
+            ..Self::new(StatusCode::NOT_FOUND, "Not Found")
+        }
     }
 
     pub fn method_not_allowed() -> Self {
@@ -63,14 +74,19 @@ impl ApiError {
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {limit} bytes (max_request_body_bytes)"),
+            format!(
+                "request body is larger than the limit of {limit} bytes (max_request_body_bytes)"
+            ),
         )
     }
 
     pub fn unauthorized() -> Self {
         Self {
             authenticate: true,
-            ..Self::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token in the Authorization header")
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token in the Authorization header",
+            )
         }
     }
 
@@ -93,11 +109,16 @@ impl From<EngineError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             EngineError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-            EngineError::Disconnected => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            EngineError::Disconnected => {
+                StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             EngineError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let retry_after = matches!(e, EngineError::Overloaded { .. } | EngineError::Draining);
-        Self { retry_after, ..Self::new(status, e.to_string()) }
+        Self {
+            retry_after,
+            ..Self::new(status, e.to_string())
+        }
     }
 }
 
@@ -105,10 +126,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.authenticate {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -125,7 +150,10 @@ mod tests {
         assert_eq!(errors.len(), 1000);
         let e = ApiError::schema(&errors);
         assert_eq!(e.status, 422);
-        assert_eq!(e.detail.as_ref().and_then(Value::as_array).map(Vec::len), Some(MAX_SCHEMA_ERRORS));
+        assert_eq!(
+            e.detail.as_ref().and_then(Value::as_array).map(Vec::len),
+            Some(MAX_SCHEMA_ERRORS)
+        );
         assert!(e.message.ends_with("; and 980 more"), "{}", e.message);
         assert!(e.message.contains("inputs.0"), "{}", e.message);
     }

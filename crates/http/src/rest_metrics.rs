@@ -26,7 +26,11 @@ impl RestMetrics {
     pub fn register(registry: &Registry, prefix: &str) -> Self {
         let labels = &["method", "path", "status_code"][..];
         Self {
-            requests: registry.counter(&format!("{prefix}_requests_total"), "Total HTTP requests", labels),
+            requests: registry.counter(
+                &format!("{prefix}_requests_total"),
+                "Total HTTP requests",
+                labels,
+            ),
             duration: registry.histogram(
                 &format!("{prefix}_request_duration_seconds"),
                 "HTTP request duration, in seconds",
@@ -56,7 +60,9 @@ impl Drop for Observation {
         let status = self.status.unwrap_or(CLIENT_CLOSED).to_string();
         let labels = [self.method.as_str(), self.path.as_str(), status.as_str()];
         self.metrics.requests.inc(&labels);
-        self.metrics.duration.observe(&labels, self.started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(&labels, self.started.elapsed().as_secs_f64());
         self.metrics.in_progress.add(&[&self.method], -1.0);
         tracing::debug!(target: "sdserve_http::access", "{} {} {} {:.3}s", self.method, self.path, status, self.started.elapsed().as_secs_f64());
     }
@@ -69,10 +75,21 @@ pub async fn track(State(metrics): State<Arc<RestMetrics>>, req: Request, next: 
     };
     let method = req.method().as_str().to_owned();
     metrics.in_progress.add(&[&method], 1.0);
-    let mut observation = Observation { metrics, method, path, started: Instant::now(), status: None };
+    let mut observation = Observation {
+        metrics,
+        method,
+        path,
+        started: Instant::now(),
+        status: None,
+    };
     let response = next.run(req).await;
     observation.status = Some(response.status().as_u16());
-    response.map(|body| Body::new(ObservedBody { inner: body, _observation: observation }))
+    response.map(|body| {
+        Body::new(ObservedBody {
+            inner: body,
+            _observation: observation,
+        })
+    })
 }
 
 /// Keeps the observation alive until the body has been written (or abandoned).
@@ -85,7 +102,10 @@ impl http_body::Body for ObservedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use sdserve_engine::metrics::{CONTENT_TYPE, Registry};
 use tower_http::compression::CompressionLayer;
-use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 use crate::error::ApiError;
 use crate::handlers::{docs, health, infer, metadata, repository};
@@ -32,17 +32,32 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
         .route(MODEL, get(metadata::model))
         .route(VERSION, get(metadata::model_version))
         .route(&format!("{MODEL}/ready"), get(health::model_ready))
-        .route(&format!("{VERSION}/ready"), get(health::model_version_ready))
+        .route(
+            &format!("{VERSION}/ready"),
+            get(health::model_version_ready),
+        )
         .route("/v2/docs", get(docs::docs))
         .route("/v2/docs/dataplane.json", get(docs::openapi))
         .route("/openapi.json", get(docs::openapi))
         .route(&format!("{MODEL}/docs"), get(docs::model_docs))
         .route(&format!("{VERSION}/docs"), get(docs::model_version_docs))
-        .route(&format!("{MODEL}/docs/dataplane.json"), get(docs::model_openapi))
-        .route(&format!("{VERSION}/docs/dataplane.json"), get(docs::model_version_openapi))
+        .route(
+            &format!("{MODEL}/docs/dataplane.json"),
+            get(docs::model_openapi),
+        )
+        .route(
+            &format!("{VERSION}/docs/dataplane.json"),
+            get(docs::model_version_openapi),
+        )
         .route("/v2/repository/index", post(repository::index))
-        .route("/v2/repository/models/{model_name}/load", post(repository::load))
-        .route("/v2/repository/models/{model_name}/unload", post(repository::unload));
+        .route(
+            "/v2/repository/models/{model_name}/load",
+            post(repository::load),
+        )
+        .route(
+            "/v2/repository/models/{model_name}/unload",
+            post(repository::unload),
+        );
     for base in [MODEL, VERSION] {
         for action in ["infer", "generate"] {
             r = r.route(&format!("{base}/{action}"), post(infer::infer));
@@ -51,10 +66,15 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
             r = r.route(&format!("{base}/{action}"), post(infer::infer_stream));
         }
     }
-    let mut r = r.fallback(|| async { ApiError::not_found_route() }).with_state(state).layer(map_response(json_405));
+    let mut r = r
+        .fallback(|| async { ApiError::not_found_route() })
+        .with_state(state)
+        .layer(map_response(json_405));
     if gzip {
         // Starlette's GZipMiddleware threshold; event streams are never compressed.
-        r = r.layer(CompressionLayer::new().compress_when(SizeAbove::new(500).and(DefaultPredicate::new())));
+        r = r.layer(
+            CompressionLayer::new().compress_when(SizeAbove::new(500).and(DefaultPredicate::new())),
+        );
     }
     if let Some(cors) = &cors {
         r = r.layer(cors_layer(cors));
@@ -69,32 +89,63 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
 /// are allowed, since browsers refuse `*` with credentials).
 fn cors_layer(c: &Cors) -> CorsLayer {
     let any_origin = c.allow_origins.iter().any(|o| o == "*");
-    let listed: Vec<HeaderValue> = c.allow_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
-    let regex = c.allow_origin_regex.as_deref().and_then(|r| regex::Regex::new(&format!("^(?:{r})$")).ok());
+    let listed: Vec<HeaderValue> = c
+        .allow_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let regex = c
+        .allow_origin_regex
+        .as_deref()
+        .and_then(|r| regex::Regex::new(&format!("^(?:{r})$")).ok());
     let origin = if any_origin && !c.allow_credentials {
         AllowOrigin::any()
     } else {
         AllowOrigin::predicate(move |origin: &HeaderValue, _| {
-            any_origin || listed.contains(origin) || regex.as_ref().is_some_and(|re| origin.to_str().is_ok_and(|o| re.is_match(o)))
+            any_origin
+                || listed.contains(origin)
+                || regex
+                    .as_ref()
+                    .is_some_and(|re| origin.to_str().is_ok_and(|o| re.is_match(o)))
         })
     };
-    let methods: Vec<Method> = c.allow_methods.iter().filter_map(|m| m.parse().ok()).collect();
+    let methods: Vec<Method> = c
+        .allow_methods
+        .iter()
+        .filter_map(|m| m.parse().ok())
+        .collect();
     let any_method = c.allow_methods.iter().any(|m| m == "*");
-    let headers: Vec<HeaderName> = c.allow_headers.iter().filter_map(|h| h.parse().ok()).collect();
+    let headers: Vec<HeaderName> = c
+        .allow_headers
+        .iter()
+        .filter_map(|h| h.parse().ok())
+        .collect();
     let any_header = c.allow_headers.iter().any(|h| h == "*");
-    let expose: Vec<HeaderName> = c.expose_headers.iter().filter_map(|h| h.parse().ok()).collect();
+    let expose: Vec<HeaderName> = c
+        .expose_headers
+        .iter()
+        .filter_map(|h| h.parse().ok())
+        .collect();
     let mut layer = CorsLayer::new()
         .allow_origin(origin)
         .allow_credentials(c.allow_credentials)
         .max_age(Duration::from_secs(c.max_age))
         .expose_headers(expose);
     layer = if any_method {
-        layer.allow_methods(if c.allow_credentials { AllowMethods::mirror_request() } else { AllowMethods::any() })
+        layer.allow_methods(if c.allow_credentials {
+            AllowMethods::mirror_request()
+        } else {
+            AllowMethods::any()
+        })
     } else {
         layer.allow_methods(methods)
     };
     if any_header {
-        layer.allow_headers(if c.allow_credentials { AllowHeaders::mirror_request() } else { AllowHeaders::any() })
+        layer.allow_headers(if c.allow_credentials {
+            AllowHeaders::mirror_request()
+        } else {
+            AllowHeaders::any()
+        })
     } else {
         layer.allow_headers(headers)
     }
@@ -108,7 +159,9 @@ async fn json_405(response: Response) -> Response {
     let (parts, _) = response.into_parts();
     let mut fresh = ApiError::method_not_allowed().into_response();
     if let Some(allow) = parts.headers.get(axum::http::header::ALLOW) {
-        fresh.headers_mut().insert(axum::http::header::ALLOW, allow.clone());
+        fresh
+            .headers_mut()
+            .insert(axum::http::header::ALLOW, allow.clone());
     }
     fresh
 }
@@ -120,7 +173,12 @@ pub fn metrics_router(registry: Arc<Registry>, endpoint: &str) -> Router {
             endpoint,
             get(move || {
                 let registry = registry.clone();
-                async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], registry.render()) }
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                        registry.render(),
+                    )
+                }
             }),
         )
         .fallback(|| async { ApiError::not_found_route() })

@@ -21,7 +21,10 @@ pub struct NormalStream {
 
 impl NormalStream {
     pub fn new(seed: u64) -> Self {
-        Self { rng: ChaCha20Rng::seed_from_u64(seed), spare: None }
+        Self {
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            spare: None,
+        }
     }
 
     fn uniform_open(&mut self) -> f64 {
@@ -53,7 +56,9 @@ pub struct PerImageNoise {
 
 impl PerImageNoise {
     pub fn new(seeds: &[u64]) -> Self {
-        Self { streams: seeds.iter().map(|&s| NormalStream::new(s)).collect() }
+        Self {
+            streams: seeds.iter().map(|&s| NormalStream::new(s)).collect(),
+        }
     }
 
     pub fn streams_mut(&mut self) -> &mut [NormalStream] {

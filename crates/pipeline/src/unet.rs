@@ -96,6 +96,24 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
+    /// A block's `attentions.0`, `attentions.1`, ... (`count` of them when the block has
+    /// cross-attention, else none).
+    fn stack(
+        vb: &VarBuilder,
+        count: usize,
+        cross_attn: bool,
+        channels: usize,
+        level: &UNetBlock,
+        c: &UNetConfig,
+    ) -> Result<Vec<Self>> {
+        if !cross_attn {
+            return Ok(Vec::new());
+        }
+        (0..count)
+            .map(|j| Self::new(vb.pp(format!("attentions.{j}")), channels, level, c))
+            .collect()
+    }
+
     fn new(vb: VarBuilder, channels: usize, level: &UNetBlock, c: &UNetConfig) -> Result<Self> {
         let norm = candle_nn::group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if c.use_linear_projection {
@@ -346,15 +364,14 @@ impl UNet {
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let attentions = if level.down_cross_attn {
-                (0..level.layers)
-                    .map(|j| {
-                        SpatialTransformer::new(vb.pp(format!("attentions.{j}")), out_ch, level, c)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            } else {
-                Vec::new()
-            };
+            let attentions = SpatialTransformer::stack(
+                &vb,
+                level.layers,
+                level.down_cross_attn,
+                out_ch,
+                level,
+                c,
+            )?;
             let downsample = if i + 1 < n {
                 Some(Downsample::new(
                     vb.pp("downsamplers.0"),
@@ -417,15 +434,8 @@ impl UNet {
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let attentions = if level.up_cross_attn {
-                (0..layers)
-                    .map(|j| {
-                        SpatialTransformer::new(vb.pp(format!("attentions.{j}")), out_ch, level, c)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            } else {
-                Vec::new()
-            };
+            let attentions =
+                SpatialTransformer::stack(&vb, layers, level.up_cross_attn, out_ch, level, c)?;
             let upsample = if i + 1 < n {
                 Some(Upsample::new(vb.pp("upsamplers.0"), out_ch)?)
             } else {

@@ -100,7 +100,10 @@ fn element_count(input: &RequestInput) -> Result<usize, ContractError> {
             )));
         }
         n = n.checked_mul(d as usize).ok_or_else(|| {
-            bad(format!("input '{}': shape {:?} is too large", input.name, input.shape))
+            bad(format!(
+                "input '{}': shape {:?} is too large",
+                input.name, input.shape
+            ))
         })?;
     }
     Ok(n)
@@ -167,7 +170,10 @@ fn strings(input: &RequestInput) -> Result<Vec<String>, ContractError> {
         .enumerate()
         .map(|(i, v)| match v {
             Value::String(s) => text(s, &format!("input '{}' element {i}", input.name)),
-            _ => Err(bad(format!("input '{}' element {i} is not a string", input.name))),
+            _ => Err(bad(format!(
+                "input '{}' element {i} is not a string",
+                input.name
+            ))),
         })
         .collect()
 }
@@ -228,6 +234,25 @@ fn as_text(v: &Value, what: &str) -> Result<String, ContractError> {
     }
 }
 
+/// Parameter `name`, one value or a list of them, each read by `one`.
+fn one_or_list<T>(
+    value: Option<&Value>,
+    name: &str,
+    one: impl Fn(&Value, &str) -> Result<T, ContractError>,
+) -> Result<Option<Vec<T>>, ContractError> {
+    Ok(match value {
+        None => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| one(v, &format!("parameter '{name}' element {i}")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(v) => Some(vec![one(v, &format!("parameter '{name}'"))?]),
+    })
+}
+
 const INTEGERS: &[Datatype] = &[
     Datatype::Int8,
     Datatype::Int16,
@@ -268,13 +293,18 @@ impl DiffusersRequest {
                 )));
             }
             if !seen.insert(input.name.as_str()) {
-                return Err(bad(format!("input '{}' is given more than once", input.name)));
+                return Err(bad(format!(
+                    "input '{}' is given more than once",
+                    input.name
+                )));
             }
         }
         let find = |name: &str| req.inputs.iter().find(|i| i.name == name);
         let params = req.parameters.clone().unwrap_or_default();
         for key in params.keys() {
-            if !PARAMETER_NAMES.contains(&key.as_str()) && !PASSTHROUGH_PARAMETERS.contains(&key.as_str()) {
+            if !PARAMETER_NAMES.contains(&key.as_str())
+                && !PASSTHROUGH_PARAMETERS.contains(&key.as_str())
+            {
                 return Err(bad(format!(
                     "unknown parameter '{key}'; allowed parameters: {}",
                     PARAMETER_NAMES.join(", ")
@@ -283,24 +313,15 @@ impl DiffusersRequest {
         }
         let param = |name: &str| params.get(name).filter(|v| !v.is_null());
 
-        let prompt = find("prompt").ok_or_else(|| bad("missing input 'prompt' (BYTES, shape [N])"))?;
+        let prompt =
+            find("prompt").ok_or_else(|| bad("missing input 'prompt' (BYTES, shape [N])"))?;
         let prompts = strings(prompt)?;
         if prompts.is_empty() {
             return Err(bad("input 'prompt' must hold at least one prompt"));
         }
 
         let neg_input = find("negative_prompt").map(strings).transpose()?;
-        let neg_param = match param("negative_prompt") {
-            None => None,
-            Some(Value::Array(items)) => Some(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| as_text(v, &format!("parameter 'negative_prompt' element {i}")))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            Some(v) => Some(vec![as_text(v, "parameter 'negative_prompt'")?]),
-        };
+        let neg_param = one_or_list(param("negative_prompt"), "negative_prompt", as_text)?;
         let negative_prompts = merge("negative_prompt", neg_input, neg_param)?;
         if let Some(neg) = &negative_prompts
             && neg.len() != 1
@@ -321,7 +342,9 @@ impl DiffusersRequest {
                 }
                 None => None,
             };
-            let from_param = param(name).map(|v| as_integer(v, &format!("parameter '{name}'"))).transpose()?;
+            let from_param = param(name)
+                .map(|v| as_integer(v, &format!("parameter '{name}'")))
+                .transpose()?;
             merge(name, from_input, from_param)
         };
         let float_field = |name: &str| -> Result<Option<f64>, ContractError> {
@@ -332,13 +355,23 @@ impl DiffusersRequest {
                 }
                 None => None,
             };
-            let from_param = param(name).map(|v| as_float(v, &format!("parameter '{name}'"))).transpose()?;
+            let from_param = param(name)
+                .map(|v| as_float(v, &format!("parameter '{name}'")))
+                .transpose()?;
             merge(name, from_input, from_param)
         };
 
         let seeds_input = match find("seed") {
             Some(i) => {
-                check_datatype(i, &[Datatype::Int64, Datatype::Uint64, Datatype::Int32, Datatype::Uint32])?;
+                check_datatype(
+                    i,
+                    &[
+                        Datatype::Int64,
+                        Datatype::Uint64,
+                        Datatype::Int32,
+                        Datatype::Uint32,
+                    ],
+                )?;
                 Some(
                     elements(i)?
                         .into_iter()
@@ -349,17 +382,7 @@ impl DiffusersRequest {
             }
             None => None,
         };
-        let seeds_param = match param("seed") {
-            None => None,
-            Some(Value::Array(items)) => Some(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(k, v)| as_seed(v, &format!("parameter 'seed' element {k}")))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            Some(v) => Some(vec![as_seed(v, "parameter 'seed'")?]),
-        };
+        let seeds_param = one_or_list(param("seed"), "seed", as_seed)?;
         let seeds = merge("seed", seeds_input, seeds_param)?;
         if seeds.as_ref().is_some_and(|s| s.is_empty()) {
             return Err(bad("'seed' must hold at least one seed"));
@@ -372,7 +395,9 @@ impl DiffusersRequest {
             }
             None => None,
         };
-        let scheduler_param = param("scheduler").map(|v| as_text(v, "parameter 'scheduler'")).transpose()?;
+        let scheduler_param = param("scheduler")
+            .map(|v| as_text(v, "parameter 'scheduler'"))
+            .transpose()?;
         let scheduler = merge("scheduler", scheduler_input, scheduler_param)?;
 
         let latents = match find("latents") {
@@ -391,18 +416,27 @@ impl DiffusersRequest {
                 let data = elements(i)?
                     .into_iter()
                     .enumerate()
-                    .map(|(k, v)| as_float(v, &format!("input 'latents' element {k}")).map(|f| f as f32))
+                    .map(|(k, v)| {
+                        as_float(v, &format!("input 'latents' element {k}")).map(|f| f as f32)
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 if data.iter().any(|f| !f.is_finite()) {
                     return Err(bad("input 'latents' holds a value outside the FP32 range"));
                 }
-                Some(LatentsInput { shape: i.shape.iter().map(|&d| d as usize).collect(), data })
+                Some(LatentsInput {
+                    shape: i.shape.iter().map(|&d| d as usize).collect(),
+                    data,
+                })
             }
             None => None,
         };
 
-        let output_format = param("output_format").map(|v| as_text(v, "parameter 'output_format'")).transpose()?;
-        let timeout_ms = param("timeout").map(|v| as_float(v, "parameter 'timeout'")).transpose()?;
+        let output_format = param("output_format")
+            .map(|v| as_text(v, "parameter 'output_format'"))
+            .transpose()?;
+        let timeout_ms = param("timeout")
+            .map(|v| as_float(v, "parameter 'timeout'"))
+            .transpose()?;
 
         Ok(Self {
             prompts,
@@ -424,15 +458,17 @@ impl DiffusersRequest {
 
 /// The contract's inputs, as model metadata reports them.
 pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
-    let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| crate::v2::MetadataTensor {
-        name: name.into(),
-        datatype,
-        shape: shape.to_vec(),
-        parameters: content_type.map(|c| {
-            let mut p = crate::v2::Parameters::new();
-            p.insert("content_type".into(), Value::String(c.into()));
-            p
-        }),
+    let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| {
+        crate::v2::MetadataTensor {
+            name: name.into(),
+            datatype,
+            shape: shape.to_vec(),
+            parameters: content_type.map(|c| {
+                let mut p = crate::v2::Parameters::new();
+                p.insert("content_type".into(), Value::String(c.into()));
+                p
+            }),
+        }
     };
     vec![
         t("prompt", Datatype::Bytes, &[-1], Some("str")),
@@ -453,7 +489,12 @@ pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
 pub fn output_metadata() -> Vec<crate::v2::MetadataTensor> {
     let mut p = crate::v2::Parameters::new();
     p.insert("content_type".into(), Value::String("base64".into()));
-    vec![crate::v2::MetadataTensor { name: "image".into(), datatype: Datatype::Bytes, shape: vec![-1, 1], parameters: Some(p) }]
+    vec![crate::v2::MetadataTensor {
+        name: "image".into(),
+        datatype: Datatype::Bytes,
+        shape: vec![-1, 1],
+        parameters: Some(p),
+    }]
 }
 
 #[cfg(test)]
@@ -510,38 +551,79 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (json!({"inputs": []}), "missing input 'prompt'"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1])),
-                   {"name": "promt", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}), "unknown input 'promt'"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1])), prompt(json!(["b"]), json!([1]))]}),
-             "input 'prompt' is given more than once"),
-            (json!({"inputs": [prompt(json!(["a", "b"]), json!([1]))]}), "needs 1 element(s) but data has 2"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([-1]))]}), "negative dimension"),
-            (json!({"inputs": [prompt(json!([1]), json!([1]))]}), "element 0 is not a string"),
-            (json!({"inputs": [prompt(json!(["a\u{0}b"]), json!([1]))]}), "NUL"),
-            (json!({"inputs": [{"name": "prompt", "datatype": "FP32", "shape": [1], "data": [1.0]}]}),
-             "datatype FP32 is not allowed"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1])),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
+                   {"name": "promt", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}),
+                "unknown input 'promt'",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])), prompt(json!(["b"]), json!([1]))]}),
+                "input 'prompt' is given more than once",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a", "b"]), json!([1]))]}),
+                "needs 1 element(s) but data has 2",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([-1]))]}),
+                "negative dimension",
+            ),
+            (
+                json!({"inputs": [prompt(json!([1]), json!([1]))]}),
+                "element 0 is not a string",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a\u{0}b"]), json!([1]))]}),
+                "NUL",
+            ),
+            (
+                json!({"inputs": [{"name": "prompt", "datatype": "FP32", "shape": [1], "data": [1.0]}]}),
+                "datatype FP32 is not allowed",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
                    {"name": "num_inference_steps", "datatype": "FP32", "shape": [1], "data": [4.0]}]}),
-             "input 'num_inference_steps': datatype FP32"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1]))], "parameters": {"num_inference_steps": 2.5}}),
-             "parameter 'num_inference_steps' must be an integer"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1])),
+                "input 'num_inference_steps': datatype FP32",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1]))], "parameters": {"num_inference_steps": 2.5}}),
+                "parameter 'num_inference_steps' must be an integer",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
                    {"name": "num_inference_steps", "datatype": "INT32", "shape": [1], "data": [4]}],
-                   "parameters": {"num_inference_steps": 5}}), "different values"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1]))], "parameters": {"steps": 5}}),
-             "unknown parameter 'steps'"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1]))], "parameters": {"seed": -1}}),
-             "between 0 and 2^64-1"),
-            (json!({"inputs": [prompt(json!(["a", "b"]), json!([2]))], "parameters": {"negative_prompt": ["x", "y", "z"]}}),
-             "'negative_prompt' has 3 element(s)"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1])),
-                   {"name": "latents", "datatype": "FP32", "shape": [1, 4, 8], "data": [0.0]}]}), "input 'latents' must have shape"),
-            (json!({"inputs": [prompt(json!(["a"]), json!([1])),
-                   {"name": "latents", "datatype": "FP32", "shape": [4611686018427387904i64, 4, 4611686018427387904i64, 2], "data": [0.0]}]}), "too large"),
+                   "parameters": {"num_inference_steps": 5}}),
+                "different values",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1]))], "parameters": {"steps": 5}}),
+                "unknown parameter 'steps'",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1]))], "parameters": {"seed": -1}}),
+                "between 0 and 2^64-1",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a", "b"]), json!([2]))], "parameters": {"negative_prompt": ["x", "y", "z"]}}),
+                "'negative_prompt' has 3 element(s)",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
+                   {"name": "latents", "datatype": "FP32", "shape": [1, 4, 8], "data": [0.0]}]}),
+                "input 'latents' must have shape",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
+                   {"name": "latents", "datatype": "FP32", "shape": [4611686018427387904i64, 4, 4611686018427387904i64, 2], "data": [0.0]}]}),
+                "too large",
+            ),
         ];
         for (body, expected) in cases {
             let err = decode(body.clone()).unwrap_err();
-            assert!(err.0.contains(expected), "{body} -> {err} (expected '{expected}')");
+            assert!(
+                err.0.contains(expected),
+                "{body} -> {err} (expected '{expected}')"
+            );
         }
     }
 
@@ -563,4 +645,3 @@ mod tests {
         assert_eq!(l.data, [1.0, 2.0, 3.0, 4.0]);
     }
 }
-

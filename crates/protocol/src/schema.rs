@@ -6,7 +6,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::v2::{Datatype, InferenceRequest, Parameters, RepositoryIndexRequest, RequestInput, RequestOutput};
+use crate::v2::{
+    Datatype, InferenceRequest, Parameters, RepositoryIndexRequest, RequestInput, RequestOutput,
+};
 
 /// One location element: an object key or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +31,11 @@ impl SchemaError {
     fn new(kind: &'static str, loc: &[Loc], msg: impl Into<String>) -> Self {
         let mut full = vec![Loc::Key("body".into())];
         full.extend_from_slice(loc);
-        Self { kind, loc: full, msg: msg.into() }
+        Self {
+            kind,
+            loc: full,
+            msg: msg.into(),
+        }
     }
 
     /// Dotted location without the leading `body`, e.g. `inputs.0.datatype`.
@@ -43,7 +49,11 @@ impl SchemaError {
                 Loc::Index(i) => i.to_string(),
             })
             .collect();
-        if parts.is_empty() { "body".into() } else { parts.join(".") }
+        if parts.is_empty() {
+            "body".into()
+        } else {
+            parts.join(".")
+        }
     }
 
     /// FastAPI's detail entry.
@@ -90,7 +100,10 @@ fn byte_offset(body: &[u8], line: usize, column: usize) -> usize {
 
 /// Human summary of a list of schema errors, for the `error` field.
 pub fn summarize(errors: &[SchemaError]) -> String {
-    let parts: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.path(), e.msg)).collect();
+    let parts: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.path(), e.msg))
+        .collect();
     format!("invalid request body: {}", parts.join("; "))
 }
 
@@ -109,17 +122,32 @@ impl Checker {
         v
     }
 
-    fn object<'a>(&mut self, v: &'a Value, loc: &[Loc], what: &str) -> Option<&'a Map<String, Value>> {
+    fn object<'a>(
+        &mut self,
+        v: &'a Value,
+        loc: &[Loc],
+        what: &str,
+    ) -> Option<&'a Map<String, Value>> {
         match v {
             Value::Object(m) => Some(m),
             _ => {
-                self.err("model_attributes_type", loc, format!("{what} must be a JSON object"));
+                self.err(
+                    "model_attributes_type",
+                    loc,
+                    format!("{what} must be a JSON object"),
+                );
                 None
             }
         }
     }
 
-    fn string(&mut self, obj: &Map<String, Value>, key: &str, loc: &[Loc], required: bool) -> Option<String> {
+    fn string(
+        &mut self,
+        obj: &Map<String, Value>,
+        key: &str,
+        loc: &[Loc],
+        required: bool,
+    ) -> Option<String> {
         let at = Self::with(loc, Loc::Key(key.into()));
         match obj.get(key) {
             None | Some(Value::Null) if !required => None,
@@ -208,7 +236,11 @@ impl Checker {
         let parameters = self.parameters(obj, loc);
         let data = match obj.get("data") {
             None => {
-                self.err("missing", &Self::with(loc, Loc::Key("data".into())), "Field required");
+                self.err(
+                    "missing",
+                    &Self::with(loc, Loc::Key("data".into())),
+                    "Field required",
+                );
                 None
             }
             Some(d) => Some(d.clone()),
@@ -226,7 +258,10 @@ impl Checker {
         let obj = self.object(v, loc, "an output")?;
         let name = self.string(obj, "name", loc, true);
         let parameters = self.parameters(obj, loc);
-        Some(RequestOutput { name: name?, parameters })
+        Some(RequestOutput {
+            name: name?,
+            parameters,
+        })
     }
 }
 
@@ -276,8 +311,17 @@ impl InferenceRequest {
             return Err(c.errors);
         }
         match (inputs, outputs) {
-            (Some(inputs), Some(outputs)) => Ok(Self { id, parameters, inputs, outputs }),
-            _ => Err(vec![SchemaError::new("value_error", &[], "invalid request")]),
+            (Some(inputs), Some(outputs)) => Ok(Self {
+                id,
+                parameters,
+                inputs,
+                outputs,
+            }),
+            _ => Err(vec![SchemaError::new(
+                "value_error",
+                &[],
+                "invalid request",
+            )]),
         }
     }
 
@@ -303,11 +347,19 @@ impl RepositoryIndexRequest {
             None | Some(Value::Null) => None,
             Some(Value::Bool(b)) => Some(*b),
             Some(_) => {
-                c.err("bool_type", &[Loc::Key("ready".into())], "Input should be a valid boolean");
+                c.err(
+                    "bool_type",
+                    &[Loc::Key("ready".into())],
+                    "Input should be a valid boolean",
+                );
                 None
             }
         };
-        if c.errors.is_empty() { Ok(Self { ready }) } else { Err(c.errors) }
+        if c.errors.is_empty() {
+            Ok(Self { ready })
+        } else {
+            Err(c.errors)
+        }
     }
 }
 
@@ -334,7 +386,15 @@ mod tests {
         }))
         .unwrap_err();
         let paths: Vec<String> = errs.iter().map(|e| e.path()).collect();
-        assert_eq!(paths, ["id", "inputs.0.shape.1", "inputs.0.datatype", "inputs.0.data"]);
+        assert_eq!(
+            paths,
+            [
+                "id",
+                "inputs.0.shape.1",
+                "inputs.0.datatype",
+                "inputs.0.data"
+            ]
+        );
         assert_eq!(errs[2].kind, "enum");
         assert!(errs[2].msg.contains("STRING"));
     }
@@ -342,7 +402,10 @@ mod tests {
     #[test]
     fn missing_inputs_and_non_object_bodies() {
         let errs = InferenceRequest::from_value(&json!({})).unwrap_err();
-        assert_eq!(errs[0].to_detail(), json!({"type": "missing", "loc": ["body", "inputs"], "msg": "Field required"}));
+        assert_eq!(
+            errs[0].to_detail(),
+            json!({"type": "missing", "loc": ["body", "inputs"], "msg": "Field required"})
+        );
         assert!(InferenceRequest::from_value(&json!([1, 2])).is_err());
         assert!(InferenceRequest::from_value(&json!("x")).is_err());
     }
@@ -363,9 +426,20 @@ mod tests {
 
     #[test]
     fn repository_index_body() {
-        assert_eq!(RepositoryIndexRequest::from_slice(b"{}").unwrap().ready, None);
-        assert_eq!(RepositoryIndexRequest::from_slice(b"{\"ready\":true}").unwrap().ready, Some(true));
-        assert_eq!(RepositoryIndexRequest::from_slice(b"").unwrap_err()[0].kind, "missing");
+        assert_eq!(
+            RepositoryIndexRequest::from_slice(b"{}").unwrap().ready,
+            None
+        );
+        assert_eq!(
+            RepositoryIndexRequest::from_slice(b"{\"ready\":true}")
+                .unwrap()
+                .ready,
+            Some(true)
+        );
+        assert_eq!(
+            RepositoryIndexRequest::from_slice(b"").unwrap_err()[0].kind,
+            "missing"
+        );
         assert!(RepositoryIndexRequest::from_slice(b"{\"ready\":3}").is_err());
     }
 }

@@ -7,9 +7,18 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use sdserve_settings::{SERVER_SETTINGS, ServerOverrides};
 
 pub enum Invocation {
-    Start { folder: PathBuf, overrides: ServerOverrides },
+    Start {
+        folder: PathBuf,
+        overrides: ServerOverrides,
+    },
     Settings,
-    MakeRandomModel { config: String, dtype: String, seed: u64, tokenizer: PathBuf, out: PathBuf },
+    MakeRandomModel {
+        config: String,
+        dtype: String,
+        seed: u64,
+        tokenizer: PathBuf,
+        out: PathBuf,
+    },
 }
 
 fn flag_id(flag: &str) -> String {
@@ -28,41 +37,91 @@ pub fn command() -> Command {
     for doc in SERVER_SETTINGS {
         let Some(flag) = doc.flag else { continue };
         let long: &'static str = flag.trim_start_matches("--");
-        let help = format!("{} [env: {}] [default: {}] [settings.json: {}]", doc.description, doc.env, doc.default, doc.key);
-        start = start.arg(Arg::new(flag_id(flag)).long(long).value_name("VALUE").help(help).action(ArgAction::Set));
+        let help = format!(
+            "{} [env: {}] [default: {}] [settings.json: {}]",
+            doc.description, doc.env, doc.default, doc.key
+        );
+        start = start.arg(
+            Arg::new(flag_id(flag))
+                .long(long)
+                .value_name("VALUE")
+                .help(help)
+                .action(ArgAction::Set),
+        );
     }
     Command::new("sdserve")
         .version(env!("CARGO_PKG_VERSION"))
-        .about("MLServer-compatible Stable Diffusion inference server (V2 / Open Inference Protocol)")
+        .about(
+            "MLServer-compatible Stable Diffusion inference server (V2 / Open Inference Protocol)",
+        )
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(start)
-        .subcommand(Command::new("settings").about("Print every server setting: settings.json key, environment variable, flag, default"))
+        .subcommand(Command::new("settings").about(
+            "Print every server setting: settings.json key, environment variable, flag, default",
+        ))
         .subcommand(make_random_model())
 }
 
 /// Hidden: benchmark machines get random-weight models from the one binary they carry.
 fn make_random_model() -> Command {
-    let path = || Arg::new("x").value_parser(clap::value_parser!(PathBuf)).required(true);
+    let path = || {
+        Arg::new("x")
+            .value_parser(clap::value_parser!(PathBuf))
+            .required(true)
+    };
     Command::new("make-random-model")
         .hide(true)
-        .about("Write a diffusers folder with seeded random weights at a real model size (benchmarks)")
-        .arg(Arg::new("config").long("config").required(true).help("sd15, sd21 or tiny"))
-        .arg(Arg::new("dtype").long("dtype").default_value("f16").help("f16, f32 or bf16"))
-        .arg(Arg::new("seed").long("seed").default_value("0").value_parser(clap::value_parser!(u64)))
-        .arg(path().id("tokenizer").long("tokenizer").help("CLIP tokenizer folder to copy (vocab.json, merges.txt)"))
-        .arg(path().id("out").long("out").help("Output folder; must not exist or be empty"))
+        .about(
+            "Write a diffusers folder with seeded random weights at a real model size (benchmarks)",
+        )
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .required(true)
+                .help("sd15, sd21 or tiny"),
+        )
+        .arg(
+            Arg::new("dtype")
+                .long("dtype")
+                .default_value("f16")
+                .help("f16, f32 or bf16"),
+        )
+        .arg(
+            Arg::new("seed")
+                .long("seed")
+                .default_value("0")
+                .value_parser(clap::value_parser!(u64)),
+        )
+        .arg(
+            path()
+                .id("tokenizer")
+                .long("tokenizer")
+                .help("CLIP tokenizer folder to copy (vocab.json, merges.txt)"),
+        )
+        .arg(
+            path()
+                .id("out")
+                .long("out")
+                .help("Output folder; must not exist or be empty"),
+        )
 }
 
 fn get<T: std::str::FromStr>(m: &ArgMatches, flag: &str) -> Result<Option<T>, String> {
     match m.get_one::<String>(&flag_id(flag)) {
         None => Ok(None),
-        Some(v) => v.parse::<T>().map(Some).map_err(|_| format!("invalid value {v:?} for {flag}")),
+        Some(v) => v
+            .parse::<T>()
+            .map(Some)
+            .map_err(|_| format!("invalid value {v:?} for {flag}")),
     }
 }
 
 fn get_bool(m: &ArgMatches, flag: &str) -> Result<Option<bool>, String> {
-    match m.get_one::<String>(&flag_id(flag)).map(|v| v.to_ascii_lowercase()) {
+    match m
+        .get_one::<String>(&flag_id(flag))
+        .map(|v| v.to_ascii_lowercase())
+    {
         None => Ok(None),
         Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => Ok(Some(true)),
         Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => Ok(Some(false)),
@@ -97,7 +156,10 @@ pub fn parse() -> Result<Invocation, String> {
             config: m.get_one::<String>("config").cloned().unwrap_or_default(),
             dtype: m.get_one::<String>("dtype").cloned().unwrap_or_default(),
             seed: m.get_one::<u64>("seed").copied().unwrap_or_default(),
-            tokenizer: m.get_one::<PathBuf>("tokenizer").cloned().unwrap_or_default(),
+            tokenizer: m
+                .get_one::<PathBuf>("tokenizer")
+                .cloned()
+                .unwrap_or_default(),
             out: m.get_one::<PathBuf>("out").cloned().unwrap_or_default(),
         }),
         _ => Err("unknown command".into()),
@@ -111,13 +173,26 @@ mod tests {
     #[test]
     fn every_flag_of_the_table_is_parsed() {
         let parsed = [
-            "--debug", "--parallel-workers", "--load-models-at-startup", "--host", "--http-port", "--grpc-port",
-            "--metrics-endpoint", "--metrics-port", "--metrics-rest-server-prefix", "--max-queue-size",
-            "--request-timeout", "--drain-timeout", "--max-request-body-bytes",
+            "--debug",
+            "--parallel-workers",
+            "--load-models-at-startup",
+            "--host",
+            "--http-port",
+            "--grpc-port",
+            "--metrics-endpoint",
+            "--metrics-port",
+            "--metrics-rest-server-prefix",
+            "--max-queue-size",
+            "--request-timeout",
+            "--drain-timeout",
+            "--max-request-body-bytes",
         ];
         for doc in SERVER_SETTINGS {
             if let Some(flag) = doc.flag {
-                assert!(parsed.contains(&flag), "{flag} is in the table but not parsed");
+                assert!(
+                    parsed.contains(&flag),
+                    "{flag} is in the table but not parsed"
+                );
             }
         }
         command().debug_assert();

@@ -22,11 +22,19 @@ fn main() -> ExitCode {
             print!("{}", sdserve_settings::settings_reference());
             ExitCode::SUCCESS
         }
-        cli::Invocation::MakeRandomModel { config, dtype, seed, tokenizer, out } => {
-            make_random_model(&config, &dtype, seed, tokenizer, &out)
-        }
+        cli::Invocation::MakeRandomModel {
+            config,
+            dtype,
+            seed,
+            tokenizer,
+            out,
+        } => make_random_model(&config, &dtype, seed, tokenizer, &out),
         cli::Invocation::Start { folder, overrides } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sdserve-io").build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("sdserve-io")
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -44,7 +52,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn make_random_model(config: &str, dtype: &str, seed: u64, tokenizer: std::path::PathBuf, out: &std::path::Path) -> ExitCode {
+fn make_random_model(
+    config: &str,
+    dtype: &str,
+    seed: u64,
+    tokenizer: std::path::PathBuf,
+    out: &std::path::Path,
+) -> ExitCode {
     match sdserve_pipeline::random_model::write_named(config, dtype, seed, tokenizer, out) {
         Ok(summary) => {
             println!("{summary}");

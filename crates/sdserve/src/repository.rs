@@ -15,23 +15,38 @@ pub struct FsRepository {
 
 impl ModelRepository for FsRepository {
     fn list(&self) -> Result<Vec<(String, Option<String>)>, RepositoryError> {
-        let found = discover_models(&self.root, &self.env).map_err(|e| RepositoryError::Failed(e.to_string()))?;
-        Ok(found.models.iter().map(|m| (m.name.clone(), m.version().map(str::to_owned))).collect())
+        let found = discover_models(&self.root, &self.env)
+            .map_err(|e| RepositoryError::Failed(e.to_string()))?;
+        Ok(found
+            .models
+            .iter()
+            .map(|m| (m.name.clone(), m.version().map(str::to_owned)))
+            .collect())
     }
 
     fn find(&self, name: &str) -> Result<Vec<ModelSpec>, RepositoryError> {
-        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." || name.contains('\0') {
+        if name.is_empty()
+            || name.contains(['/', '\\'])
+            || name == "."
+            || name == ".."
+            || name.contains('\0')
+        {
             return Err(RepositoryError::Invalid(format!(
                 "model name {name:?} is not a plain name (no '/', '\\\\', '..')"
             )));
         }
-        let found = find_model(&self.root, name, &self.env).map_err(|e| RepositoryError::Failed(e.to_string()))?;
+        let found = find_model(&self.root, name, &self.env)
+            .map_err(|e| RepositoryError::Failed(e.to_string()))?;
         for w in &found.warnings {
             tracing::warn!("{w}");
         }
         if found.models.is_empty() {
             return Err(RepositoryError::NotFound(name.to_owned()));
         }
-        found.models.iter().map(|m| to_spec(m).map_err(RepositoryError::Failed)).collect()
+        found
+            .models
+            .iter()
+            .map(|m| to_spec(m).map_err(RepositoryError::Failed))
+            .collect()
     }
 }

@@ -32,7 +32,12 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
     }
     let server = loaded.server;
     tracing::info!(settings = %server.to_json(), "starting sdserve {}", env!("CARGO_PKG_VERSION"));
-    let specs = loaded.models.iter().map(to_spec).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let specs = loaded
+        .models
+        .iter()
+        .map(to_spec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
 
     let registry = Arc::new(Registry::new());
     let engine = Engine::new(
@@ -44,23 +49,41 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         Arc::new(PipelineLoader),
         &registry,
     );
-    let rest_metrics = server
-        .metrics_enabled()
-        .then(|| Arc::new(RestMetrics::register(&registry, &server.metrics_rest_server_prefix)));
+    let rest_metrics = server.metrics_enabled().then(|| {
+        Arc::new(RestMetrics::register(
+            &registry,
+            &server.metrics_rest_server_prefix,
+        ))
+    });
     let state = Arc::new(AppState {
         engine: engine.clone(),
         config: http_config(&server),
-        repository: Arc::new(FsRepository { root: server.model_repository_root.clone(), env }),
+        repository: Arc::new(FsRepository {
+            root: server.model_repository_root.clone(),
+            env,
+        }),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_listener = bind(&server.host, server.http_port, "HTTP").await?;
-    tracing::info!("HTTP server running on http://{}", http_listener.local_addr()?);
+    tracing::info!(
+        "HTTP server running on http://{}",
+        http_listener.local_addr()?
+    );
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(http_listener, sdserve_http::router(state.clone(), rest_metrics), stop_rx.clone())));
+    tasks.push(tokio::spawn(serve(
+        http_listener,
+        sdserve_http::router(state.clone(), rest_metrics),
+        stop_rx.clone(),
+    )));
     let grpc_listener = bind(&server.host, server.grpc_port, "gRPC").await?;
-    tracing::info!("gRPC server running on http://{}", grpc_listener.local_addr()?);
-    let grpc_metrics = server.metrics_enabled().then(|| Arc::new(sdserve_grpc::GrpcMetrics::register(&registry)));
+    tracing::info!(
+        "gRPC server running on http://{}",
+        grpc_listener.local_addr()?
+    );
+    let grpc_metrics = server
+        .metrics_enabled()
+        .then(|| Arc::new(sdserve_grpc::GrpcMetrics::register(&registry)));
     let mut grpc_stop = stop_rx.clone();
     tasks.push(tokio::spawn(sdserve_grpc::serve(
         grpc_listener,
@@ -76,7 +99,11 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         let addr = listener.local_addr()?;
         tracing::info!("Metrics server running on http://{addr}");
         tracing::info!("Prometheus scraping endpoint can be accessed on http://{addr}{endpoint}");
-        tasks.push(tokio::spawn(serve(listener, sdserve_http::metrics_router(registry.clone(), endpoint), stop_rx.clone())));
+        tasks.push(tokio::spawn(serve(
+            listener,
+            sdserve_http::metrics_router(registry.clone(), endpoint),
+            stop_rx.clone(),
+        )));
     }
 
     // Models load while the servers already answer: live is 200, ready is 400 until done.
@@ -152,7 +179,10 @@ fn http_config(s: &ServerSettings) -> HttpConfig {
         max_request_body_bytes: usize::try_from(s.max_request_body_bytes).unwrap_or(usize::MAX),
         gzip_enabled: s.gzip_enabled,
         auth_token: s.auth_token.clone(),
-        namespace: std::fs::read_to_string(NAMESPACE_FILE).ok().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()),
+        namespace: std::fs::read_to_string(NAMESPACE_FILE)
+            .ok()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty()),
         cors: s.cors_settings.as_ref().map(|c| sdserve_http::Cors {
             allow_origins: c.allow_origins.clone(),
             allow_origin_regex: c.allow_origin_regex.clone(),
@@ -171,7 +201,9 @@ async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> 
         .with_context(|| format!("cannot resolve host {host:?} for the {what} server"))?
         .next()
         .with_context(|| format!("host {host:?} resolves to no address"))?;
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for the {what} server"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what} server"))
 }
 
 async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {

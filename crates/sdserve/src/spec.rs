@@ -11,13 +11,24 @@ const EXTRA_KEYS: &[&str] = &["device", "dtype", "defaults", "limits"];
 pub fn to_spec(m: &ModelSettings) -> Result<ModelSpec, String> {
     let origin = m.origin();
     let fail = |e: String| format!("model {}: {origin}: {e}", m.name);
-    if let Some(k) = m.parameters.extra.keys().find(|k| !EXTRA_KEYS.contains(&k.as_str())) {
-        return Err(fail(format!("unknown key parameters.extra.{k}; allowed: {}", EXTRA_KEYS.join(", "))));
+    if let Some(k) = m
+        .parameters
+        .extra
+        .keys()
+        .find(|k| !EXTRA_KEYS.contains(&k.as_str()))
+    {
+        return Err(fail(format!(
+            "unknown key parameters.extra.{k}; allowed: {}",
+            EXTRA_KEYS.join(", ")
+        )));
     }
     let defaults = GenerationDefaults::from_extra(&m.parameters.extra).map_err(|e| fail(e.0))?;
     let limits = Limits::from_extra(&m.parameters.extra).map_err(|e| fail(e.0))?;
     if !m.max_batch_time.is_finite() || m.max_batch_time < 0.0 || m.max_batch_time > 3600.0 {
-        return Err(fail(format!("max_batch_time must be between 0 and 3600 seconds, got {}", m.max_batch_time)));
+        return Err(fail(format!(
+            "max_batch_time must be between 0 and 3600 seconds, got {}",
+            m.max_batch_time
+        )));
     }
     Ok(ModelSpec {
         name: m.name.clone(),

@@ -2,7 +2,8 @@
 
 #[test]
 fn readme_settings_reference_is_current() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
     let begin = "<!-- settings:begin -->\n";
     let end = "<!-- settings:end -->";
     let start = readme.find(begin).expect("settings:begin marker") + begin.len();

@@ -15,7 +15,10 @@ fn error_response(description: &str) -> Value {
 }
 
 fn components(request_schema: Value) -> Value {
-    let datatypes: Vec<&str> = sdserve_protocol::Datatype::ALL.iter().map(|d| d.as_str()).collect();
+    let datatypes: Vec<&str> = sdserve_protocol::Datatype::ALL
+        .iter()
+        .map(|d| d.as_str())
+        .collect();
     json!({"schemas": {
         "Datatype": {"type": "string", "enum": datatypes},
         "Parameters": {"type": "object", "additionalProperties": true},
@@ -74,8 +77,10 @@ fn model_paths(base: &str, params: &Value) -> Vec<(String, Value)> {
     request_body["content"]["application/octet-stream"] = raw.clone();
     let mut ok = ok_json("InferenceResponse");
     ok["content"]["application/octet-stream"] = raw;
-    ok["description"] = json!("OK. With outputs[].parameters.binary_data or parameters.binary_data_output: the JSON header \
-                               (Inference-Header-Content-Length bytes), then each PNG as a 4-byte little-endian length and the file");
+    ok["description"] = json!(
+        "OK. With outputs[].parameters.binary_data or parameters.binary_data_output: the JSON header \
+                               (Inference-Header-Content-Length bytes), then each PNG as a 4-byte little-endian length and the file"
+    );
     let infer = json!({"post": {"summary": "Generate images", "parameters": infer_params, "requestBody": request_body,
         "responses": {"200": ok, "400": error_response("Invalid request or model not ready"),
                       "404": error_response("Unknown model or version"), "422": error_response("Body is not a V2 request"),
@@ -86,10 +91,16 @@ fn model_paths(base: &str, params: &Value) -> Vec<(String, Value)> {
         "responses": {"200": {"description": "text/event-stream: one progress event per denoising step, then the InferenceResponse",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}}}});
     vec![
-        (base.to_owned(), json!({"get": {"summary": "Model metadata", "parameters": params,
-            "responses": {"200": ok_json("MetadataModelResponse"), "404": error_response("Unknown model")}}})),
-        (format!("{base}/ready"), json!({"get": {"summary": "Model ready (200) or not (400), empty body", "parameters": params,
-            "responses": {"200": {"description": "Ready"}, "400": {"description": "Not ready"}, "404": error_response("Unknown model")}}})),
+        (
+            base.to_owned(),
+            json!({"get": {"summary": "Model metadata", "parameters": params,
+            "responses": {"200": ok_json("MetadataModelResponse"), "404": error_response("Unknown model")}}}),
+        ),
+        (
+            format!("{base}/ready"),
+            json!({"get": {"summary": "Model ready (200) or not (400), empty body", "parameters": params,
+            "responses": {"200": {"description": "Ready"}, "400": {"description": "Not ready"}, "404": error_response("Unknown model")}}}),
+        ),
         (format!("{base}/infer"), infer.clone()),
         (format!("{base}/generate"), infer),
         (format!("{base}/infer_stream"), stream.clone()),
@@ -99,7 +110,8 @@ fn model_paths(base: &str, params: &Value) -> Vec<(String, Value)> {
 
 /// The generic V2 data plane ("Data Plane").
 pub fn dataplane() -> Value {
-    let name = json!({"name": "model_name", "in": "path", "required": true, "schema": {"type": "string"}});
+    let name =
+        json!({"name": "model_name", "in": "path", "required": true, "schema": {"type": "string"}});
     let version = json!({"name": "model_version", "in": "path", "required": true, "schema": {"type": "string"}});
     let mut paths = serde_json::Map::new();
     paths.insert("/v2".into(), json!({"get": {"summary": "Server metadata", "responses": {"200": ok_json("MetadataServerResponse")}}}));
@@ -109,7 +121,10 @@ pub fn dataplane() -> Value {
     for (p, v) in model_paths("/v2/models/{model_name}", &json!([name])) {
         paths.insert(p, v);
     }
-    for (p, v) in model_paths("/v2/models/{model_name}/versions/{model_version}", &json!([name, version])) {
+    for (p, v) in model_paths(
+        "/v2/models/{model_name}/versions/{model_version}",
+        &json!([name, version]),
+    ) {
         paths.insert(p, v);
     }
     paths.insert("/v2/repository/index".into(), json!({"post": {"summary": "Models on disk and their state",
@@ -150,7 +165,9 @@ pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]
             "scheduler" => json!({"type": "string", "enum": schedulers}),
             "guidance_scale" | "eta" => json!({"type": "number"}),
             "timeout" => json!({"type": "number", "description": "deadline in milliseconds"}),
-            "seed" => json!({"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]}),
+            "seed" => {
+                json!({"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]})
+            }
             _ => json!({"type": "integer"}),
         };
         parameter_props.insert((*p).to_owned(), schema);
@@ -164,7 +181,8 @@ pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]
         Some(v) => format!("/v2/models/{model}/versions/{v}"),
         None => format!("/v2/models/{model}"),
     };
-    let paths: serde_json::Map<String, Value> = model_paths(&base, &json!([])).into_iter().collect();
+    let paths: serde_json::Map<String, Value> =
+        model_paths(&base, &json!([])).into_iter().collect();
     json!({
         "openapi": "3.0.3",
         "info": {"title": format!("Data Plane for Model {model}"), "version": env!("CARGO_PKG_VERSION")},
@@ -177,7 +195,10 @@ pub async fn openapi() -> Json<Value> {
     Json(dataplane())
 }
 
-pub async fn model_openapi(State(state): State<SharedState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn model_openapi(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     model_doc(&state, &name, None)
 }
 
@@ -188,7 +209,11 @@ pub async fn model_version_openapi(
     model_doc(&state, &name, Some(&version))
 }
 
-fn model_doc(state: &SharedState, name: &str, version: Option<&str>) -> Result<Json<Value>, ApiError> {
+fn model_doc(
+    state: &SharedState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Json<Value>, ApiError> {
     let status = state.engine.model(name, version)?;
     let schedulers = match &status {
         sdserve_engine::ModelStatus::Ready(m) => m.description().schedulers.clone(),
@@ -213,9 +238,15 @@ pub async fn docs() -> Html<String> {
     swagger("Data Plane", "/v2/docs/dataplane.json")
 }
 
-pub async fn model_docs(State(state): State<SharedState>, Path(name): Path<String>) -> Result<Html<String>, ApiError> {
+pub async fn model_docs(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Html<String>, ApiError> {
     state.engine.model(&name, None)?;
-    Ok(swagger(&format!("Data Plane for Model {name}"), &format!("/v2/models/{name}/docs/dataplane.json")))
+    Ok(swagger(
+        &format!("Data Plane for Model {name}"),
+        &format!("/v2/models/{name}/docs/dataplane.json"),
+    ))
 }
 
 pub async fn model_version_docs(

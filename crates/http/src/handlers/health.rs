@@ -13,14 +13,21 @@ pub async fn live() -> StatusCode {
 
 /// Ready when every registered model is loaded and the server is not draining.
 pub async fn ready(State(state): State<SharedState>) -> StatusCode {
-    if state.engine.is_ready() { StatusCode::OK } else { StatusCode::BAD_REQUEST }
+    if state.engine.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    }
 }
 
 pub async fn model_ready(State(state): State<SharedState>, Path(name): Path<String>) -> Response {
     ready_for(&state, &name, None)
 }
 
-pub async fn model_version_ready(State(state): State<SharedState>, Path((name, version)): Path<(String, String)>) -> Response {
+pub async fn model_version_ready(
+    State(state): State<SharedState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
     ready_for(&state, &name, Some(&version))
 }
 

@@ -27,19 +27,34 @@ use crate::state::SharedState;
 
 /// Model name and version label from either route shape.
 fn target(params: &HashMap<String, String>) -> (String, Option<String>) {
-    (params.get("model_name").cloned().unwrap_or_default(), params.get("model_version").cloned())
+    (
+        params.get("model_name").cloned().unwrap_or_default(),
+        params.get("model_version").cloned(),
+    )
 }
 
 pub(crate) fn check_auth(state: &SharedState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.auth_token else { return Ok(()) };
     let given = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-    match given {
-        Some(g) if constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(ApiError::unauthorized()),
+        .and_then(|v| v.to_str().ok());
+    if authorized(state.config.auth_token.as_deref(), given) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized())
     }
+}
+
+/// Whether an `authorization` value (REST header or gRPC metadata) carries the configured
+/// bearer token; anything does when none is configured.
+pub fn authorized(token: Option<&str>, authorization: Option<&str>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let given = authorization.and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    });
+    given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), token.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -78,12 +93,30 @@ async fn accept(
             return Err(ApiError::from(e));
         }
     };
-    let bytes = body::read(headers, body, state.config.max_request_body_bytes).await.inspect_err(|e| {
-        fail(observer, if e.status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "invalid" });
-    })?;
-    let decoded = binary::header_length(headers).and_then(|n| binary::decode(n, &bytes)).inspect_err(|e| {
-        fail(observer, if e.status == StatusCode::UNPROCESSABLE_ENTITY { "unprocessable" } else { "invalid" });
-    })?;
+    let bytes = body::read(headers, body, state.config.max_request_body_bytes)
+        .await
+        .inspect_err(|e| {
+            fail(
+                observer,
+                if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too_large"
+                } else {
+                    "invalid"
+                },
+            );
+        })?;
+    let decoded = binary::header_length(headers)
+        .and_then(|n| binary::decode(n, &bytes))
+        .inspect_err(|e| {
+            fail(
+                observer,
+                if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+                    "unprocessable"
+                } else {
+                    "invalid"
+                },
+            );
+        })?;
     if streaming && decoded.binary_output {
         fail(observer, "invalid");
         return Err(ApiError::bad_request(
@@ -91,20 +124,28 @@ async fn accept(
         ));
     }
     let request = decoded.request;
-    let (generation, timeout) = convert::to_generation_request(&request).inspect_err(|_| fail(observer, "invalid"))?;
-    let prepared = state.engine.prepare(admission, name, version, &generation, timeout).map_err(|e| {
-        fail(observer, e.reason());
-        ApiError::from(e)
-    })?;
-    Ok(Accepted { id: request.id, prepared, binary_output: decoded.binary_output })
+    let (generation, timeout) =
+        convert::to_generation_request(&request).inspect_err(|_| fail(observer, "invalid"))?;
+    let prepared = state
+        .engine
+        .prepare(admission, name, version, &generation, timeout)
+        .map_err(|e| {
+            fail(observer, e.reason());
+            ApiError::from(e)
+        })?;
+    Ok(Accepted {
+        id: request.id,
+        prepared,
+        binary_output: decoded.binary_output,
+    })
 }
 
 fn response_id(id: Option<String>) -> String {
     id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// MLServer's CloudEvents headers on every infer response.
-fn cloud_events(state: &SharedState, model: &str, id: &str, headers: &mut HeaderMap) {
+/// MLServer's CloudEvents headers on every infer response (over gRPC, its trailing metadata).
+pub fn cloud_events(state: &SharedState, model: &str, id: &str, headers: &mut HeaderMap) {
     let server = &state.config.server_name;
     let source = match &state.config.namespace {
         Some(ns) => format!("io.seldon.serving.deployment.{server}.{ns}"),
@@ -138,13 +179,30 @@ pub async fn infer(
         return e.into_response();
     }
     let (name, version) = target(&params);
-    let mut observer = Some(state.engine.observer(&name, version.as_deref().unwrap_or("None")));
-    let accepted = match accept(&state, &name, version.as_deref(), &headers, body, &mut observer, false).await {
+    let mut observer = Some(
+        state
+            .engine
+            .observer(&name, version.as_deref().unwrap_or("None")),
+    );
+    let accepted = match accept(
+        &state,
+        &name,
+        version.as_deref(),
+        &headers,
+        body,
+        &mut observer,
+        false,
+    )
+    .await
+    {
         Ok(ok) => ok,
         Err(e) => return e.into_response(),
     };
     let mut observer = observer.expect("observer is only taken on failure");
-    let result = state.engine.run(accepted.prepared, &mut observer, None).await;
+    let result = state
+        .engine
+        .run(accepted.prepared, &mut observer, None)
+        .await;
     observer.finish(result.as_ref().map(|o| o.images.len()));
     match result {
         Ok(outcome) => {
@@ -152,7 +210,10 @@ pub async fn infer(
             let mut response = if accepted.binary_output {
                 binary_response(&name, id.clone(), &outcome)
             } else {
-                json_response(StatusCode::OK, &convert::to_response(&name, id.clone(), &outcome))
+                json_response(
+                    StatusCode::OK,
+                    &convert::to_response(&name, id.clone(), &outcome),
+                )
             };
             cloud_events(&state, &name, &id, response.headers_mut());
             response
@@ -167,8 +228,14 @@ fn binary_response(name: &str, id: String, outcome: &InferOutcome) -> Response {
         Ok(body) => (
             StatusCode::OK,
             [
-                (header::CONTENT_TYPE, HeaderValue::from_static(binary::CONTENT_TYPE)),
-                (HeaderName::from_static(binary::HEADER_LENGTH), HeaderValue::from(body.header_length)),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(binary::CONTENT_TYPE),
+                ),
+                (
+                    HeaderName::from_static(binary::HEADER_LENGTH),
+                    HeaderValue::from(body.header_length),
+                ),
             ],
             body.bytes,
         )
@@ -180,7 +247,11 @@ fn binary_response(name: &str, id: String, outcome: &InferOutcome) -> Response {
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("response encoding failed: {e}")).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("response encoding failed: {e}"),
+        )
+        .into_response(),
     }
 }
 
@@ -194,12 +265,25 @@ pub async fn infer_stream(
         return e.into_response();
     }
     let (name, version) = target(&params);
-    let mut observer = Some(state.engine.observer(&name, version.as_deref().unwrap_or("None")));
-    let Accepted { id, prepared, .. } =
-        match accept(&state, &name, version.as_deref(), &headers, body, &mut observer, true).await {
-            Ok(ok) => ok,
-            Err(e) => return e.into_response(),
-        };
+    let mut observer = Some(
+        state
+            .engine
+            .observer(&name, version.as_deref().unwrap_or("None")),
+    );
+    let Accepted { id, prepared, .. } = match accept(
+        &state,
+        &name,
+        version.as_deref(),
+        &headers,
+        body,
+        &mut observer,
+        true,
+    )
+    .await
+    {
+        Ok(ok) => ok,
+        Err(e) => return e.into_response(),
+    };
     let mut observer = observer.expect("observer is only taken on failure");
     let id = response_id(id);
     let mut steps = convert::StepProgress::new(prepared.job().num_inference_steps);
@@ -212,7 +296,9 @@ pub async fn infer_stream(
         // Ends when the generation ends, or when the client goes away (the receiver is
         // dropped), which drops `run` and so cancels the generation.
         let result: Option<Result<InferOutcome, sdserve_engine::EngineError>> = {
-            let run = task_state.engine.run(prepared, &mut observer, Some(progress_tx));
+            let run = task_state
+                .engine
+                .run(prepared, &mut observer, Some(progress_tx));
             tokio::pin!(run);
             loop {
                 tokio::select! {
@@ -229,7 +315,12 @@ pub async fn infer_stream(
         // Progress sent just before the end still goes out, in order, before the result.
         while let Ok(p) = progress_rx.try_recv() {
             let Some(p) = steps.step(&p) else { continue };
-            if result.is_some() && events.send(progress_event(&task_name, &task_id, &p)).await.is_err() {
+            if result.is_some()
+                && events
+                    .send(progress_event(&task_name, &task_id, &p))
+                    .await
+                    .is_err()
+            {
                 break;
             }
         }
@@ -256,18 +347,27 @@ pub async fn infer_stream(
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::new(EventStream { receiver }))
-        .unwrap_or_else(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
+        .unwrap_or_else(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        })
 }
 
 /// MLServer leaves the CloudEvents headers inside `parameters.headers` in streams.
-fn add_stream_headers(state: &SharedState, model: &str, id: &str, response: &mut InferenceResponse) {
+fn add_stream_headers(
+    state: &SharedState,
+    model: &str,
+    id: &str,
+    response: &mut InferenceResponse,
+) {
     let mut headers = HeaderMap::new();
     cloud_events(state, model, id, &mut headers);
     let map: Parameters = headers
         .iter()
         .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), json!(v))))
         .collect();
-    response.parameters.insert("headers".into(), serde_json::Value::Object(map));
+    response
+        .parameters
+        .insert("headers".into(), serde_json::Value::Object(map));
 }
 
 /// A progress event shaped as an InferenceResponse (empty outputs), so V2 clients that parse
@@ -293,7 +393,12 @@ impl http_body::Body for EventStream {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.receiver.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.receiver
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }

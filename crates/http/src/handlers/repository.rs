@@ -25,18 +25,31 @@ impl From<RepositoryError> for ApiError {
     }
 }
 
-/// Models on disk (re-read every call) and their state in the registry: READY, UNKNOWN
-/// while loading, UNAVAILABLE when not loaded — the states MLServer reports.
-pub async fn index(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn index(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     check_auth(&state, &headers)?;
     let bytes = body::read(&headers, body, state.config.max_request_body_bytes).await?;
     let request = RepositoryIndexRequest::from_slice(&bytes).map_err(|e| ApiError::schema(&e))?;
+    Ok(axum::Json(models(&state, request.ready == Some(true)).await?).into_response())
+}
+
+/// Models on disk (re-read every call) and their state in the registry: READY, UNKNOWN
+/// while loading, UNAVAILABLE when not loaded — the states MLServer reports (over REST and gRPC).
+pub async fn models(
+    state: &SharedState,
+    only_ready: bool,
+) -> Result<Vec<RepositoryIndexItem>, ApiError> {
     let repo = state.repository.clone();
     let on_disk = tokio::task::spawn_blocking(move || repo.list())
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let mut items: BTreeMap<(String, Option<String>), ModelState> =
-        on_disk.into_iter().map(|k| (k, ModelState::Unavailable)).collect();
+    let mut items: BTreeMap<(String, Option<String>), ModelState> = on_disk
+        .into_iter()
+        .map(|k| (k, ModelState::Unavailable))
+        .collect();
     for status in state.engine.models() {
         let spec = status.spec();
         let s = match status {
@@ -45,12 +58,16 @@ pub async fn index(State(state): State<SharedState>, headers: HeaderMap, body: B
         };
         items.insert((spec.name.clone(), spec.version.clone()), s);
     }
-    let list: Vec<RepositoryIndexItem> = items
+    Ok(items
         .into_iter()
-        .filter(|(_, s)| request.ready != Some(true) || *s == ModelState::Ready)
-        .map(|((name, version), state)| RepositoryIndexItem { name, version, state, reason: String::new() })
-        .collect();
-    Ok(axum::Json(list).into_response())
+        .filter(|(_, s)| !only_ready || *s == ModelState::Ready)
+        .map(|((name, version), state)| RepositoryIndexItem {
+            name,
+            version,
+            state,
+            reason: String::new(),
+        })
+        .collect())
 }
 
 /// A name the repository may be searched for: one plain path component. Checked here so that
@@ -69,30 +86,49 @@ fn check_plain_name(name: &str) -> Result<(), ApiError> {
     )))
 }
 
-/// Loads (or reloads) every version of a model found under the repository root.
-pub async fn load(State(state): State<SharedState>, headers: HeaderMap, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn load(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     check_auth(&state, &headers)?;
     check_plain_name(&name)?;
+    load_model(&state, &name).await?;
+    Ok(StatusCode::OK)
+}
+
+/// Loads (or reloads) every version of a model found under the repository root (over REST
+/// and gRPC).
+pub async fn load_model(state: &SharedState, name: &str) -> Result<(), ApiError> {
     let repo = state.repository.clone();
-    let lookup = name.clone();
+    let lookup = name.to_owned();
     let specs = tokio::task::spawn_blocking(move || repo.find(&lookup))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     if specs.is_empty() {
-        return Err(RepositoryError::NotFound(name).into());
+        return Err(RepositoryError::NotFound(name.to_owned()).into());
     }
     for spec in specs {
-        let label = spec.version.clone().map(|v| format!("{name} (version {v})")).unwrap_or_else(|| name.clone());
-        state
-            .engine
-            .load(spec)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("Model {label} failed to load: {e}")))?;
+        let label = spec
+            .version
+            .clone()
+            .map(|v| format!("{name} (version {v})"))
+            .unwrap_or_else(|| name.to_owned());
+        state.engine.load(spec).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Model {label} failed to load: {e}"),
+            )
+        })?;
     }
-    Ok(StatusCode::OK)
+    Ok(())
 }
 
-pub async fn unload(State(state): State<SharedState>, headers: HeaderMap, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn unload(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     check_auth(&state, &headers)?;
     state.engine.unload(&name)?;
     Ok(StatusCode::OK)

@@ -138,6 +138,18 @@ impl Params<'_> {
         }
     }
 
+    /// `num_train_timesteps`, which every class reads (default 1000).
+    pub fn num_train_timesteps(&self) -> Result<usize, SchedulerError> {
+        let t = self.int("num_train_timesteps", 1000)?;
+        if !(2..=100_000).contains(&t) {
+            return Err(self.err(
+                "num_train_timesteps",
+                format!("{t} is not between 2 and 100000"),
+            ));
+        }
+        Ok(t as usize)
+    }
+
     pub fn bool(&self, key: &str, default: bool) -> Result<bool, SchedulerError> {
         match self.get(key) {
             None => Ok(default),

@@ -4,9 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::Params;
 use super::numeric::{Rescale, SPACINGS, TrainSchedule, ddim_timesteps};
-use super::{
-    Scheduler, SchedulerError, StepCount, check_shapes, draw_noise, expect_step, lincomb, to_work,
-};
+use super::{Scheduler, SchedulerError, StepCount, draw_noise, lincomb, step_inputs};
 use crate::noise::NoiseSource;
 
 const CLASS: &str = "DDIMScheduler";
@@ -60,24 +58,8 @@ impl Ddim {
         let spacing = p.choice("timestep_spacing", "leading", &SPACINGS)?;
         let n = steps.0;
         let timesteps_i = ddim_timesteps(spacing, schedule.num_train_timesteps, n, offset);
-        for &t in &timesteps_i {
-            // diffusers indexes alphas_cumprod with the timestep and fails past the end.
-            if schedule.alpha_at(t).is_none() {
-                return Err(SchedulerError::InvalidSteps {
-                    class: CLASS,
-                    steps: n,
-                    reason: format!(
-                        "timestep {t} ({spacing} spacing, steps_offset {offset}) is outside the {} train timesteps",
-                        schedule.num_train_timesteps
-                    ),
-                });
-            }
-        }
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+        schedule.check_timesteps(CLASS, n, spacing, offset, &timesteps_i)?;
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(set_alpha_to_one);
         Ok(Self {
             timesteps: timesteps_i.iter().map(|&t| t as f64).collect(),
             timesteps_i,
@@ -97,14 +79,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -112,16 +86,19 @@ impl Scheduler for Ddim {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        expect_step(CLASS, self.next, step_index, self.timesteps_i.len())?;
-        check_shapes(CLASS, model_output, sample)?;
+        let (sample_w, mo) = step_inputs(
+            CLASS,
+            self.next,
+            step_index,
+            self.timesteps_i.len(),
+            model_output,
+            sample,
+        )?;
         let t = self.timesteps_i[step_index];
         let prev_t = t - (self.schedule.num_train_timesteps / self.num_inference_steps) as i64;
-        let a_t = self.schedule.alpha_at(t).unwrap_or(f32::NAN) as f64;
-        let a_prev = if prev_t >= 0 {
-            self.schedule.alpha_at(prev_t).unwrap_or(f32::NAN) as f64
-        } else {
-            self.final_alpha_cumprod as f64
-        };
+        let (a_t, a_prev) = self
+            .schedule
+            .alphas_at(CLASS, t, prev_t, self.final_alpha_cumprod)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
@@ -134,8 +111,6 @@ impl Scheduler for Ddim {
         let variance = (b_prev / b_t) * (1.0 - a_t / a_prev);
         let std_dev = self.eta * variance.sqrt();
         let dir = (1.0 - a_prev - std_dev * std_dev).max(0.0).sqrt();
-        let sample_w = to_work(sample)?;
-        let mo = to_work(model_output)?;
         let mut prev = match self.clip {
             None => lincomb(&[
                 (a_prev.sqrt() * x0_s + dir * eps_s, &sample_w),

@@ -3,13 +3,12 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Params;
+use super::multistep::{Interval, Prediction, solver_order};
 use super::numeric::{
-    Rescale, SPACINGS, TrainSchedule, alpha_sigma, exponential_sigmas, karras_sigmas, lambda,
-    log_sigmas, multistep_timesteps, np_interp_unit, np_linspace, sigma_to_t,
+    Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, lambda, log_sigmas,
+    multistep_timesteps, np_interp_unit, np_linspace, sigmas_to_timesteps,
 };
-use super::{
-    Scheduler, SchedulerError, StepCount, check_shapes, draw_noise, expect_step, lincomb, to_work,
-};
+use super::{Scheduler, SchedulerError, StepCount, draw_noise, lincomb, step_inputs};
 use crate::noise::NoiseSource;
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -33,14 +32,6 @@ impl Algorithm {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Prediction {
-    Epsilon,
-    Sample,
-    V,
-    Flow,
-}
-
 pub struct Dpm {
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
@@ -60,24 +51,8 @@ impl Dpm {
     pub(super) fn new(p: &Params, steps: StepCount) -> std::result::Result<Self, SchedulerError> {
         let schedule = TrainSchedule::from_params(p, Rescale::BetasAndClampLast)?;
         let t_train = schedule.num_train_timesteps;
-        let solver_order = p.int("solver_order", 2)?;
-        if !(1..=10).contains(&solver_order) {
-            return Err(p.err(
-                "solver_order",
-                format!("{solver_order} is not between 1 and 10"),
-            ));
-        }
-        let solver_order = solver_order as usize;
-        let prediction = match p.choice(
-            "prediction_type",
-            "epsilon",
-            &["epsilon", "sample", "v_prediction", "flow_prediction"],
-        )? {
-            "epsilon" => Prediction::Epsilon,
-            "sample" => Prediction::Sample,
-            "v_prediction" => Prediction::V,
-            _ => Prediction::Flow,
-        };
+        let solver_order = solver_order(p, 10)?;
+        let prediction = Prediction::read(p)?;
         p.reject_true(
             "thresholding",
             "dynamic thresholding is not implemented (it does not suit latent diffusion)",
@@ -106,12 +81,7 @@ impl Dpm {
         )? == "heun";
         let lower_order_final = p.bool("lower_order_final", true)?;
         let euler_at_final = p.bool("euler_at_final", false)?;
-        let karras = p.opt_bool("use_karras_sigmas", false)?;
-        let exponential = p.opt_bool("use_exponential_sigmas", false)?;
-        p.reject_true(
-            "use_beta_sigmas",
-            "beta-distributed sigmas are not implemented",
-        )?;
+        let sigma_kind = SigmaKind::read(p)?;
         let lu = p.opt_bool("use_lu_lambdas", false)?;
         p.reject_true(
             "use_flow_sigmas",
@@ -125,12 +95,6 @@ impl Dpm {
             "variance_type",
             "learned variance outputs are not supported",
         )?;
-        if karras && exponential {
-            return Err(p.err(
-                "use_karras_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            ));
-        }
         let final_zero = p.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "zero";
         if !algorithm.predicts_data() && final_zero {
             return Err(p.err(
@@ -166,47 +130,36 @@ impl Dpm {
             })
             .count();
         let last_timestep = t_train - clipped_idx;
-        let mut timesteps: Vec<f64> =
-            multistep_timesteps(spacing, t_train, last_timestep, n, offset)
-                .iter()
-                .map(|&t| t as f64)
-                .collect();
+        let mut timesteps = multistep_timesteps(spacing, t_train, last_timestep, n, offset);
         let full = schedule.sigmas();
         let logs = log_sigmas(&full);
         let (s_lo, s_hi) = (full[0] as f64, full[t_train - 1] as f64);
         // Not parameters of this class: diffusers reads them only if the file carries them.
         let cfg_min = p.opt_f64("sigma_min")?;
         let cfg_max = p.opt_f64("sigma_max")?;
-        let round_t = schedule.beta_schedule != "squaredcos_cap_v2";
-        let to_t = |sigmas: &[f64], round: bool| -> Vec<f64> {
-            sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &logs);
-                    // Rounded, or truncated by the cast to int64.
-                    if round {
-                        t.round_ties_even()
-                    } else {
-                        t.trunc()
-                    }
-                })
-                .collect()
+        // Karras and Lu timesteps are rounded, except for this beta schedule.
+        let rounded = if schedule.beta_schedule == "squaredcos_cap_v2" {
+            TimestepCast::Truncate
+        } else {
+            TimestepCast::Round
         };
-        let sigmas: Vec<f64> = if karras {
-            let s = karras_sigmas(cfg_min.unwrap_or(s_lo), cfg_max.unwrap_or(s_hi), n);
-            timesteps = to_t(&s, round_t);
-            s
-        } else if lu {
+        // Karras sigmas win over Lu's lambdas, which win over exponential sigmas.
+        let sigmas: Vec<f64> = if lu && sigma_kind != SigmaKind::Karras {
             let (l_min, l_max) = (logs[0] as f64, logs[t_train - 1] as f64);
             let s: Vec<f64> = np_linspace(0.0, 1.0, n)
                 .iter()
                 .map(|r| (l_max + r * (l_min - l_max)).exp())
                 .collect();
-            timesteps = to_t(&s, round_t);
+            timesteps = sigmas_to_timesteps(&s, &logs, rounded);
             s
-        } else if exponential {
-            let s = exponential_sigmas(cfg_min.unwrap_or(s_lo), cfg_max.unwrap_or(s_hi), n);
-            timesteps = to_t(&s, false);
+        } else if let Some(s) =
+            sigma_kind.sigmas(cfg_min.unwrap_or(s_lo), cfg_max.unwrap_or(s_hi), n)
+        {
+            let cast = match sigma_kind {
+                SigmaKind::Karras => rounded,
+                _ => TimestepCast::Truncate,
+            };
+            timesteps = sigmas_to_timesteps(&s, &logs, cast);
             s
         } else {
             timesteps
@@ -231,39 +184,11 @@ impl Dpm {
             next: 0,
         })
     }
-
-    /// The model output as the solver's data (x0) or noise prediction.
-    fn convert(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let sigma = self.sigmas[i] as f64;
-        let (a, s) = alpha_sigma(sigma);
-        if self.algorithm.predicts_data() {
-            match self.prediction {
-                Prediction::Epsilon => lincomb(&[(1.0 / a, sample), (-s / a, model_output)]),
-                Prediction::Sample => Ok(model_output.clone()),
-                Prediction::V => lincomb(&[(a, sample), (-s, model_output)]),
-                Prediction::Flow => lincomb(&[(1.0, sample), (-sigma, model_output)]),
-            }
-        } else {
-            match self.prediction {
-                Prediction::Epsilon | Prediction::Flow => Ok(model_output.clone()),
-                Prediction::Sample => lincomb(&[(1.0 / s, sample), (-a / s, model_output)]),
-                Prediction::V => lincomb(&[(s, sample), (a, model_output)]),
-            }
-        }
-    }
 }
 
 impl Scheduler for Dpm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -274,15 +199,17 @@ impl Scheduler for Dpm {
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        expect_step(CLASS, self.next, step_index, n)?;
-        check_shapes(CLASS, model_output, sample)?;
+        let (x, mo) = step_inputs(CLASS, self.next, step_index, n, model_output, sample)?;
         let i = step_index;
         let lower_order_final = i == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_zero);
         let lower_order_second = n >= 2 && i == n - 2 && self.lower_order_final && n < 15;
-        let x = to_work(sample)?;
-        let mo = to_work(model_output)?;
-        let m = self.convert(&mo, &x, i)?;
+        let m = self.prediction.convert(
+            self.algorithm.predicts_data(),
+            self.sigmas[i] as f64,
+            &mo,
+            &x,
+        )?;
         if self.model_outputs.len() == self.solver_order {
             self.model_outputs.remove(0);
         }
@@ -316,13 +243,15 @@ struct Coeffs {
 }
 
 impl Dpm {
-    fn coeffs(
-        &self,
-        order: usize,
-        h: f64,
-        (alpha_t, sigma_t): (f64, f64),
-        (alpha_s0, sigma_s0): (f64, f64),
-    ) -> Coeffs {
+    fn coeffs(&self, order: usize, step: &Interval) -> Coeffs {
+        let &Interval {
+            alpha_t,
+            sigma_t,
+            alpha_s0,
+            sigma_s0,
+            h,
+            ..
+        } = step;
         let em1 = (-h).exp_m1(); // exp(-h) - 1
         let ep1 = h.exp_m1(); // exp(h) - 1
         let one_minus_em2 = -(-2.0 * h).exp_m1(); // 1 - exp(-2h)
@@ -382,12 +311,9 @@ impl Dpm {
 
     fn update(&self, order: usize, i: usize, x: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
         let sig = |k: usize| self.sigmas[k] as f64;
-        let at = alpha_sigma(sig(i + 1));
-        let as0 = alpha_sigma(sig(i));
-        let lambda_t = at.0.ln() - at.1.ln();
-        let lambda_s0 = lambda(sig(i));
-        let h = lambda_t - lambda_s0;
-        let c = self.coeffs(order, h, at, as0);
+        let step = Interval::new(&self.sigmas, i + 1, i);
+        let (lambda_s0, h) = (step.lambda_s0, step.h);
+        let c = self.coeffs(order, &step);
         let outs = &self.model_outputs;
         let m0 = &outs[outs.len() - 1];
         let mut terms: Vec<(f64, &Tensor)> = vec![(c.x, x), (c.d0, m0)];

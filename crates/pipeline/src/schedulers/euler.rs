@@ -4,12 +4,10 @@ use candle_core::{Result, Tensor};
 
 use super::config::Params;
 use super::numeric::{
-    Rescale, SPACINGS, TrainSchedule, exponential_sigmas, input_scale_f32, k_timesteps,
-    karras_sigmas, log_sigmas, np_interp_unit, sigma_to_t, torch_linspace_f32,
+    Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, input_scale_f32, k_timesteps,
+    log_sigmas, np_interp_unit, sigmas_to_timesteps, torch_linspace_f32,
 };
-use super::{
-    Scheduler, SchedulerError, StepCount, check_shapes, draw_noise, expect_step, lincomb, to_work,
-};
+use super::{Scheduler, SchedulerError, StepCount, draw_noise, lincomb, step_inputs, to_work};
 use crate::noise::NoiseSource;
 
 /// `x0 = a * sample + b * model_output` at noise level `sigma`.
@@ -54,12 +52,18 @@ pub(super) struct SigmaSchedule {
 }
 
 impl SigmaSchedule {
-    pub(super) fn init_noise_sigma(sigmas: &[f32], spacing: &str) -> f64 {
+    /// The schedule with its `init_noise_sigma`, which depends on the timestep spacing.
+    pub(super) fn new(timesteps: Vec<f64>, sigmas: Vec<f32>, spacing: &str) -> Self {
         let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if spacing == "leading" {
+        let init_noise_sigma = if spacing == "leading" {
             input_scale_f32(max) as f64
         } else {
             max as f64
+        };
+        Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
         }
     }
 }
@@ -121,18 +125,7 @@ impl Euler {
             _ => Prediction::Sample,
         };
         let interpolation = p.choice("interpolation_type", "linear", &["linear", "log_linear"])?;
-        let karras = p.opt_bool("use_karras_sigmas", false)?;
-        let exponential = p.opt_bool("use_exponential_sigmas", false)?;
-        p.reject_true(
-            "use_beta_sigmas",
-            "beta-distributed sigmas are not implemented",
-        )?;
-        if karras && exponential {
-            return Err(p.err(
-                "use_karras_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            ));
-        }
+        let sigma_kind = SigmaKind::read(p)?;
         let sigma_min_cfg = p.opt_f64("sigma_min")?;
         let sigma_max_cfg = p.opt_f64("sigma_max")?;
         let sp = Spacing::read(p)?;
@@ -142,11 +135,7 @@ impl Euler {
             p.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
         let n = steps.0;
 
-        let mut timesteps: Vec<f64> =
-            k_timesteps(sp.spacing, schedule.num_train_timesteps, n, sp.offset)
-                .iter()
-                .map(|&t| t as f64)
-                .collect();
+        let mut timesteps = k_timesteps(sp.spacing, schedule.num_train_timesteps, n, sp.offset);
         let full = schedule.sigmas();
         let logs = log_sigmas(&full);
         let mut sigmas: Vec<f64> = if interpolation == "linear" {
@@ -164,18 +153,11 @@ impl Euler {
                 .map(|&x| (x as f64).exp() as f32 as f64)
                 .collect()
         };
-        if karras || exponential {
-            let smin = sigma_min_cfg.unwrap_or(sigmas[sigmas.len() - 1]);
-            let smax = sigma_max_cfg.unwrap_or(sigmas[0]);
-            sigmas = if karras {
-                karras_sigmas(smin, smax, n)
-            } else {
-                exponential_sigmas(smin, smax, n)
-            };
-            timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &logs) as f32 as f64)
-                .collect();
+        let smin = sigma_min_cfg.unwrap_or(sigmas[sigmas.len() - 1]);
+        let smax = sigma_max_cfg.unwrap_or(sigmas[0]);
+        if let Some(s) = sigma_kind.sigmas(smin, smax, n) {
+            timesteps = sigmas_to_timesteps(&s, &logs, TimestepCast::Float32);
+            sigmas = s;
         }
         let last = if final_sigma_min { full[0] } else { 0.0 };
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain([last]).collect();
@@ -186,13 +168,8 @@ impl Euler {
                 .map(f64::from)
                 .collect();
         }
-        let init_noise_sigma = SigmaSchedule::init_noise_sigma(&sigmas, sp.spacing);
         Ok(Self {
-            s: SigmaSchedule {
-                timesteps,
-                sigmas,
-                init_noise_sigma,
-            },
+            s: SigmaSchedule::new(timesteps, sigmas, sp.spacing),
             prediction,
             next: 0,
         })
@@ -219,14 +196,18 @@ impl Scheduler for Euler {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        expect_step(EULER, self.next, step_index, self.s.timesteps.len())?;
-        check_shapes(EULER, model_output, sample)?;
+        let (x, mo) = step_inputs(
+            EULER,
+            self.next,
+            step_index,
+            self.s.timesteps.len(),
+            model_output,
+            sample,
+        )?;
         // The pipeline's default `s_churn = 0` makes gamma 0: no noise, sigma_hat = sigma.
         let sigma = self.s.sigmas[step_index] as f64;
         let dt = self.s.sigmas[step_index + 1] as f64 - sigma;
         let (ds, dm) = self.prediction.derivative_coeffs(sigma);
-        let x = to_work(sample)?;
-        let mo = to_work(model_output)?;
         let prev = lincomb(&[(1.0 + dt * ds, &x), (dt * dm, &mo)])?;
         self.next += 1;
         prev.to_dtype(sample.dtype())
@@ -262,24 +243,15 @@ impl EulerAncestral {
         };
         let sp = Spacing::read(p)?;
         let n = steps.0;
-        let timesteps: Vec<f64> =
-            k_timesteps(sp.spacing, schedule.num_train_timesteps, n, sp.offset)
-                .iter()
-                .map(|&t| t as f64)
-                .collect();
+        let timesteps = k_timesteps(sp.spacing, schedule.num_train_timesteps, n, sp.offset);
         let full = schedule.sigmas();
         let sigmas: Vec<f32> = timesteps
             .iter()
             .map(|&t| np_interp_unit(t, &full) as f32)
             .chain([0.0])
             .collect();
-        let init_noise_sigma = SigmaSchedule::init_noise_sigma(&sigmas, sp.spacing);
         Ok(Self {
-            s: SigmaSchedule {
-                timesteps,
-                sigmas,
-                init_noise_sigma,
-            },
+            s: SigmaSchedule::new(timesteps, sigmas, sp.spacing),
             prediction,
             next: 0,
         })
@@ -306,16 +278,20 @@ impl Scheduler for EulerAncestral {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        expect_step(EULER_A, self.next, step_index, self.s.timesteps.len())?;
-        check_shapes(EULER_A, model_output, sample)?;
+        let (x, mo) = step_inputs(
+            EULER_A,
+            self.next,
+            step_index,
+            self.s.timesteps.len(),
+            model_output,
+            sample,
+        )?;
         let from = self.s.sigmas[step_index] as f64;
         let to = self.s.sigmas[step_index + 1] as f64;
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
         let dt = down - from;
         let (ds, dm) = self.prediction.derivative_coeffs(from);
-        let x = to_work(sample)?;
-        let mo = to_work(model_output)?;
         let z = draw_noise(noise, &mo)?;
         let prev = lincomb(&[(1.0 + dt * ds, &x), (dt * dm, &mo), (up, &z)])?;
         self.next += 1;

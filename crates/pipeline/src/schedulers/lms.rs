@@ -5,10 +5,10 @@ use candle_core::{Result, Tensor};
 use super::config::Params;
 use super::euler::{Prediction, SigmaSchedule, scale_input};
 use super::numeric::{
-    Rescale, SPACINGS, TrainSchedule, exponential_sigmas, k_timesteps, karras_sigmas, log_sigmas,
-    np_interp_unit, sigma_to_t,
+    Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, k_timesteps, log_sigmas,
+    np_interp_unit, sigmas_to_timesteps,
 };
-use super::{Scheduler, SchedulerError, StepCount, check_shapes, expect_step, lincomb, to_work};
+use super::{Scheduler, SchedulerError, StepCount, lincomb, step_inputs};
 use crate::noise::NoiseSource;
 
 const CLASS: &str = "LMSDiscreteScheduler";
@@ -34,56 +34,31 @@ impl Lms {
             "v_prediction" => Prediction::V,
             _ => Prediction::Sample,
         };
-        let karras = p.opt_bool("use_karras_sigmas", false)?;
-        let exponential = p.opt_bool("use_exponential_sigmas", false)?;
-        p.reject_true(
-            "use_beta_sigmas",
-            "beta-distributed sigmas are not implemented",
-        )?;
-        if karras && exponential {
-            return Err(p.err(
-                "use_karras_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            ));
-        }
+        let sigma_kind = SigmaKind::read(p)?;
         let spacing = p.choice("timestep_spacing", "linspace", &SPACINGS)?;
         let offset = p.int("steps_offset", 0)?;
         let n = steps.0;
-        let mut timesteps: Vec<f64> = k_timesteps(spacing, schedule.num_train_timesteps, n, offset)
-            .iter()
-            .map(|&t| t as f64)
-            .collect();
+        let mut timesteps = k_timesteps(spacing, schedule.num_train_timesteps, n, offset);
         let full = schedule.sigmas();
         let logs = log_sigmas(&full);
         let mut sigmas: Vec<f64> = timesteps
             .iter()
             .map(|&t| np_interp_unit(t, &full))
             .collect();
-        if karras || exponential {
-            let (lo, hi) = (sigmas[sigmas.len() - 1], sigmas[0]);
-            sigmas = if karras {
-                karras_sigmas(lo, hi, n)
-            } else {
-                // Not parameters of this class: diffusers reads them only if the file carries them.
-                exponential_sigmas(
-                    p.opt_f64("sigma_min")?.unwrap_or(lo),
-                    p.opt_f64("sigma_max")?.unwrap_or(hi),
-                    n,
-                )
-            };
-            timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &logs) as f32 as f64)
-                .collect();
+        let (mut lo, mut hi) = (sigmas[sigmas.len() - 1], sigmas[0]);
+        if sigma_kind == SigmaKind::Exponential {
+            // Not parameters of this class: diffusers reads them only if the file carries them,
+            // and only for exponential sigmas.
+            lo = p.opt_f64("sigma_min")?.unwrap_or(lo);
+            hi = p.opt_f64("sigma_max")?.unwrap_or(hi);
+        }
+        if let Some(s) = sigma_kind.sigmas(lo, hi, n) {
+            timesteps = sigmas_to_timesteps(&s, &logs, TimestepCast::Float32);
+            sigmas = s;
         }
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain([0.0]).collect();
-        let init_noise_sigma = SigmaSchedule::init_noise_sigma(&sigmas, spacing);
         Ok(Self {
-            s: SigmaSchedule {
-                timesteps,
-                sigmas,
-                init_noise_sigma,
-            },
+            s: SigmaSchedule::new(timesteps, sigmas, spacing),
             prediction,
             derivatives: Vec::new(),
             next: 0,
@@ -130,12 +105,16 @@ impl Scheduler for Lms {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        expect_step(CLASS, self.next, step_index, self.s.timesteps.len())?;
-        check_shapes(CLASS, model_output, sample)?;
+        let (x, mo) = step_inputs(
+            CLASS,
+            self.next,
+            step_index,
+            self.s.timesteps.len(),
+            model_output,
+            sample,
+        )?;
         let i = step_index;
         let sigma = self.s.sigmas[i] as f64;
-        let x = to_work(sample)?;
-        let mo = to_work(model_output)?;
         let (ds, dm) = self.prediction.derivative_coeffs(sigma);
         self.derivatives.push(lincomb(&[(ds, &x), (dm, &mo)])?);
         if self.derivatives.len() > ORDER {

@@ -28,6 +28,7 @@ mod ddim;
 mod dpm;
 mod euler;
 mod lms;
+mod multistep;
 mod numeric;
 mod pndm;
 mod unipc;
@@ -46,10 +47,15 @@ pub trait Scheduler: Send {
     /// The timestep passed to the UNet at each step (its length is the number of UNet calls,
     /// which differs from the requested steps for PNDM).
     fn timesteps(&self) -> &[f64];
-    /// Scale of the initial Gaussian latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input for step `step_index` (identity for most schedulers).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Scale of the initial Gaussian latents (1 unless the class works in sigma space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input for step `step_index` (the sample itself unless the class works in
+    /// sigma space).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// Advances `sample` by one step. `step_index` must count 0, 1, 2, ... in order; noise (for
     /// stochastic schedulers) is drawn from `noise` with the model output's shape.
     fn step(
@@ -388,22 +394,16 @@ struct StepCount(usize);
 
 impl StepCount {
     fn check(p: &config::Params, n: usize) -> std::result::Result<Self, SchedulerError> {
-        let t = p.int("num_train_timesteps", 1000)?;
+        let t = p.num_train_timesteps()?;
         let err = |reason: String| SchedulerError::InvalidSteps {
             class: p.class,
             steps: n,
             reason,
         };
-        if !(2..=100_000).contains(&t) {
-            return Err(p.err(
-                "num_train_timesteps",
-                format!("{t} is not between 2 and 100000"),
-            ));
-        }
         if n == 0 {
             return Err(err("at least 1 step is needed".into()));
         }
-        if n as i64 > t {
+        if n > t {
             return Err(err(format!("more than num_train_timesteps ({t})")));
         }
         Ok(Self(n))
@@ -415,8 +415,17 @@ fn step_error(msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(msg.to_string())
 }
 
-/// Checks that steps come in order.
-fn expect_step(class: &str, expected: usize, got: usize, total: usize) -> Result<()> {
+/// The start of every `step`: checks that `got` is the `expected` step of `total` and that the
+/// model output has the sample's shape, and returns the sample and the model output in the
+/// work dtype.
+fn step_inputs(
+    class: &str,
+    expected: usize,
+    got: usize,
+    total: usize,
+    model_output: &Tensor,
+    sample: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     if got >= total {
         return Err(step_error(format!(
             "{class}: step index {got} is past the last step ({total} timesteps)"
@@ -427,7 +436,14 @@ fn expect_step(class: &str, expected: usize, got: usize, total: usize) -> Result
             "{class}: steps must run in order; expected step {expected}, got {got}"
         )));
     }
-    Ok(())
+    if model_output.shape() != sample.shape() {
+        return Err(step_error(format!(
+            "{class}: model output shape {:?} differs from sample shape {:?}",
+            model_output.shape(),
+            sample.shape()
+        )));
+    }
+    Ok((to_work(sample)?, to_work(model_output)?))
 }
 
 /// The dtype step arithmetic runs in.
@@ -480,16 +496,4 @@ fn draw_noise(noise: &mut dyn NoiseSource, like: &Tensor) -> Result<Tensor> {
         )));
     }
     n.to_dtype(like.dtype())
-}
-
-/// Checks the model output against the sample.
-fn check_shapes(class: &str, model_output: &Tensor, sample: &Tensor) -> Result<()> {
-    if model_output.shape() != sample.shape() {
-        return Err(step_error(format!(
-            "{class}: model output shape {:?} differs from sample shape {:?}",
-            model_output.shape(),
-            sample.shape()
-        )));
-    }
-    Ok(())
 }

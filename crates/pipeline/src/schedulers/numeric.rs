@@ -5,8 +5,8 @@
 //! `linspace`/`arange`/`round` formulas for the same reason. Per-step coefficients are then
 //! computed in f64 from those values.
 
-use super::SchedulerError;
 use super::config::Params;
+use super::{SchedulerError, step_error};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on CPU: the step is a float32, the
 /// first half counts up from `start` and the second half down from `end`, each with one fused
@@ -109,14 +109,7 @@ pub struct TrainSchedule {
 
 impl TrainSchedule {
     pub fn from_params(p: &Params, rescale: Rescale) -> std::result::Result<Self, SchedulerError> {
-        let t = p.int("num_train_timesteps", 1000)?;
-        if !(2..=100_000).contains(&t) {
-            return Err(p.err(
-                "num_train_timesteps",
-                format!("{t} is not between 2 and 100000"),
-            ));
-        }
-        let t = t as usize;
+        let t = p.num_train_timesteps()?;
         let beta_schedule = p.string("beta_schedule", "linear")?;
         let trained = p.opt_f64_list("trained_betas")?;
         let beta_key = if trained.is_some() {
@@ -188,6 +181,63 @@ impl TrainSchedule {
         (0..n)
             .contains(&idx)
             .then(|| self.alphas_cumprod[idx as usize])
+    }
+
+    /// DDIM's and PNDM's `final_alpha_cumprod`: what stands before the first train timestep.
+    pub fn final_alpha_cumprod(&self, set_alpha_to_one: bool) -> f32 {
+        if set_alpha_to_one {
+            1.0
+        } else {
+            self.alphas_cumprod[0]
+        }
+    }
+
+    /// `alphas_cumprod` at `t` and at `prev_t`, where a negative `prev_t` takes
+    /// `final_alpha_cumprod` (DDIM's and PNDM's step).
+    pub fn alphas_at(
+        &self,
+        class: &str,
+        t: i64,
+        prev_t: i64,
+        final_alpha_cumprod: f32,
+    ) -> candle_core::Result<(f64, f64)> {
+        let at = |t: i64| {
+            self.alpha_at(t).ok_or_else(|| {
+                step_error(format!(
+                    "{class}: timestep {t} is outside the train timesteps"
+                ))
+            })
+        };
+        let a_t = at(t)?;
+        let a_prev = if prev_t >= 0 {
+            at(prev_t)?
+        } else {
+            final_alpha_cumprod
+        };
+        Ok((a_t as f64, a_prev as f64))
+    }
+
+    /// Rejects integer timesteps that `alphas_cumprod` cannot be indexed with (diffusers fails
+    /// on them mid-run).
+    pub fn check_timesteps(
+        &self,
+        class: &'static str,
+        steps: usize,
+        spacing: &str,
+        offset: i64,
+        timesteps: &[i64],
+    ) -> std::result::Result<(), SchedulerError> {
+        match timesteps.iter().find(|&&t| self.alpha_at(t).is_none()) {
+            None => Ok(()),
+            Some(t) => Err(SchedulerError::InvalidSteps {
+                class,
+                steps,
+                reason: format!(
+                    "timestep {t} ({spacing} spacing, steps_offset {offset}) is outside the {} train timesteps",
+                    self.num_train_timesteps
+                ),
+            }),
+        }
     }
 }
 
@@ -278,9 +328,9 @@ pub fn pndm_base_timesteps(spacing: &str, t: usize, n: usize, offset: i64) -> Ve
     }
 }
 
-/// Float32 timesteps of the Euler-family classes (descending).
-pub fn k_timesteps(spacing: &str, t: usize, n: usize, offset: i64) -> Vec<f32> {
-    match spacing {
+/// Float32 timesteps of the Euler-family classes (descending), widened to f64.
+pub fn k_timesteps(spacing: &str, t: usize, n: usize, offset: i64) -> Vec<f64> {
+    let timesteps: Vec<f32> = match spacing {
         "linspace" => np_linspace(0.0, (t - 1) as f64, n)
             .iter()
             .rev()
@@ -297,19 +347,20 @@ pub fn k_timesteps(spacing: &str, t: usize, n: usize, offset: i64) -> Vec<f32> {
             .iter()
             .map(|v| v.round_ties_even() as f32 - 1.0)
             .collect(),
-    }
+    };
+    timesteps.into_iter().map(f64::from).collect()
 }
 
-/// Integer timesteps of the multistep solvers (DPM-Solver, UniPC): `n + 1` points with the last
-/// dropped, counted up to `last_timestep`.
+/// Integer timesteps of the multistep solvers (DPM-Solver, UniPC), as f64: `n + 1` points with
+/// the last dropped, counted up to `last_timestep`.
 pub fn multistep_timesteps(
     spacing: &str,
     t: usize,
     last_timestep: usize,
     n: usize,
     offset: i64,
-) -> Vec<i64> {
-    match spacing {
+) -> Vec<f64> {
+    let timesteps: Vec<i64> = match spacing {
         "linspace" => {
             let pts = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1);
             pts[1..]
@@ -326,7 +377,8 @@ pub fn multistep_timesteps(
             .iter()
             .map(|v| v.round_ties_even() as i64 - 1)
             .collect(),
-    }
+    };
+    timesteps.into_iter().map(|t| t as f64).collect()
 }
 
 /// `np.log` of the float32 sigmas (rounded to float32).
@@ -356,6 +408,71 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let w = (low - log_sigma) / (low - high);
     let w = if w.is_nan() { w } else { w.clamp(0.0, 1.0) };
     (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// How diffusers stores the timesteps it recovers from sigmas.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum TimestepCast {
+    /// A float32 tensor (Euler, LMS).
+    Float32,
+    /// `np.round`, then int64.
+    Round,
+    /// Cast to int64 as they are (truncated).
+    Truncate,
+}
+
+/// The train timesteps of `sigmas` (through [`sigma_to_t`]), stored as `cast` says.
+pub fn sigmas_to_timesteps(sigmas: &[f64], log_sigmas: &[f32], cast: TimestepCast) -> Vec<f64> {
+    sigmas
+        .iter()
+        .map(|&s| {
+            let t = sigma_to_t(s, log_sigmas);
+            match cast {
+                TimestepCast::Float32 => t as f32 as f64,
+                TimestepCast::Round => t.round_ties_even(),
+                TimestepCast::Truncate => t.trunc(),
+            }
+        })
+        .collect()
+}
+
+/// The inference sigmas a class builds: `use_karras_sigmas`, `use_exponential_sigmas`, or
+/// neither (the train sigmas at the timesteps).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SigmaKind {
+    Train,
+    Karras,
+    Exponential,
+}
+
+impl SigmaKind {
+    /// Reads the flags; beta sigmas are rejected, and so is more than one flag.
+    pub fn read(p: &Params) -> std::result::Result<Self, SchedulerError> {
+        let karras = p.opt_bool("use_karras_sigmas", false)?;
+        let exponential = p.opt_bool("use_exponential_sigmas", false)?;
+        p.reject_true(
+            "use_beta_sigmas",
+            "beta-distributed sigmas are not implemented",
+        )?;
+        match (karras, exponential) {
+            (true, true) => Err(p.err(
+                "use_karras_sigmas",
+                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
+            )),
+            (true, false) => Ok(Self::Karras),
+            (false, true) => Ok(Self::Exponential),
+            (false, false) => Ok(Self::Train),
+        }
+    }
+
+    /// `n` sigmas from `sigma_max` down to `sigma_min`; `None` for [`SigmaKind::Train`].
+    pub fn sigmas(self, sigma_min: f64, sigma_max: f64, n: usize) -> Option<Vec<f64>> {
+        match self {
+            Self::Train => None,
+            Self::Karras => Some(karras_sigmas(sigma_min, sigma_max, n)),
+            Self::Exponential => Some(exponential_sigmas(sigma_min, sigma_max, n)),
+        }
+    }
 }
 
 /// Karras et al. (2022) sigmas, rho = 7.

@@ -4,9 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::Params;
 use super::numeric::{Rescale, SPACINGS, TrainSchedule, pndm_base_timesteps};
-use super::{
-    Scheduler, SchedulerError, StepCount, check_shapes, expect_step, lincomb, step_error, to_work,
-};
+use super::{Scheduler, SchedulerError, StepCount, lincomb, step_error, step_inputs};
 use crate::noise::NoiseSource;
 
 const CLASS: &str = "PNDMScheduler";
@@ -85,20 +83,8 @@ impl Pndm {
         if skip_prk_steps && timesteps_i.len() > 1 {
             looked_up.push(timesteps_i[1] + ratio);
         }
-        if let Some(&t) = looked_up.iter().find(|&&t| schedule.alpha_at(t).is_none()) {
-            return Err(SchedulerError::InvalidSteps {
-                class: CLASS,
-                steps: n,
-                reason: format!(
-                    "timestep {t} ({spacing} spacing, steps_offset {offset}) is outside the {t_train} train timesteps"
-                ),
-            });
-        }
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+        schedule.check_timesteps(CLASS, n, spacing, offset, &looked_up)?;
+        let final_alpha_cumprod = schedule.final_alpha_cumprod(set_alpha_to_one);
         Ok(Self {
             timesteps: timesteps_i.iter().map(|&t| t as f64).collect(),
             timesteps_i,
@@ -116,14 +102,6 @@ impl Pndm {
         })
     }
 
-    fn alpha(&self, t: i64) -> Result<f64> {
-        self.schedule.alpha_at(t).map(|a| a as f64).ok_or_else(|| {
-            step_error(format!(
-                "{CLASS}: timestep {t} is outside the train timesteps"
-            ))
-        })
-    }
-
     fn prev_sample(
         &self,
         sample: &Tensor,
@@ -131,12 +109,9 @@ impl Pndm {
         prev_t: i64,
         model_output: &Tensor,
     ) -> Result<Tensor> {
-        let a_t = self.alpha(t)?;
-        let a_prev = if prev_t >= 0 {
-            self.alpha(prev_t)?
-        } else {
-            self.final_alpha_cumprod as f64
-        };
+        let (a_t, a_prev) = self
+            .schedule
+            .alphas_at(CLASS, t, prev_t, self.final_alpha_cumprod)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let sample_coeff = (a_prev / a_t).sqrt();
@@ -240,14 +215,6 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -255,11 +222,15 @@ impl Scheduler for Pndm {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        expect_step(CLASS, self.next, step_index, self.timesteps_i.len())?;
-        check_shapes(CLASS, model_output, sample)?;
+        let (s, mo) = step_inputs(
+            CLASS,
+            self.next,
+            step_index,
+            self.timesteps_i.len(),
+            model_output,
+            sample,
+        )?;
         let timestep = self.timesteps_i[step_index];
-        let mo = to_work(model_output)?;
-        let s = to_work(sample)?;
         let prev = if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
             self.step_prk(mo, timestep, s)?
         } else {

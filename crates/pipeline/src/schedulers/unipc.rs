@@ -3,22 +3,15 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Params;
+use super::multistep::{Interval, Prediction, solver_order};
 use super::numeric::{
-    Rescale, SPACINGS, TrainSchedule, alpha_sigma, exponential_sigmas, karras_sigmas, lambda,
-    log_sigmas, multistep_timesteps, np_interp_unit, sigma_to_t, solve,
+    Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, lambda, log_sigmas,
+    multistep_timesteps, np_interp_unit, sigmas_to_timesteps, solve,
 };
-use super::{Scheduler, SchedulerError, StepCount, check_shapes, expect_step, lincomb, to_work};
+use super::{Scheduler, SchedulerError, StepCount, lincomb, step_inputs};
 use crate::noise::NoiseSource;
 
 const CLASS: &str = "UniPCMultistepScheduler";
-
-#[derive(Clone, Copy, PartialEq)]
-enum Prediction {
-    Epsilon,
-    Sample,
-    V,
-    Flow,
-}
 
 pub struct UniPc {
     timesteps: Vec<f64>,
@@ -40,24 +33,8 @@ impl UniPc {
     pub(super) fn new(p: &Params, steps: StepCount) -> std::result::Result<Self, SchedulerError> {
         let schedule = TrainSchedule::from_params(p, Rescale::BetasAndClampLast)?;
         let t_train = schedule.num_train_timesteps;
-        let solver_order = p.int("solver_order", 2)?;
-        if !(1..=5).contains(&solver_order) {
-            return Err(p.err(
-                "solver_order",
-                format!("{solver_order} is not between 1 and 5"),
-            ));
-        }
-        let solver_order = solver_order as usize;
-        let prediction = match p.choice(
-            "prediction_type",
-            "epsilon",
-            &["epsilon", "sample", "v_prediction", "flow_prediction"],
-        )? {
-            "epsilon" => Prediction::Epsilon,
-            "sample" => Prediction::Sample,
-            "v_prediction" => Prediction::V,
-            _ => Prediction::Flow,
-        };
+        let solver_order = solver_order(p, 5)?;
+        let prediction = Prediction::read(p)?;
         p.reject_true(
             "thresholding",
             "dynamic thresholding is not implemented (it does not suit latent diffusion)",
@@ -78,12 +55,7 @@ impl UniPc {
             "solver_p",
             "an external predictor scheduler is not supported",
         )?;
-        let karras = p.opt_bool("use_karras_sigmas", false)?;
-        let exponential = p.opt_bool("use_exponential_sigmas", false)?;
-        p.reject_true(
-            "use_beta_sigmas",
-            "beta-distributed sigmas are not implemented",
-        )?;
+        let sigma_kind = SigmaKind::read(p)?;
         p.reject_true(
             "use_flow_sigmas",
             "flow-matching sigmas are not implemented",
@@ -93,12 +65,6 @@ impl UniPc {
             "dynamic shifting (flow matching) is not implemented",
         )?;
         p.reject_non_null("shift_terminal", "it applies to flow-matching sigmas only")?;
-        if karras && exponential {
-            return Err(p.err(
-                "use_karras_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            ));
-        }
         let spacing = p.choice("timestep_spacing", "linspace", &SPACINGS)?;
         let offset = p.int("steps_offset", 0)?;
         let final_zero = p.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "zero";
@@ -127,32 +93,17 @@ impl UniPc {
         let sigma_max_cfg = p.opt_f64("sigma_max")?;
         let n = steps.0;
 
-        let mut timesteps: Vec<f64> = multistep_timesteps(spacing, t_train, t_train, n, offset)
-            .iter()
-            .map(|&t| t as f64)
-            .collect();
+        let mut timesteps = multistep_timesteps(spacing, t_train, t_train, n, offset);
         let full = schedule.sigmas();
         let logs = log_sigmas(&full);
         let (s_lo, s_hi) = (full[0] as f64, full[t_train - 1] as f64);
-        let (sigmas, last) = if karras || exponential {
-            let (smin, smax) = (sigma_min_cfg.unwrap_or(s_lo), sigma_max_cfg.unwrap_or(s_hi));
-            let s = if karras {
-                karras_sigmas(smin, smax, n)
-            } else {
-                exponential_sigmas(smin, smax, n)
+        let (smin, smax) = (sigma_min_cfg.unwrap_or(s_lo), sigma_max_cfg.unwrap_or(s_hi));
+        let (sigmas, last) = if let Some(s) = sigma_kind.sigmas(smin, smax, n) {
+            let cast = match sigma_kind {
+                SigmaKind::Karras => TimestepCast::Round,
+                _ => TimestepCast::Truncate,
             };
-            timesteps = s
-                .iter()
-                .map(|&x| {
-                    let t = sigma_to_t(x, &logs);
-                    // Karras timesteps are rounded; the others are truncated by the int64 cast.
-                    if karras {
-                        t.round_ties_even()
-                    } else {
-                        t.trunc()
-                    }
-                })
-                .collect();
+            timesteps = sigmas_to_timesteps(&s, &logs, cast);
             let last = if final_zero {
                 0.0
             } else {
@@ -184,25 +135,6 @@ impl UniPc {
         })
     }
 
-    fn convert(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let sigma = self.sigmas[i] as f64;
-        let (a, s) = alpha_sigma(sigma);
-        if self.predict_x0 {
-            match self.prediction {
-                Prediction::Epsilon => lincomb(&[(1.0 / a, sample), (-s / a, model_output)]),
-                Prediction::Sample => Ok(model_output.clone()),
-                Prediction::V => lincomb(&[(a, sample), (-s, model_output)]),
-                Prediction::Flow => lincomb(&[(1.0, sample), (-sigma, model_output)]),
-            }
-        } else {
-            match self.prediction {
-                Prediction::Epsilon | Prediction::Flow => Ok(model_output.clone()),
-                Prediction::Sample => lincomb(&[(1.0 / s, sample), (-a / s, model_output)]),
-                Prediction::V => lincomb(&[(s, sample), (a, model_output)]),
-            }
-        }
-    }
-
     /// Shared part of UniP and UniC between sigma index `s0` (current) and `t` (target):
     /// `(sample coefficient, m0 coefficient, -scale * B(h), rks, b)` with `x_t = cx * x + cm *
     /// m0 + bscale * (sum of rho_k * D1_k)`.
@@ -214,11 +146,14 @@ impl UniPc {
         previous: impl Fn(usize) -> usize,
     ) -> BhTerms {
         let sig = |k: usize| self.sigmas[k] as f64;
-        let (alpha_t, sigma_t) = alpha_sigma(sig(t));
-        let (alpha_s0, sigma_s0) = alpha_sigma(sig(s0));
-        let lambda_t = alpha_t.ln() - sigma_t.ln();
-        let lambda_s0 = lambda(sig(s0));
-        let h = lambda_t - lambda_s0;
+        let Interval {
+            alpha_t,
+            sigma_t,
+            alpha_s0,
+            sigma_s0,
+            lambda_s0,
+            h,
+        } = Interval::new(&self.sigmas, t, s0);
         let mut rks: Vec<f64> = (1..order)
             .map(|k| (lambda(sig(previous(k))) - lambda_s0) / h)
             .collect();
@@ -325,14 +260,6 @@ impl Scheduler for UniPc {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -341,12 +268,11 @@ impl Scheduler for UniPc {
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        expect_step(CLASS, self.next, step_index, n)?;
-        check_shapes(CLASS, model_output, sample)?;
+        let (mut x, mo) = step_inputs(CLASS, self.next, step_index, n, model_output, sample)?;
         let i = step_index;
-        let mut x = to_work(sample)?;
-        let mo = to_work(model_output)?;
-        let m = self.convert(&mo, &x, i)?;
+        let m = self
+            .prediction
+            .convert(self.predict_x0, self.sigmas[i] as f64, &mo, &x)?;
         let use_corrector = i > 0
             && !self.disable_corrector.contains(&(i as i64 - 1))
             && self.last_sample.is_some();
