@@ -24,3 +24,15 @@ def base_url() -> str:
 @pytest.fixture(scope="session")
 def model_name() -> str:
     return _required("SDSERVE_MODEL")
+
+
+@pytest.fixture(scope="session")
+def grpc_address() -> str:
+    """`127.0.0.1:<port>` of the gRPC listener."""
+    return _required("SDSERVE_GRPC")
+
+
+@pytest.fixture(scope="session")
+def metrics_url() -> str:
+    """`http://127.0.0.1:<port>` of the metrics listener."""
+    return _required("SDSERVE_METRICS").rstrip("/")

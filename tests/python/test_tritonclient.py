@@ -149,21 +149,17 @@ def test_infer_parameters_seed_and_size(triton, model_name):
     assert generate(8) != first, "a different seed gave the same images"
 
 
-def test_binary_tensor_extension_as_advertised(triton, model_name, native_size):
-    # A body of JSON plus raw tensor bytes (tritonclient's default): served when the server
-    # lists Triton's `binary_tensor_data` extension, else refused with 422 as MLServer does.
+def test_binary_tensor_extension(triton, model_name, native_size):
+    # tritonclient's default: the prompt as raw tensor bytes after the JSON header, and the
+    # image back as raw PNG bytes (Triton's binary tensor data extension, advertised in /v2).
+    assert "binary_tensor_data" in triton.get_server_metadata()["extensions"]
     data = np.array(["a cat"], dtype=np.object_)
     tensor = httpclient.InferInput("prompt", [1], "BYTES")
     tensor.set_data_from_numpy(data)
     outputs = [httpclient.InferRequestedOutput("image", binary_data=True)]
-    if "binary_tensor_data" in triton.get_server_metadata()["extensions"]:
-        result = triton.infer(model_name, [tensor], outputs=outputs)
-        assert "binary_data_size" in result.get_output("image")["parameters"]
-        assert [png_size(i) for i in triton_images(result)] == [native_size]
-    else:
-        with pytest.raises(InferenceServerException) as error:
-            triton.infer(model_name, [tensor], outputs=outputs)
-        assert error.value.status() == "422"
+    result = triton.infer(model_name, [tensor], outputs=outputs)
+    assert "binary_data_size" in result.get_output("image")["parameters"]
+    assert [png_size(i) for i in triton_images(result)] == [native_size]
 
 
 def test_unknown_model_infer_is_404(triton):

@@ -578,6 +578,14 @@ impl Server {
         port_of(&line)
     }
 
+    /// The gRPC listener's port, from its log line.
+    pub fn grpc_port(&self) -> u16 {
+        let line = self
+            .find_log_line("gRPC server running on http://", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("sdserve logged no gRPC listener; log:\n{}", self.log()));
+        port_of(&line)
+    }
+
     /// Whether the log announces a metrics listener (check after the server is ready).
     pub fn has_metrics_listener(&self) -> bool {
         self.log().contains("Metrics server running on")

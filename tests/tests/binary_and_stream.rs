@@ -596,3 +596,99 @@ fn a_client_that_leaves_mid_stream_stops_the_generation() {
         stopped_after.as_secs_f64() * 1000.0
     );
 }
+
+#[test]
+fn stream_previews_every_k_steps() {
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    let s = launch(&repo).start();
+
+    // PNDM: 7 UNet passes for 6 steps; previews follow steps, not passes.
+    let mut body = prompt_request(
+        "a red circle",
+        json!({"num_inference_steps": 6, "num_images_per_prompt": 2, "preview_every": 2,
+               "width": 48, "seed": 3}),
+    );
+    body["id"] = json!("p-1");
+    let mut response = s
+        .client()
+        .post(s.url("/v2/models/tiny/infer_stream"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("stream request");
+    assert_eq!(response.status(), 200);
+    let events = read_events(&mut response, usize::MAX);
+    let (last, progress_events) = events.split_last().expect("events");
+    let mut previews = Vec::new();
+    for e in progress_events {
+        let step = e["parameters"]["progress"]["step"].as_u64().expect("step");
+        if e["outputs"] == json!([]) {
+            continue;
+        }
+        let out = &e["outputs"][0];
+        assert_eq!(out["name"], "preview", "{e}");
+        assert_eq!(out["datatype"], "BYTES");
+        assert_eq!(out["shape"], json!([2, 1]));
+        assert_eq!(out["parameters"]["content_type"], "base64");
+        let images = base64_images(e);
+        assert!(
+            images.iter().all(|png| png_dims(png) == (48, 64)),
+            "step {step}"
+        );
+        previews.push((step, images));
+    }
+    // Every second step but the last, whose image is the result itself.
+    assert_eq!(previews.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2, 4]);
+    assert_ne!(
+        previews[0].1, previews[1].1,
+        "previews follow the denoising"
+    );
+    assert_eq!(image_sizes(last), vec![(48, 64), (48, 64)]);
+
+    // Without preview_every, events carry no images (checked by `progress`).
+    let plain = prompt_request("a red circle", json!({"num_inference_steps": 2}));
+    let mut response = s
+        .client()
+        .post(s.url("/v2/models/tiny/infer_stream"))
+        .header("content-type", "application/json")
+        .body(plain.to_string())
+        .send()
+        .expect("stream request");
+    let events = read_events(&mut response, usize::MAX);
+    let id = events[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(progress(&events[..2], &id), [(1, 2), (2, 2)]);
+
+    // Bad values and non-stream routes are 400s naming the parameter.
+    for (path, k, needle) in [
+        (
+            "/v2/models/tiny/infer_stream",
+            json!(0),
+            "between 1 and num_inference_steps (3)",
+        ),
+        (
+            "/v2/models/tiny/infer_stream",
+            json!(4),
+            "between 1 and num_inference_steps (3)",
+        ),
+        ("/v2/models/tiny/infer_stream", json!("2"), "preview_every"),
+        ("/v2/models/tiny/infer", json!(1), "needs a streaming route"),
+        (
+            "/v2/models/tiny/generate",
+            json!(1),
+            "needs a streaming route",
+        ),
+    ] {
+        let body = prompt_request(
+            "a red circle",
+            json!({"num_inference_steps": 3, "preview_every": k}),
+        );
+        let r = s.post(path, &body);
+        r.expect(400);
+        let msg = r.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            msg.contains("preview_every") && msg.contains(needle),
+            "{path} {k}: {msg}"
+        );
+    }
+}

@@ -44,6 +44,8 @@ pub struct Progress {
     pub step: usize,
     pub total: usize,
     pub elapsed: Duration,
+    /// Preview PNGs of the request's images at this step (empty when none was asked for).
+    pub preview: Vec<Vec<u8>>,
 }
 
 /// The result of a successful request.
@@ -83,6 +85,10 @@ struct JobControl {
     deadline: Option<Instant>,
     started: AtomicBool,
     progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// A preview every this many steps (only with `progress`).
+    preview_every: Option<usize>,
+    /// The request's `num_inference_steps` (passes are mapped onto them for previews).
+    steps: usize,
 }
 
 impl JobControl {
@@ -143,12 +149,27 @@ pub struct Prepared {
     model: Arc<LoadedModel>,
     job: GenerationJob,
     timeout: Option<Duration>,
+    preview_every: Option<usize>,
 }
 
 impl Prepared {
     /// The effective settings (defaults filled in).
     pub fn job(&self) -> &GenerationJob {
         &self.job
+    }
+
+    /// Asks for preview images every `k` steps in the progress events (`parameters.preview_every`);
+    /// `k` must be between 1 and the request's steps.
+    pub fn with_preview_every(mut self, k: Option<i64>) -> Result<Self, EngineError> {
+        let Some(k) = k else { return Ok(self) };
+        let steps = self.job.num_inference_steps;
+        if k < 1 || k as u64 > steps as u64 {
+            return Err(EngineError::Invalid(format!(
+                "parameter 'preview_every' is {k}; it must be between 1 and num_inference_steps ({steps})"
+            )));
+        }
+        self.preview_every = Some(k as usize);
+        Ok(self)
     }
 }
 
@@ -340,6 +361,7 @@ impl Engine {
             model,
             job,
             timeout,
+            preview_every: None,
         })
     }
 
@@ -356,6 +378,7 @@ impl Engine {
             model,
             job,
             timeout,
+            preview_every,
         } = prepared;
         // A deadline too far away to represent is no deadline.
         let deadline = timeout.and_then(|t| admission.arrived().checked_add(t));
@@ -364,7 +387,9 @@ impl Engine {
             stop: AtomicU8::new(STOP_NONE),
             deadline,
             started: AtomicBool::new(false),
+            preview_every: preview_every.filter(|_| progress.is_some()),
             progress,
+            steps: job.num_inference_steps,
         });
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(EngineError::DeadlineExceeded {
@@ -831,35 +856,78 @@ fn next_batch(inner: &Inner) -> Option<Vec<Queued>> {
     Some(batch)
 }
 
-/// Stops the batch only when every member has stopped; reports progress to each member.
+/// Stops the batch only when every member has stopped; reports progress (and previews) to
+/// each member.
 struct BatchControl<'a> {
     members: &'a [Arc<JobControl>],
+    /// Where each member's images start in the merged job, and how many it has.
+    images: Vec<(usize, usize)>,
+    /// The last step each member got a preview for.
+    previewed: Vec<usize>,
+    previews: Option<Vec<GeneratedImage>>,
     started: Instant,
     last_step: Instant,
     step_seconds: &'a crate::metrics::Family,
     model: &'a str,
 }
 
+impl BatchControl<'_> {
+    /// The step a member is at after pass `done` of `total`, if it wants a preview there
+    /// (never at its last step: the result follows at once).
+    fn preview_step(&self, member: usize, done: usize, total: usize) -> Option<usize> {
+        let m = &self.members[member];
+        let every = m.preview_every?;
+        if total == 0 || m.stopped().is_some() {
+            return None;
+        }
+        let step = done.min(total) * m.steps / total;
+        (step > self.previewed[member] && step < m.steps && step.is_multiple_of(every)).then_some(step)
+    }
+}
+
 impl StepControl for BatchControl<'_> {
+    fn wants_preview(&self, done: usize, total: usize) -> bool {
+        (0..self.members.len()).any(|i| self.preview_step(i, done, total).is_some())
+    }
+
+    fn preview(&mut self, images: Vec<GeneratedImage>) {
+        self.previews = Some(images);
+    }
+
     fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason> {
         let now = Instant::now();
         self.step_seconds
             .observe(&[self.model], (now - self.last_step).as_secs_f64());
         self.last_step = now;
+        let previews = self.previews.take();
         let mut first_reason = None;
         let mut all_stopped = true;
-        for m in self.members {
+        for (i, m) in self.members.iter().enumerate() {
             match m.stopped() {
                 Some(r) => {
                     first_reason.get_or_insert(r);
                 }
                 None => {
                     all_stopped = false;
+                    let mut preview = Vec::new();
+                    if let (Some(step), Some(images)) =
+                        (self.preview_step(i, done, total), &previews)
+                    {
+                        let (start, count) = self.images[i];
+                        preview = images
+                            .iter()
+                            .skip(start)
+                            .take(count)
+                            .map(|img| img.png.clone())
+                            .collect();
+                        self.previewed[i] = step;
+                    }
                     if let Some(p) = &m.progress {
                         let _ = p.send(Progress {
                             step: done,
                             total,
                             elapsed: self.started.elapsed(),
+                            preview,
                         });
                     }
                 }
@@ -915,8 +983,20 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         .observe(&[&name], merged.images.len() as f64);
 
     let controls: Vec<Arc<JobControl>> = batch.iter().map(|j| j.control.clone()).collect();
+    let mut offset = 0;
+    let images = batch
+        .iter()
+        .map(|j| {
+            let n = j.job.images.len();
+            offset += n;
+            (offset - n, n)
+        })
+        .collect();
     let mut control = BatchControl {
         members: &controls,
+        images,
+        previewed: vec![0; controls.len()],
+        previews: None,
         started,
         last_step: started,
         step_seconds: &inner.metrics.step_seconds,

@@ -85,6 +85,16 @@ pub enum StopReason {
 pub trait StepControl {
     /// `done` steps of `total` are complete. Return `Break` to stop at once.
     fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason>;
+
+    /// Whether the generator should make previews after pass `done` of `total`; if so it
+    /// calls [`StepControl::preview`] before `after_step(done, total)`.
+    fn wants_preview(&self, _done: usize, _total: usize) -> bool {
+        false
+    }
+
+    /// Previews of every image of the job, in job order: the clean image the model predicts
+    /// at this step.
+    fn preview(&mut self, _images: Vec<GeneratedImage>) {}
 }
 
 /// A `StepControl` that never stops, for callers outside the engine (benches, tools).

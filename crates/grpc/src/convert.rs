@@ -322,9 +322,39 @@ pub fn to_inference_request(req: &ModelInferRequest) -> Result<Decoded, ConvertE
     Ok(Decoded { request, raw })
 }
 
-/// The answer to a finished request: one BYTES element per image holding the PNG file itself,
-/// shape `[N, 1]`, in `contents.bytes_contents` or (`raw`) in `raw_output_contents`; the
-/// effective settings in `parameters`, as over REST.
+/// PNG files as one BYTES output of shape `[N, 1]`: the files in `contents.bytes_contents`, or
+/// (`raw`) in the returned `raw_output_contents` entry.
+pub fn png_output(
+    name: &str,
+    pngs: Vec<Bytes>,
+    raw: bool,
+) -> Result<(InferOutputTensor, Option<Bytes>), ApiError> {
+    let shape = vec![pngs.len() as i64, 1];
+    let (contents, raw_contents) = if raw {
+        let joined = raw::join_bytes(pngs.iter().map(|b| b.as_ref()))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        (None, Some(Bytes::from(joined)))
+    } else {
+        (
+            Some(InferTensorContents {
+                bytes_contents: pngs,
+                ..Default::default()
+            }),
+            None,
+        )
+    };
+    let tensor = InferOutputTensor {
+        name: name.into(),
+        datatype: Datatype::Bytes.as_str().into(),
+        shape,
+        parameters: HashMap::new(),
+        contents,
+    };
+    Ok((tensor, raw_contents))
+}
+
+/// The answer to a finished request: one BYTES element per image holding the PNG file itself
+/// (see [`png_output`]); the effective settings in `parameters`, as over REST.
 pub fn to_infer_response(
     model_name: &str,
     id: String,
@@ -336,33 +366,14 @@ pub fn to_infer_response(
         .iter()
         .map(|img| Bytes::copy_from_slice(&img.png))
         .collect();
-    let shape = vec![pngs.len() as i64, 1];
-    let (contents, raw_output_contents) = if raw {
-        let joined = raw::join_bytes(pngs.iter().map(|b| b.as_ref()))
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        (None, vec![Bytes::from(joined)])
-    } else {
-        (
-            Some(InferTensorContents {
-                bytes_contents: pngs,
-                ..Default::default()
-            }),
-            Vec::new(),
-        )
-    };
+    let (output, raw_contents) = png_output(IMAGE_OUTPUT, pngs, raw)?;
     Ok(ModelInferResponse {
         model_name: model_name.to_owned(),
         model_version: outcome.model_version.clone().unwrap_or_default(),
         id,
         parameters: parameters_out(&sdserve_http::convert::effective_parameters(outcome)),
-        outputs: vec![InferOutputTensor {
-            name: IMAGE_OUTPUT.into(),
-            datatype: Datatype::Bytes.as_str().into(),
-            shape,
-            parameters: HashMap::new(),
-            contents,
-        }],
-        raw_output_contents,
+        outputs: vec![output],
+        raw_output_contents: raw_contents.into_iter().collect(),
     })
 }
 

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use sdserve_engine::{EngineError, InferObserver, Prepared, Progress};
 use sdserve_http::convert::StepProgress;
 use sdserve_http::handlers::infer::cloud_events;
@@ -23,7 +25,9 @@ use tonic::codegen::http::HeaderMap;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::{parameter_out, parameters_out, to_infer_response, to_inference_request};
+use crate::convert::{
+    parameter_out, parameters_out, png_output, to_infer_response, to_inference_request,
+};
 use crate::metrics::{Arrived, TrailingMetadata};
 use crate::pb::inference as pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -70,6 +74,7 @@ fn accept(
     req: &pb::ModelInferRequest,
     deadline: Option<Duration>,
     observer: &mut Option<InferObserver>,
+    streaming: bool,
 ) -> Result<Accepted, ApiError> {
     let fail = |observer: &mut Option<InferObserver>, reason: &'static str| {
         if let Some(o) = observer.take() {
@@ -84,9 +89,15 @@ fn accept(
         fail(observer, "invalid");
         ApiError::bad_request(e.0)
     })?;
-    let (generation, timeout) = sdserve_http::convert::to_generation_request(&decoded.request)
+    let (generation, options) = sdserve_http::convert::to_generation_request(&decoded.request)
         .inspect_err(|_| fail(observer, "invalid"))?;
-    let timeout = match (timeout, deadline) {
+    if !streaming && options.preview_every.is_some() {
+        fail(observer, "invalid");
+        return Err(ApiError::bad_request(
+            "parameter 'preview_every' needs ModelStreamInfer",
+        ));
+    }
+    let timeout = match (options.timeout, deadline) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
@@ -99,6 +110,7 @@ fn accept(
             &generation,
             timeout,
         )
+        .and_then(|p| p.with_preview_every(options.preview_every))
         .map_err(|e| {
             fail(observer, e.reason());
             ApiError::from(e)
@@ -123,11 +135,14 @@ fn tensor_metadata(t: &MetadataTensor) -> pb::model_metadata_response::TensorMet
     }
 }
 
+/// A progress message; previews travel as a `preview` output shaped like `image` (raw when the
+/// request was).
 fn progress_message(
     model: &str,
     version: &str,
     id: &str,
     p: &Progress,
+    raw: bool,
 ) -> pb::ModelStreamInferResponse {
     let parameters: HashMap<String, pb::InferParameter> = [
         ("step", json!(p.step)),
@@ -137,6 +152,20 @@ fn progress_message(
     .into_iter()
     .filter_map(|(k, v)| parameter_out(&v).map(|p| (k.to_owned(), p)))
     .collect();
+    let (preview, raw_preview) = if p.preview.is_empty() {
+        (None, None)
+    } else {
+        let pngs = p
+            .preview
+            .iter()
+            .map(|f| Bytes::copy_from_slice(f))
+            .collect();
+        // Joining can only fail past 4 GiB per file; such a preview is left out.
+        match png_output("preview", pngs, raw) {
+            Ok((tensor, raw_contents)) => (Some(tensor), raw_contents),
+            Err(_) => (None, None),
+        }
+    };
     pb::ModelStreamInferResponse {
         error_message: String::new(),
         infer_response: Some(pb::ModelInferResponse {
@@ -144,7 +173,8 @@ fn progress_message(
             model_version: version.into(),
             id: id.into(),
             parameters,
-            ..Default::default()
+            outputs: preview.into_iter().collect(),
+            raw_output_contents: raw_preview.into_iter().collect(),
         }),
     }
 }
@@ -190,7 +220,7 @@ async fn stream_one(
             .observer(&name, version_of(&version).unwrap_or("None")),
     );
     let remaining = rpc_deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    let accepted = match accept(&state, &req, remaining, &mut observer) {
+    let accepted = match accept(&state, &req, remaining, &mut observer, true) {
         Ok(a) => a,
         Err(e) => {
             let id = if req.id.is_empty() {
@@ -204,6 +234,7 @@ async fn stream_one(
     };
     let mut observer = observer.expect("the observer is only taken on failure");
     let id = accepted.id.unwrap_or_else(new_id);
+    let raw = accepted.raw;
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
     // Scheduler steps, as over REST (the engine counts UNet passes).
     let mut steps = StepProgress::new(accepted.prepared.job().num_inference_steps);
@@ -219,7 +250,7 @@ async fn stream_one(
                 biased;
                 Some(p) = progress_rx.recv() => {
                     let Some(p) = steps.step(&p) else { continue };
-                    if tx.send(Ok(progress_message(&name, &version, &id, &p))).await.is_err() {
+                    if tx.send(Ok(progress_message(&name, &version, &id, &p, raw))).await.is_err() {
                         break None;
                     }
                 }
@@ -236,7 +267,7 @@ async fn stream_one(
     while let Ok(p) = progress_rx.try_recv() {
         let Some(p) = steps.step(&p) else { continue };
         if tx
-            .send(Ok(progress_message(&name, &version, &id, &p)))
+            .send(Ok(progress_message(&name, &version, &id, &p, raw)))
             .await
             .is_err()
         {
@@ -377,7 +408,7 @@ impl GrpcInferenceService for Dataplane {
                 .observer(&name, version_of(&req.model_version).unwrap_or("None")),
         );
         let accepted =
-            accept(&self.state, &req, deadline, &mut observer).map_err(|e| from_api(&e))?;
+            accept(&self.state, &req, deadline, &mut observer, false).map_err(|e| from_api(&e))?;
         let mut observer = observer.expect("the observer is only taken on failure");
         let result = self
             .state

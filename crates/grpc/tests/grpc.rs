@@ -1113,3 +1113,60 @@ async fn shutdown_ends_open_streams_and_closes_the_listener() {
     .expect("connect answered");
     assert!(refused.is_err(), "the listener is closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_infer_sends_previews_when_asked() {
+    let server = start(&["tiny"], Options::default()).await;
+    let mut c = server.client().await;
+    let with_preview = |mut req: pb::ModelInferRequest| {
+        req.parameters.insert(
+            "preview_every".into(),
+            param(ParameterChoice::Int64Param(1)),
+        );
+        req.parameters.insert(
+            "scheduler".into(),
+            param(ParameterChoice::StringParam("ddim".into())),
+        );
+        req
+    };
+
+    // Unary calls cannot carry previews.
+    let err = c
+        .model_infer(with_preview(infer_request("tiny", "a", 1, 3)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("preview_every"), "{}", err.message());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(with_preview(infer_request("tiny", "a red circle", 5, 3)))
+        .await
+        .unwrap();
+    drop(tx);
+    let mut responses = c
+        .model_stream_infer(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(m) = responses.message().await.unwrap() {
+        assert_eq!(m.error_message, "");
+        let r = m.infer_response.unwrap();
+        let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+        if names == ["image"] {
+            break;
+        }
+        let step = int_param(&r.parameters, "step");
+        if let Some(o) = r.outputs.first() {
+            assert_eq!((o.name.as_str(), o.datatype.as_str()), ("preview", "BYTES"));
+            assert_eq!(o.shape, [1, 1]);
+            let png = &o.contents.as_ref().unwrap().bytes_contents[0];
+            assert_eq!(decode_png(png).unwrap().0, 64);
+        }
+        seen.push((step, r.outputs.len()));
+    }
+    // A preview after every step but the last.
+    assert_eq!(seen, [(1, 1), (2, 1), (3, 0)]);
+}

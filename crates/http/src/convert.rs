@@ -14,10 +14,19 @@ use crate::error::ApiError;
 /// The only output this server produces.
 pub const IMAGE_OUTPUT: &str = "image";
 
-/// Decodes the diffusers contract; returns the engine request and the per-request timeout.
+/// What a request asks for beyond the generation itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestOptions {
+    /// Per-request deadline (`parameters.timeout`).
+    pub timeout: Option<Duration>,
+    /// `parameters.preview_every` (validated against the steps by the engine).
+    pub preview_every: Option<i64>,
+}
+
+/// Decodes the diffusers contract into the engine request and its options.
 pub fn to_generation_request(
     req: &InferenceRequest,
-) -> Result<(GenerationRequest, Option<Duration>), ApiError> {
+) -> Result<(GenerationRequest, RequestOptions), ApiError> {
     if let Some(outputs) = &req.outputs
         && let Some(o) = outputs.iter().find(|o| o.name != IMAGE_OUTPUT)
     {
@@ -50,7 +59,11 @@ pub fn to_generation_request(
         latents: d.latents.map(|l| (l.shape, l.data)),
         output_format: d.output_format,
     };
-    Ok((request, timeout))
+    let options = RequestOptions {
+        timeout,
+        preview_every: d.preview_every,
+    };
+    Ok((request, options))
 }
 
 /// The effective settings of a finished request, echoed in the response `parameters`.
@@ -147,6 +160,7 @@ impl StepProgress {
             step,
             total: self.steps,
             elapsed: p.elapsed,
+            preview: p.preview.clone(),
         })
     }
 }
@@ -209,6 +223,7 @@ mod tests {
                         step: p,
                         total: passes,
                         elapsed: Duration::ZERO,
+                        preview: Vec::new(),
                     })
                 })
                 .map(|p| (p.step, p.total))

@@ -285,6 +285,10 @@ impl StableDiffusion {
             .scheduler_config
             .build(kind, job.num_inference_steps, job.eta)
             .map_err(|e| GenerateError::Invalid(e.to_string()))?;
+        let estimate = self
+            .scheduler_config
+            .denoised_estimate(kind)
+            .map_err(|e| GenerateError::Invalid(e.to_string()))?;
 
         let cfg = job.guidance_scale > 1.0;
         let prompts: Vec<&str> = job.images.iter().map(|i| i.prompt.as_str()).collect();
@@ -317,7 +321,7 @@ impl StableDiffusion {
             let input = if cfg {
                 Tensor::cat(&[&scaled, &scaled], 0)
             } else {
-                Ok(scaled)
+                Ok(scaled.clone())
             };
             let out = input
                 .and_then(|x| x.to_dtype(self.placement.dtype))
@@ -336,6 +340,12 @@ impl StableDiffusion {
             latents = scheduler
                 .step(&guided, i, &latents, noise)
                 .map_err(internal(format!("scheduler step {}", i + 1)))?;
+            if control.wants_preview(i + 1, total) {
+                let x0 = estimate
+                    .x0(&guided, &scaled, t)
+                    .map_err(internal(format!("preview {}", i + 1)))?;
+                control.preview(png_files(&self.decode(&x0)?)?);
+            }
             if let ControlFlow::Break(reason) = control.after_step(i + 1, total) {
                 return Err(GenerateError::Stopped(reason));
             }
@@ -415,16 +425,20 @@ impl Generator for StableDiffusion {
         job: &GenerationJob,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
-        let images = self.generate_float(job, control)?;
-        (0..images.batch)
-            .map(|i| {
-                encode_png(images.width, images.height, &images.rgb8(i))
-                    .map(|png| GeneratedImage { png })
-                    .map_err(|message| GenerateError::Internal {
-                        stage: "png".into(),
-                        message,
-                    })
-            })
-            .collect()
+        png_files(&self.generate_float(job, control)?)
     }
+}
+
+/// 8-bit PNG files of every image, in batch order.
+fn png_files(images: &FloatImages) -> Result<Vec<GeneratedImage>, GenerateError> {
+    (0..images.batch)
+        .map(|i| {
+            encode_png(images.width, images.height, &images.rgb8(i))
+                .map(|png| GeneratedImage { png })
+                .map_err(|message| GenerateError::Internal {
+                    stage: "png".into(),
+                    message,
+                })
+        })
+        .collect()
 }

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use sdserve_engine::{
-    GenerateError, GenerationJob, Generator, ImageSpec, Latents, RunToEnd, StepControl, StopReason,
+    GenerateError, GeneratedImage, GenerationJob, Generator, ImageSpec, Latents, RunToEnd,
+    StepControl, StopReason,
 };
 use sdserve_pipeline::image::{FloatImages, decode_png};
 use sdserve_pipeline::noise::NoiseSource;
@@ -25,9 +26,11 @@ fn models() -> PathBuf {
 fn model(key: &str) -> &'static StableDiffusion {
     static SD1: OnceLock<StableDiffusion> = OnceLock::new();
     static SD2: OnceLock<StableDiffusion> = OnceLock::new();
+    static SHAPES: OnceLock<StableDiffusion> = OnceLock::new();
     let (cell, folder) = match key {
         "sd1" => (&SD1, "tiny-sd1"),
         "sd2" => (&SD2, "tiny-sd2"),
+        "shapes" => (&SHAPES, "tiny-shapes"),
         _ => unreachable!(),
     };
     cell.get_or_init(|| {
@@ -494,4 +497,77 @@ fn description_comes_from_the_folder() {
         (d.default_scheduler.as_str(), d.family.as_str()),
         ("ddim", "sd2")
     );
+}
+
+/// Asks for a preview after every pass and keeps them.
+#[derive(Default)]
+struct EveryPass {
+    previews: Vec<(usize, Vec<GeneratedImage>)>,
+    pending: Option<Vec<GeneratedImage>>,
+}
+
+impl StepControl for EveryPass {
+    fn after_step(&mut self, done: usize, _total: usize) -> ControlFlow<StopReason> {
+        let images = self.pending.take().expect("a preview before every step");
+        self.previews.push((done, images));
+        ControlFlow::Continue(())
+    }
+
+    fn wants_preview(&self, _done: usize, _total: usize) -> bool {
+        true
+    }
+
+    fn preview(&mut self, images: Vec<GeneratedImage>) {
+        self.pending = Some(images);
+    }
+}
+
+/// Mean and largest |a - b| over every channel of two PNGs of one size.
+fn png_distance(a: &GeneratedImage, b: &GeneratedImage) -> (f64, u8) {
+    let (a, b) = (decode_png(&a.png).unwrap().2, decode_png(&b.png).unwrap().2);
+    assert_eq!(a.len(), b.len());
+    let diffs: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    (mean, diffs.into_iter().max().unwrap_or(0))
+}
+
+#[test]
+fn last_preview_is_the_result_for_each_prediction_type() {
+    // Euler and DPM++ 2M end on their own x0 prediction (final sigma 0), so the preview of the
+    // last pass must be the result: this checks the estimate in sigma space (Euler's scaled
+    // input), for epsilon and for v-prediction, image by image in a batch.
+    for (key, scheduler) in [("sd1", "euler"), ("sd2", "euler"), ("sd2", "dpmpp_2m")] {
+        let job = seeded_job(&[("a red circle", 1), ("two green squares", 2)], scheduler);
+        let mut control = EveryPass::default();
+        let result = model(key).generate(&job, &mut control).unwrap();
+        assert_eq!(control.previews.len(), job.num_inference_steps);
+        let (done, last) = control.previews.last().unwrap();
+        assert_eq!((*done, last.len()), (job.num_inference_steps, 2));
+        for (preview, image) in last.iter().zip(&result) {
+            let (_, max) = png_distance(preview, image);
+            assert!(max <= 1, "{key} {scheduler}: last preview off by {max}/255");
+        }
+    }
+}
+
+#[test]
+fn previews_converge_to_the_result() {
+    // The trained default model: previews draw the picture ever closer to the result.
+    let mut job = seeded_job(&[("a red circle on a blue background", 42)], "dpmpp_2m");
+    (job.num_inference_steps, job.guidance_scale) = (20, 5.0);
+    let steps = job.num_inference_steps;
+    let mut control = EveryPass::default();
+    let result = model("shapes").generate(&job, &mut control).unwrap();
+    let distance = |k: usize| png_distance(&control.previews[k - 1].1[0], &result[0]);
+    let d: Vec<(f64, u8)> = [1, steps / 4, steps / 2, steps].map(distance).to_vec();
+    println!(
+        "|preview - result| (mean, max of 255) at steps 1, {}, {}, {steps}: {d:?}",
+        steps / 4,
+        steps / 2
+    );
+    assert!(
+        d.windows(2).all(|w| w[0].0 > w[1].0),
+        "previews do not converge: {d:?}"
+    );
+    assert_eq!(d[3].1, 0, "the last preview is the result");
 }

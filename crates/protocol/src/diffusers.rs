@@ -27,6 +27,8 @@ pub struct DiffusersRequest {
     pub output_format: Option<String>,
     /// Per-request deadline in milliseconds (`parameters.timeout`).
     pub timeout_ms: Option<f64>,
+    /// Preview images every this many steps (`parameters.preview_every`; stream routes only).
+    pub preview_every: Option<i64>,
 }
 
 /// Explicit initial latents, `[B, C, H/f, W/f]`.
@@ -73,6 +75,7 @@ pub const PARAMETER_NAMES: &[&str] = &[
     "eta",
     "output_format",
     "timeout",
+    "preview_every",
 ];
 
 /// Keys clients and libraries send that carry no generation meaning; accepted and ignored.
@@ -437,6 +440,9 @@ impl DiffusersRequest {
         let timeout_ms = param("timeout")
             .map(|v| as_float(v, "parameter 'timeout'"))
             .transpose()?;
+        let preview_every = param("preview_every")
+            .map(|v| as_integer(v, "parameter 'preview_every'"))
+            .transpose()?;
 
         Ok(Self {
             prompts,
@@ -452,6 +458,7 @@ impl DiffusersRequest {
             latents,
             output_format,
             timeout_ms,
+            preview_every,
         })
     }
 }

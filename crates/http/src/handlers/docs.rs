@@ -165,6 +165,8 @@ pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]
             "scheduler" => json!({"type": "string", "enum": schedulers}),
             "guidance_scale" | "eta" => json!({"type": "number"}),
             "timeout" => json!({"type": "number", "description": "deadline in milliseconds"}),
+            "preview_every" => json!({"type": "integer", "minimum": 1,
+                "description": "stream routes only: a preview image every k steps"}),
             "seed" => {
                 json!({"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]})
             }

@@ -13,6 +13,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use http_body::Frame;
 use sdserve_engine::{InferObserver, InferOutcome, Prepared, Progress};
 use sdserve_protocol::{InferenceResponse, Parameters};
@@ -124,11 +125,18 @@ async fn accept(
         ));
     }
     let request = decoded.request;
-    let (generation, timeout) =
+    let (generation, options) =
         convert::to_generation_request(&request).inspect_err(|_| fail(observer, "invalid"))?;
+    if !streaming && options.preview_every.is_some() {
+        fail(observer, "invalid");
+        return Err(ApiError::bad_request(
+            "parameter 'preview_every' needs a streaming route (infer_stream, generate_stream)",
+        ));
+    }
     let prepared = state
         .engine
-        .prepare(admission, name, version, &generation, timeout)
+        .prepare(admission, name, version, &generation, options.timeout)
+        .and_then(|p| p.with_preview_every(options.preview_every))
         .map_err(|e| {
             fail(observer, e.reason());
             ApiError::from(e)
@@ -372,12 +380,29 @@ fn add_stream_headers(
 
 /// A progress event shaped as an InferenceResponse (empty outputs), so V2 clients that parse
 /// every event as a response keep working.
+/// Previews travel as a `preview` output shaped like the final `image` output.
 fn progress_event(model: &str, id: &str, p: &Progress) -> Bytes {
+    let outputs = if p.preview.is_empty() {
+        json!([])
+    } else {
+        let data: Vec<String> = p
+            .preview
+            .iter()
+            .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
+            .collect();
+        json!([{
+            "name": "preview",
+            "datatype": "BYTES",
+            "shape": [data.len(), 1],
+            "parameters": {"content_type": "base64"},
+            "data": data
+        }])
+    };
     sse(&json!({
         "model_name": model,
         "id": id,
         "parameters": {"progress": {"step": p.step, "total": p.total, "elapsed": p.elapsed.as_secs_f64()}},
-        "outputs": []
+        "outputs": outputs
     }))
 }
 

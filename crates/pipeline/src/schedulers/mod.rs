@@ -25,6 +25,7 @@
 
 mod config;
 mod ddim;
+mod denoised;
 mod dpm;
 mod euler;
 mod lms;
@@ -41,6 +42,7 @@ use serde_json::{Map, Value};
 use crate::noise::NoiseSource;
 
 pub use config::parse_python_json;
+pub use denoised::DenoisedEstimate;
 
 /// One denoising run: built for a number of steps, stepped once per timestep, in order.
 pub trait Scheduler: Send {
@@ -109,6 +111,15 @@ impl SchedulerKind {
             Self::DpmSolverMultistepKarras => "dpmpp_2m_karras",
             Self::Lms => "lms",
             Self::UniPc => "unipc",
+        }
+    }
+
+    /// How the class treats `rescale_betas_zero_snr`.
+    fn rescale(self) -> numeric::Rescale {
+        match self {
+            Self::Ddim => numeric::Rescale::Betas,
+            Self::Pndm | Self::Lms => numeric::Rescale::NotAParameter,
+            _ => numeric::Rescale::BetasAndClampLast,
         }
     }
 
@@ -363,6 +374,19 @@ impl SchedulerConfig {
             });
         }
         Ok(sched)
+    }
+
+    /// The `x_0` estimate for previews of generations with scheduler `kind`.
+    pub fn denoised_estimate(
+        &self,
+        kind: SchedulerKind,
+    ) -> std::result::Result<DenoisedEstimate, SchedulerError> {
+        let overrides = kind.overrides();
+        let p = self.params(kind, &overrides);
+        Ok(DenoisedEstimate {
+            alphas_cumprod: numeric::TrainSchedule::from_params(&p, kind.rescale())?.alphas_cumprod,
+            prediction: multistep::Prediction::read(&p)?,
+        })
     }
 
     fn params<'a>(

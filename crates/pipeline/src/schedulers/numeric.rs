@@ -584,11 +584,7 @@ mod tests {
         for entry in schedules {
             let name = entry["name"].as_str().unwrap();
             let kind = SchedulerKind::from_class_name(entry["class"].as_str().unwrap()).unwrap();
-            let rescale = match kind {
-                SchedulerKind::Ddim => Rescale::Betas,
-                SchedulerKind::Pndm | SchedulerKind::Lms => Rescale::NotAParameter,
-                _ => Rescale::BetasAndClampLast,
-            };
+            let rescale = kind.rescale();
             let cfg = SchedulerConfig::from_json(entry["config"].clone()).unwrap();
             let ours = TrainSchedule::from_params(&cfg.params(kind, &[]), rescale)
                 .unwrap()
