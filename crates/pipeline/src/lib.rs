@@ -8,6 +8,7 @@
 //! - [`text_encoder`]: batched CLIP text transformer.
 //! - [`unet`]: the UNet, assembled from candle's resnet/attention layers (exact GELU).
 //! - [`vae`]: candle's VAE decoder built from the parsed config.
+//! - [`layers`]: convolution, group norm, GEGLU and resnet blocks with fused CPU kernels.
 //! - [`image`]: diffusers' post-processing, 8-bit RGB and PNG.
 //! - [`device`]: device/dtype selection ([`LoadOptions`]); all CUDA-specific code.
 //! - [`error`]: [`PipelineError`], load-time errors naming the file and key or tensor.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod image;
+pub mod layers;
 pub mod noise;
 pub mod pipeline;
 pub mod random_model;

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde_json::{Value, json};
 
 use crate::config::{TextEncoderConfig, UNetConfig, VaeConfig};
@@ -29,7 +30,6 @@ use crate::error::PipelineError;
 use crate::noise::NormalStream;
 use crate::text_encoder::TextEncoder;
 use crate::unet::UNet;
-use crate::vae::Vae;
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -330,7 +330,22 @@ pub fn tensor_specs(dir: &Path) -> Result<ModelTensors> {
             "text encoder",
         )?,
         unet: record(|vb| UNet::new(vb, &unet_config).map(drop), "unet")?,
-        vae: record(|vb| Vae::new(vb, &vae_config).map(drop), "vae")?,
+        // The whole autoencoder, encoder included, as diffusers saves it.
+        vae: record(
+            |vb| {
+                let config = AutoEncoderKLConfig {
+                    block_out_channels: vae_config.block_out_channels.clone(),
+                    layers_per_block: vae_config.layers_per_block,
+                    latent_channels: vae_config.latent_channels,
+                    norm_num_groups: vae_config.norm_num_groups,
+                    use_quant_conv: vae_config.use_quant_conv,
+                    use_post_quant_conv: vae_config.use_post_quant_conv,
+                };
+                let (i, o) = (vae_config.in_channels, vae_config.out_channels);
+                AutoEncoderKL::new(vb, i, o, config).map(drop)
+            },
+            "vae",
+        )?,
     })
 }
 

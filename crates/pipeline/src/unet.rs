@@ -10,16 +10,18 @@
 //! diffusers runs them.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::attention::CrossAttention;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 use crate::config::{UNetBlock, UNetConfig};
+use crate::layers::{
+    Conv2d, Geglu, GroupNorm, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm,
+};
 
 /// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
 struct FeedForward {
-    proj_in: Linear,
+    proj_in: Geglu,
     proj_out: Linear,
 }
 
@@ -27,16 +29,13 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_in: geglu(dim, inner, vb.pp("net.0.proj"))?,
             proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(xs)?;
-        let halves = projected.chunk(2, D::Minus1)?;
-        self.proj_out
-            .forward(&(&halves[0] * halves[1].gelu_erf()?)?)
+        self.proj_out.forward(&self.proj_in.forward(xs)?)
     }
 }
 
@@ -115,7 +114,7 @@ impl SpatialTransformer {
     }
 
     fn new(vb: VarBuilder, channels: usize, level: &UNetBlock, c: &UNetConfig) -> Result<Self> {
-        let norm = candle_nn::group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
                 Projection::Linear(candle_nn::linear(channels, channels, vb.pp("proj_in"))?),
@@ -124,20 +123,8 @@ impl SpatialTransformer {
         } else {
             let cfg = Conv2dConfig::default();
             (
-                Projection::Conv(candle_nn::conv2d(
-                    channels,
-                    channels,
-                    1,
-                    cfg,
-                    vb.pp("proj_in"),
-                )?),
-                Projection::Conv(candle_nn::conv2d(
-                    channels,
-                    channels,
-                    1,
-                    cfg,
-                    vb.pp("proj_out"),
-                )?),
+                Projection::Conv(conv2d(channels, channels, 1, cfg, vb.pp("proj_in"))?),
+                Projection::Conv(conv2d(channels, channels, 1, cfg, vb.pp("proj_out"))?),
             )
         };
         let blocks = (0..level.transformer_layers)
@@ -185,17 +172,15 @@ fn resnet(
     temb: usize,
     c: &UNetConfig,
     scale: f64,
-) -> Result<ResnetBlock2D> {
-    let cfg = ResnetBlock2DConfig {
-        out_channels: Some(out_ch),
+) -> Result<ResnetBlock> {
+    let cfg = ResnetConfig {
+        out_channels: out_ch,
         temb_channels: Some(temb),
         groups: c.norm_num_groups,
-        groups_out: None,
         eps: c.norm_eps,
-        use_in_shortcut: None,
         output_scale_factor: scale,
     };
-    ResnetBlock2D::new(vb, in_ch, cfg)
+    ResnetBlock::new(vb, in_ch, &cfg)
 }
 
 struct Downsample {
@@ -211,7 +196,7 @@ impl Downsample {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
     }
@@ -240,7 +225,7 @@ impl Upsample {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
         })
     }
 
@@ -252,7 +237,7 @@ impl Upsample {
 }
 
 struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     downsample: Option<Downsample>,
 }
@@ -282,7 +267,7 @@ impl DownBlock {
 }
 
 struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     upsample: Option<Upsample>,
 }
@@ -320,7 +305,7 @@ pub struct UNet {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     down: Vec<DownBlock>,
-    mid_resnets: [ResnetBlock2D; 2],
+    mid_resnets: [ResnetBlock; 2],
     mid_attention: SpatialTransformer,
     up: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
@@ -333,7 +318,7 @@ impl UNet {
         let n = c.blocks.len();
         let ch0 = c.blocks[0].out_channels;
         let temb = ch0 * 4;
-        let conv_in = candle_nn::conv2d(
+        let conv_in = conv2d(
             c.in_channels,
             ch0,
             c.conv_in_kernel,
@@ -448,9 +433,8 @@ impl UNet {
             });
         }
 
-        let conv_norm_out =
-            candle_nn::group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(
+        let conv_norm_out = group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = conv2d(
             ch0,
             c.out_channels,
             c.conv_out_kernel,
@@ -522,7 +506,7 @@ impl UNet {
             xs = block.forward(&xs, &temb, &context, &mut skips, upsample_size)?;
         }
 
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }

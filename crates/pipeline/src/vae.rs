@@ -1,29 +1,169 @@
-//! The VAE decoder: candle's `AutoEncoderKL` built from `vae/config.json`.
+//! The VAE decoder (`AutoencoderKL.decode`), built from `vae/config.json` with the same tensor
+//! names as diffusers. Assembled here rather than with candle's `AutoEncoderKL` so that its
+//! convolutions and group norms run the fused CPU kernels of [`crate::layers`].
 
-use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use crate::config::VaeConfig;
+use crate::layers::{Conv2d, GroupNorm, ResnetBlock, ResnetConfig, conv2d, group_norm};
+
+/// diffusers' `Decoder` resnets and norms use eps 1e-6 whatever the config says.
+const EPS: f64 = 1e-6;
+
+/// The single-head self-attention of the mid block (diffusers' `Attention` with
+/// `residual_connection=True`, group norm, no rescale).
+struct AttentionBlock {
+    group_norm: GroupNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    proj: Linear,
+    scale: f64,
+}
+
+/// A `(C, C)` projection; some checkpoints store it as a `(C, C, 1, 1)` convolution.
+fn projection(channels: usize, vb: VarBuilder) -> Result<Linear> {
+    if vb.get((channels, channels), "weight").is_ok() {
+        return candle_nn::linear(channels, channels, vb);
+    }
+    let weight = vb
+        .get((channels, channels, 1, 1), "weight")?
+        .reshape((channels, channels))?;
+    Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+}
+
+impl AttentionBlock {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        let (q, k, v, out) = if vb.contains_tensor("to_q.weight") {
+            ("to_q", "to_k", "to_v", "to_out.0")
+        } else {
+            ("query", "key", "value", "proj_attn")
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            query: projection(channels, vb.pp(q))?,
+            key: projection(channels, vb.pp(k))?,
+            value: projection(channels, vb.pp(v))?,
+            proj: projection(channels, vb.pp(out))?,
+            scale: (channels as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.query.forward(&tokens)?;
+        let k = self.key.forward(&tokens)?;
+        let v = self.value.forward(&tokens)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = self.proj.forward(&probs.matmul(&v)?)?;
+        out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv2d>,
+}
+
+impl UpBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for resnet in &self.resnets {
+            xs = resnet.forward(&xs, None)?;
+        }
+        match &self.upsample {
+            Some(conv) => {
+                let (_, _, h, w) = xs.dims4()?;
+                conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+            None => Ok(xs),
+        }
+    }
+}
 
 pub struct Vae {
-    model: AutoEncoderKL,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: AttentionBlock,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     config: VaeConfig,
 }
 
 impl Vae {
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
-        let candle_config = AutoEncoderKLConfig {
-            block_out_channels: config.block_out_channels.clone(),
-            layers_per_block: config.layers_per_block,
-            latent_channels: config.latent_channels,
-            norm_num_groups: config.norm_num_groups,
-            use_quant_conv: config.use_quant_conv,
-            use_post_quant_conv: config.use_post_quant_conv,
+        let channels = &config.block_out_channels;
+        let groups = config.norm_num_groups;
+        let latent = config.latent_channels;
+        let top = *channels.last().unwrap_or(&latent);
+        let conv3 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
         };
-        let model = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, candle_config)?;
+        let resnet_cfg = |out_channels| ResnetConfig {
+            out_channels,
+            temb_channels: None,
+            groups,
+            eps: EPS,
+            output_scale_factor: 1.0,
+        };
+        let post_quant_conv = config
+            .use_post_quant_conv
+            .then(|| {
+                conv2d(
+                    latent,
+                    latent,
+                    1,
+                    Default::default(),
+                    vb.pp("post_quant_conv"),
+                )
+            })
+            .transpose()?;
+
+        let vb = vb.pp("decoder");
+        let conv_in = conv2d(latent, top, 3, conv3, vb.pp("conv_in"))?;
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            ResnetBlock::new(mid.pp("resnets.0"), top, &resnet_cfg(top))?,
+            ResnetBlock::new(mid.pp("resnets.1"), top, &resnet_cfg(top))?,
+        ];
+        let mid_attention = AttentionBlock::new(mid.pp("attentions.0"), top, groups)?;
+
+        let mut up = Vec::with_capacity(channels.len());
+        let mut in_ch = top;
+        for (i, &out_ch) in channels.iter().rev().enumerate() {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=config.layers_per_block)
+                .map(|j| {
+                    let res_in = if j == 0 { in_ch } else { out_ch };
+                    ResnetBlock::new(vb.pp(format!("resnets.{j}")), res_in, &resnet_cfg(out_ch))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = (i + 1 < channels.len())
+                .then(|| conv2d(out_ch, out_ch, 3, conv3, vb.pp("upsamplers.0.conv")))
+                .transpose()?;
+            up.push(UpBlock { resnets, upsample });
+            in_ch = out_ch;
+        }
+        let bottom = channels.first().copied().unwrap_or(top);
         Ok(Self {
-            model,
+            post_quant_conv,
+            conv_in,
+            mid_resnets,
+            mid_attention,
+            up,
+            conv_norm_out: group_norm(groups, bottom, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(bottom, config.out_channels, 3, conv3, vb.pp("conv_out"))?,
             config: config.clone(),
         })
     }
@@ -33,16 +173,27 @@ impl Vae {
     }
 
     /// Denoised latents `(B, C, h, w)` (still multiplied by `scaling_factor`) to images in about
-    /// `[-1, 1]`.
-    ///
-    /// Images are decoded one at a time: candle 0.11.1's single-head VAE attention reads batch
-    /// items after the first with a wrong stride (its matmul mis-handles the size-1 head axis), so
-    /// a batched decode corrupts every image but the first. One at a time also bounds peak memory.
+    /// `[-1, 1]`. Images are decoded one at a time, which bounds peak memory.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let scaled = (latents / self.config.scaling_factor)?;
         let images = (0..scaled.dim(0)?)
-            .map(|i| self.model.decode(&scaled.narrow(0, i, 1)?))
+            .map(|i| self.decode_one(&scaled.narrow(0, i, 1)?))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&images, 0)
+    }
+
+    fn decode_one(&self, latents: &Tensor) -> Result<Tensor> {
+        let xs = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents)?,
+            None => latents.clone(),
+        };
+        let xs = self.mid_resnets[0].forward(&self.conv_in.forward(&xs)?, None)?;
+        let xs = self.mid_attention.forward(&xs)?;
+        let mut xs = self.mid_resnets[1].forward(&xs, None)?;
+        for block in &self.up {
+            xs = block.forward(&xs)?;
+        }
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        self.conv_out.forward(&xs)
     }
 }

@@ -1,0 +1,427 @@
+//! Convolution, group norm (optionally fused with SiLU) and GEGLU, with fused CPU kernels.
+//!
+//! candle 0.11.1's CPU conv2d re-packs its kernel and copies the input to NHWC on every call,
+//! and its group norm and GEGLU are chains of about ten full-tensor ops, the larger of which wake
+//! a spinning worker pool. At the UNet's and VAE's sizes that overhead is most of a denoising
+//! step. On the CPU in F32 these layers run as one custom op each (a convolution as im2col plus
+//! one matmul); on other devices and dtypes they run candle's own ops.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor,
+    bail,
+};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+
+fn fast_path(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: expected f32 storage")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// A 2D convolution (groups 1, dilation 1 on the fast path).
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    /// The weight as the `(c_out, c_in * kh * kw)` matrix the im2col columns multiply.
+    weight_2d: Tensor,
+}
+
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    config: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let inner = candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?;
+    let weight_2d = inner.weight().flatten_from(1)?.contiguous()?;
+    Ok(Conv2d { inner, weight_2d })
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let cfg = self.inner.config();
+        if !fast_path(xs) || cfg.groups != 1 || cfg.dilation != 1 {
+            return self.inner.forward(xs);
+        }
+        let (b, c, h, w) = xs.dims4()?;
+        let (c_out, _, kh, kw) = self.inner.weight().dims4()?;
+        let (stride, padding) = (cfg.stride, cfg.padding);
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            return self.inner.forward(xs);
+        }
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let ow = (w + 2 * padding - kw) / stride + 1;
+        let xs = xs.contiguous()?;
+        let cols = if (kh, kw, stride, padding) == (1, 1, 1, 0) {
+            xs.reshape((b, c, h * w))?
+        } else {
+            xs.apply_op1_no_bwd(&Im2Col {
+                kh,
+                kw,
+                stride,
+                padding,
+            })?
+        };
+        let k = self.weight_2d.dim(1)?;
+        let out = self.weight_2d.broadcast_as((b, c_out, k))?.matmul(&cols)?;
+        let out = match self.inner.bias() {
+            Some(bias) => out.broadcast_add(&bias.reshape((c_out, 1))?)?,
+            None => out,
+        };
+        out.reshape((b, c_out, oh, ow))
+    }
+}
+
+/// `(B, C, H, W)` to the `(B, C * kh * kw, OH * OW)` patch matrix, rows ordered like the
+/// flattened `(C, kh, kw)` weight; padding reads as zeros.
+struct Im2Col {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = f32_slice(storage, layout, "im2col")?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let Self {
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+        } = *self;
+        let oh = (h + 2 * p - kh) / s + 1;
+        let ow = (w + 2 * p - kw) / s + 1;
+        let n = oh * ow;
+        let mut dst = vec![0f32; b * c * kh * kw * n];
+        for (plane, rows) in src
+            .chunks_exact(h * w)
+            .zip(dst.chunks_exact_mut(kh * kw * n))
+        {
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &mut rows[(i * kw + j) * n..][..n];
+                    // Output columns whose input column ox * s + j - p lies inside the image.
+                    let lo = p.saturating_sub(j).div_ceil(s).min(ow);
+                    let hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow).max(lo);
+                    for oy in 0..oh {
+                        let Some(iy) = (oy * s + i).checked_sub(p).filter(|&iy| iy < h) else {
+                            continue;
+                        };
+                        let src_row = &plane[iy * w..][..w];
+                        let dst_row = &mut row[oy * ow..][lo..hi];
+                        let x0 = lo * s + j - p;
+                        if s == 1 {
+                            dst_row.copy_from_slice(&src_row[x0..x0 + dst_row.len()]);
+                        } else {
+                            for (d, x) in dst_row.iter_mut().zip((x0..).step_by(s)) {
+                                *d = src_row[x];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((b, c * kh * kw, n))))
+    }
+}
+
+/// Group norm over `(B, C, ...)`, optionally followed by SiLU.
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        inner,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if !fast_path(xs) || xs.rank() < 3 {
+            let normed = self.inner.forward(xs)?;
+            return if silu {
+                candle_nn::ops::silu(&normed)
+            } else {
+                Ok(normed)
+            };
+        }
+        xs.contiguous()?.apply_op3_no_bwd(
+            &self.weight,
+            &self.bias,
+            &GroupNormOp {
+                groups: self.groups,
+                eps: self.eps as f32,
+                silu,
+            },
+        )
+    }
+
+    /// `silu(group_norm(xs))`, as every resnet and the output heads apply it.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+/// Sum of `f(x)` with eight independent accumulators, so that it vectorises.
+fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_l: &Layout,
+        weight: &CpuStorage,
+        weight_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let src = f32_slice(xs, xs_l, "group norm")?;
+        let weight = f32_slice(weight, weight_l, "group norm weight")?;
+        let bias = f32_slice(bias, bias_l, "group norm bias")?;
+        let dims = xs_l.dims();
+        let channels = dims[1];
+        let spatial: usize = dims[2..].iter().product();
+        if channels % self.groups != 0 || weight.len() != channels || bias.len() != channels {
+            bail!(
+                "group norm: {channels} channels, {} groups, {} weights, {} biases",
+                self.groups,
+                weight.len(),
+                bias.len()
+            )
+        }
+        let per_group = channels / self.groups;
+        let group_len = per_group * spatial;
+        let mut dst = vec![0f32; src.len()];
+        for (g, (xs, ys)) in src
+            .chunks_exact(group_len)
+            .zip(dst.chunks_exact_mut(group_len))
+            .enumerate()
+        {
+            let mean = sum_of(xs, |x| x) / group_len as f32;
+            let var = sum_of(xs, |x| (x - mean) * (x - mean)) / group_len as f32;
+            let inv_std = 1.0 / (var + self.eps).sqrt();
+            let first = (g % self.groups) * per_group;
+            for (c, (xs, ys)) in xs
+                .chunks_exact(spatial)
+                .zip(ys.chunks_exact_mut(spatial))
+                .enumerate()
+            {
+                let scale = weight[first + c] * inv_std;
+                let shift = bias[first + c];
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = (x - mean) * scale + shift;
+                }
+                if self.silu {
+                    for y in ys.iter_mut() {
+                        *y /= 1.0 + (-*y).exp();
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dst), xs_l.shape().clone()))
+    }
+}
+
+/// diffusers' `GEGLU`: a projection to `2 * out` features, then `a * gelu_erf(b)` of its two
+/// halves (exact erf GELU).
+pub struct Geglu {
+    proj: Linear,
+    /// `proj` without its bias, which the fused kernel adds.
+    proj_no_bias: Linear,
+}
+
+pub fn geglu(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Geglu> {
+    let proj = candle_nn::linear(in_dim, out_dim * 2, vb)?;
+    let proj_no_bias = Linear::new(proj.weight().clone(), None);
+    Ok(Geglu { proj, proj_no_bias })
+}
+
+impl Module for Geglu {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.proj.bias() {
+            Some(bias) if fast_path(xs) => self
+                .proj_no_bias
+                .forward(xs)?
+                .contiguous()?
+                .apply_op2_no_bwd(bias, &GegluOp),
+            _ => {
+                let halves = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
+                &halves[0] * halves[1].gelu_erf()?
+            }
+        }
+    }
+}
+
+/// `(a + bias_a) * gelu_erf(b + bias_b)` over the halves `a`, `b` of the last axis.
+struct GegluOp;
+
+impl CustomOp2 for GegluOp {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let src = f32_slice(xs, xs_l, "geglu")?;
+        let bias = f32_slice(bias, bias_l, "geglu bias")?;
+        let mut dims = xs_l.dims().to_vec();
+        let Some(last) = dims
+            .last_mut()
+            .filter(|d| **d % 2 == 0 && **d == bias.len())
+        else {
+            bail!(
+                "geglu: {:?} does not fit a bias of {}",
+                xs_l.dims(),
+                bias.len()
+            )
+        };
+        let half = *last / 2;
+        *last = half;
+        let (bias_a, bias_b) = bias.split_at(half);
+        let mut dst = Vec::with_capacity(src.len() / 2);
+        for row in src.chunks_exact(2 * half) {
+            let (a, b) = row.split_at(half);
+            dst.extend(a.iter().zip(b).zip(bias_a.iter().zip(bias_b)).map(
+                |((&a, &b), (&bias_a, &bias_b))| {
+                    let b = b + bias_b;
+                    // The same exact-erf GELU as candle's `gelu_erf`.
+                    let gelu =
+                        (candle_core::cpu::erf::erf_f32(b * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                            * 0.5
+                            * b;
+                    (a + bias_a) * gelu
+                },
+            ));
+        }
+        Ok((CpuStorage::F32(dst), Shape::from(dims)))
+    }
+}
+
+/// diffusers' `ResnetBlock2D` (default time-embedding shift, SiLU).
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+pub struct ResnetConfig {
+    pub out_channels: usize,
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock {
+    pub fn new(vb: VarBuilder, in_channels: usize, c: &ResnetConfig) -> Result<Self> {
+        let out = c.out_channels;
+        let conv3 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv_shortcut = if in_channels != out {
+            Some(conv2d(
+                in_channels,
+                out,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        let time_emb_proj = c
+            .temb_channels
+            .map(|t| candle_nn::linear(t, out, vb.pp("time_emb_proj")))
+            .transpose()?;
+        Ok(Self {
+            norm1: group_norm(c.groups, in_channels, c.eps, vb.pp("norm1"))?,
+            conv1: conv2d(in_channels, out, 3, conv3, vb.pp("conv1"))?,
+            time_emb_proj,
+            norm2: group_norm(c.groups, out, c.eps, vb.pp("norm2"))?,
+            conv2: conv2d(out, out, 3, conv3, vb.pp("conv2"))?,
+            conv_shortcut,
+            output_scale_factor: c.output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let mut hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        if let (Some(temb), Some(proj)) = (temb, &self.time_emb_proj) {
+            let temb = proj.forward(&candle_nn::ops::silu(temb)?)?;
+            hidden = hidden.broadcast_add(&temb.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
+        }
+        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
+        let out = (shortcut + hidden)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
