@@ -265,7 +265,7 @@ impl CustomOp3 for GroupNormOp {
                 }
                 if self.silu {
                     for y in ys.iter_mut() {
-                        *y /= 1.0 + (-*y).exp();
+                        *y /= 1.0 + exp(-*y);
                     }
                 }
             }
@@ -423,5 +423,154 @@ impl ResnetBlock {
         } else {
             out / self.output_scale_factor
         }
+    }
+}
+
+/// `softmax(xs * scale)` over the last axis (`scale > 0`).
+pub fn softmax_scaled(xs: &Tensor, scale: f64) -> Result<Tensor> {
+    if !fast_path(xs) {
+        return candle_nn::ops::softmax_last_dim(&(xs * scale)?);
+    }
+    xs.contiguous()?
+        .apply_op1_no_bwd(&SoftmaxScaled(scale as f32))
+}
+
+struct SoftmaxScaled(f32);
+
+impl CustomOp1 for SoftmaxScaled {
+    fn name(&self) -> &'static str {
+        "softmax-scaled"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = f32_slice(storage, layout, "softmax")?;
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut dst = vec![0f32; src.len()];
+        for (xs, ys) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+            let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for (y, &x) in ys.iter_mut().zip(xs) {
+                *y = exp((x - max) * self.0);
+            }
+            let inv_sum = 1.0 / sum_of(ys, |y| y);
+            for y in ys.iter_mut() {
+                *y *= inv_sum;
+            }
+        }
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// `e^x` within about one ulp of libm's `expf`, in a form the compiler vectorises (libm's is a
+/// scalar call per element): `x = n ln2 + r`, a degree-6 polynomial for `e^r` (Cephes' `expf`)
+/// and `2^n` written into the exponent bits. Underflows to 0 below -87.3; saturates above 88.
+fn exp(x: f32) -> f32 {
+    const MIN: f32 = -87.3;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(MIN, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < MIN { 0.0 } else { e_r * two_n }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn randn(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn exp_is_within_rounding_of_std() {
+        for i in 0..=200_000 {
+            let x = -90.0 + i as f32 * (180.0 / 200_000.0);
+            let (fast, exact) = (exp(x), (x as f64).exp());
+            if x < -87.3 {
+                assert_eq!(fast, 0.0, "{x}");
+            } else if x <= 88.0 {
+                let rel = ((fast as f64 - exact) / exact).abs();
+                assert!(rel < 2.5e-7, "exp({x}) = {fast}, expected {exact}: {rel:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_layers_match_candle_ops() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        for (i, (c_in, c_out, k, stride, padding, h, w)) in [
+            (6, 5, 3, 1, 1, 9, 7),
+            (6, 5, 3, 2, 1, 9, 8),
+            (6, 5, 3, 2, 0, 10, 10),
+            (6, 5, 1, 1, 0, 4, 3),
+            (4, 3, 3, 1, 0, 5, 6),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cfg = Conv2dConfig {
+                stride,
+                padding,
+                ..Default::default()
+            };
+            let conv = conv2d(c_in, c_out, k, cfg, vb.pp(format!("conv{i}"))).unwrap();
+            let xs = randn(&[2, c_in, h, w]);
+            let d = max_diff(
+                &conv.forward(&xs).unwrap(),
+                &conv.inner.forward(&xs).unwrap(),
+            );
+            assert!(d < 1e-5, "conv {i}: {d}");
+        }
+
+        let xs = randn(&[2, 8, 5, 3]);
+        let norm = group_norm(4, 8, 1e-5, vb.pp("norm")).unwrap();
+        // Non-trivial affine parameters.
+        let norm = GroupNorm {
+            weight: randn(&[8]),
+            bias: randn(&[8]),
+            ..norm
+        };
+        let inner =
+            candle_nn::GroupNorm::new(norm.weight.clone(), norm.bias.clone(), 8, 4, 1e-5).unwrap();
+        let expected = inner.forward(&xs).unwrap();
+        assert!(max_diff(&norm.forward(&xs).unwrap(), &expected) < 1e-5);
+        let expected_silu = candle_nn::ops::silu(&expected).unwrap();
+        assert!(max_diff(&norm.forward_silu(&xs).unwrap(), &expected_silu) < 1e-5);
+
+        let ff = geglu(6, 4, vb.pp("geglu")).unwrap();
+        let xs = randn(&[2, 3, 6]);
+        let halves = ff.proj.forward(&xs).unwrap().chunk(2, D::Minus1).unwrap();
+        let expected = (&halves[0] * halves[1].gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&ff.forward(&xs).unwrap(), &expected) < 1e-5);
+
+        let scores = (randn(&[2, 3, 7]) * 4.0).unwrap();
+        let expected = candle_nn::ops::softmax_last_dim(&(&scores * 0.3).unwrap()).unwrap();
+        assert!(max_diff(&softmax_scaled(&scores, 0.3).unwrap(), &expected) < 1e-6);
     }
 }

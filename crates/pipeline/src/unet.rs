@@ -9,14 +9,14 @@
 //! `layers_per_block` / `cross_attention_dim` lists and independent up block types run as
 //! diffusers runs them.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::attention::CrossAttention;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use crate::config::{UNetBlock, UNetConfig};
 use crate::layers::{
-    Conv2d, Geglu, GroupNorm, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm,
+    Conv2d, Geglu, GroupNorm, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm, softmax_scaled,
 };
 
 /// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
@@ -39,6 +39,54 @@ impl FeedForward {
     }
 }
 
+/// diffusers' multi-head `Attention` (no biases on q/k/v), self-attention without `context`.
+/// The attention itself runs in F32, as candle's `CrossAttention` runs it.
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl CrossAttention {
+    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: ((dim / heads) as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let dtype = xs.dtype();
+        // (B, S, H * D) -> (B * H, S, D)
+        let split = |t: Tensor| {
+            let (b, s, dim) = t.dims3()?;
+            t.reshape((b, s, self.heads, dim / self.heads))?
+                .transpose(1, 2)?
+                .reshape((b * self.heads, s, dim / self.heads))?
+                .to_dtype(DType::F32)
+        };
+        let q = split(self.to_q.forward(xs)?)?;
+        let k = split(self.to_k.forward(context)?)?;
+        let v = split(self.to_v.forward(context)?)?;
+        let probs = softmax_scaled(&q.matmul(&k.t()?)?, self.scale)?;
+        let out = probs.matmul(&v)?.to_dtype(dtype)?;
+        let (bh, s, d) = out.dims3()?;
+        let out = out
+            .reshape((bh / self.heads, self.heads, s, d))?
+            .transpose(1, 2)?
+            .reshape((bh / self.heads, s, self.heads * d))?;
+        self.to_out.forward(&out)
+    }
+}
+
 /// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, feed-forward, pre-norm.
 struct TransformerBlock {
     norm1: LayerNorm,
@@ -51,21 +99,11 @@ struct TransformerBlock {
 
 impl TransformerBlock {
     fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
-        let head_dim = dim / heads;
-        // Sliced attention is broken in candle 0.11.1; flash attention needs a CUDA build flag.
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(vb.pp("attn1"), dim, None, heads, head_dim, None, false)?,
+            attn1: CrossAttention::new(vb.pp("attn1"), dim, dim, heads)?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(
-                vb.pp("attn2"),
-                dim,
-                Some(context_dim),
-                heads,
-                head_dim,
-                None,
-                false,
-            )?,
+            attn2: CrossAttention::new(vb.pp("attn2"), dim, context_dim, heads)?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -463,7 +501,29 @@ impl UNet {
     }
 
     /// `latents` `(B, C, h, w)`, one timestep for the whole batch, `context` `(B, S, D)`.
+    ///
+    /// On the CPU the batch items run in parallel, one per thread: at these sizes candle's
+    /// per-op threading (split matmuls, worker wake-ups) costs more than it gains, while whole
+    /// independent forwards keep every core busy.
     pub fn forward(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let b = latents.dim(0)?;
+        if !latents.device().is_cpu() || b < 2 || rayon::current_num_threads() < 2 {
+            return self.forward_batch(latents, timestep, context);
+        }
+        let outputs = (0..b)
+            .into_par_iter()
+            .map(|i| {
+                self.forward_batch(
+                    &latents.narrow(0, i, 1)?,
+                    timestep,
+                    &context.narrow(0, i, 1)?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outputs, 0)
+    }
+
+    fn forward_batch(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = latents.dims4()?;
         let dtype = latents.dtype();
         let context = context.to_dtype(dtype)?;

@@ -6,7 +6,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use crate::config::VaeConfig;
-use crate::layers::{Conv2d, GroupNorm, ResnetBlock, ResnetConfig, conv2d, group_norm};
+use crate::layers::{
+    Conv2d, GroupNorm, ResnetBlock, ResnetConfig, conv2d, group_norm, softmax_scaled,
+};
 
 /// diffusers' `Decoder` resnets and norms use eps 1e-6 whatever the config says.
 const EPS: f64 = 1e-6;
@@ -61,8 +63,7 @@ impl AttentionBlock {
         let q = self.query.forward(&tokens)?;
         let k = self.key.forward(&tokens)?;
         let v = self.value.forward(&tokens)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = softmax_scaled(&q.matmul(&k.t()?)?, self.scale)?;
         let out = self.proj.forward(&probs.matmul(&v)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
