@@ -10,7 +10,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor,
     bail,
 };
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 fn fast_path(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -23,6 +23,172 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// `lhs @ rhs`. On the CPU in F32, rank 2 or 3 operands of any strides (broadcast batches too)
+/// go straight to `gemm`, which saves candle's per-call thread-count probe (it reads
+/// `/proc/cpuinfo`) and lets the split across threads follow [`gemm_parallelism`].
+pub fn matmul(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if fast_path(lhs) && rhs.dtype() == DType::F32 && lhs.rank() == rhs.rank() && lhs.rank() <= 3 {
+        lhs.apply_op2_no_bwd(rhs, &MatMul)
+    } else {
+        lhs.matmul(rhs)
+    }
+}
+
+/// One thread for small products, and inside a parallel region (whose other threads are
+/// already busy); otherwise all of rayon's.
+fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
+    const PARALLEL_MIN_FLOPS: usize = 1 << 22;
+    let threads = rayon::current_num_threads();
+    if flops < PARALLEL_MIN_FLOPS || threads < 2 || rayon::current_thread_index().is_some() {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    }
+}
+
+/// `(batch, rows, cols, batch stride, row stride, col stride)` of a rank 2 or 3 layout.
+fn matrix_dims(layout: &Layout) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    match (layout.dims(), layout.stride()) {
+        (&[r, c], &[rs, cs]) => Ok((1, r, c, 0, rs, cs)),
+        (&[b, r, c], &[bs, rs, cs]) => Ok((b, r, c, bs, rs, cs)),
+        (dims, _) => bail!("matmul: expected a rank 2 or 3 operand, got {dims:?}"),
+    }
+}
+
+struct MatMul;
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        lhs: &CpuStorage,
+        lhs_l: &Layout,
+        rhs: &CpuStorage,
+        rhs_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(lhs), CpuStorage::F32(rhs)) = (lhs, rhs) else {
+            bail!("matmul: expected f32 storage")
+        };
+        let (batch, m, k, lhs_bs, lhs_rs, lhs_cs) = matrix_dims(lhs_l)?;
+        let (rhs_batch, rhs_k, n, rhs_bs, rhs_rs, rhs_cs) = matrix_dims(rhs_l)?;
+        if rhs_batch != batch || rhs_k != k {
+            bail!(
+                "matmul: shapes {:?} and {:?} do not match",
+                lhs_l.dims(),
+                rhs_l.dims()
+            )
+        }
+        // Every element the strided views address must lie in the buffers.
+        let last = |start: usize, dims: [usize; 3], strides: [usize; 3]| {
+            start
+                + (0..3)
+                    .map(|i| dims[i].saturating_sub(1) * strides[i])
+                    .sum::<usize>()
+        };
+        let lhs_end = last(
+            lhs_l.start_offset(),
+            [batch, m, k],
+            [lhs_bs, lhs_rs, lhs_cs],
+        );
+        let rhs_end = last(
+            rhs_l.start_offset(),
+            [batch, k, n],
+            [rhs_bs, rhs_rs, rhs_cs],
+        );
+        if m * n * k > 0 && (lhs_end >= lhs.len() || rhs_end >= rhs.len()) {
+            bail!("matmul: strided view out of its buffer")
+        }
+        let mut dst = vec![0f32; batch * m * n];
+        if m * n * k == 0 {
+            let dims = lhs_l.dims();
+            let mut shape = dims[..dims.len() - 1].to_vec();
+            shape.push(n);
+            return Ok((CpuStorage::F32(dst), Shape::from(shape)));
+        }
+        let parallelism = gemm_parallelism(2 * m * n * k);
+        for (i, out) in dst.chunks_exact_mut(m * n).enumerate() {
+            // SAFETY: the views were checked to lie inside `lhs` and `rhs`, `out` holds the
+            // row-major m x n result, and `read_dst` is false so `out` is only written.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr().add(lhs_l.start_offset() + i * lhs_bs),
+                    lhs_cs as isize,
+                    lhs_rs as isize,
+                    rhs.as_ptr().add(rhs_l.start_offset() + i * rhs_bs),
+                    rhs_cs as isize,
+                    rhs_rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
+        }
+        let dims = lhs_l.dims();
+        let mut shape = dims[..dims.len() - 1].to_vec();
+        shape.push(n);
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+    }
+}
+
+/// A linear layer whose product runs [`matmul`].
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(inner.weight().clone(), inner.bias().cloned()))
+}
+
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear::new(inner.weight().clone(), None))
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !fast_path(xs) {
+            return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs);
+        }
+        let dims = xs.dims();
+        let (rows, k) = match dims {
+            [.., k] => (xs.elem_count() / k.max(&1), *k),
+            [] => bail!("linear: scalar input"),
+        };
+        let out = matmul(&xs.contiguous()?.reshape((rows, k))?, &self.weight.t()?)?;
+        let out = match &self.bias {
+            Some(bias) => out.broadcast_add(bias)?,
+            None => out,
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out.dim(1)?;
+        }
+        out.reshape(shape)
     }
 }
 
@@ -71,7 +237,7 @@ impl Module for Conv2d {
             })?
         };
         let k = self.weight_2d.dim(1)?;
-        let out = self.weight_2d.broadcast_as((b, c_out, k))?.matmul(&cols)?;
+        let out = matmul(&self.weight_2d.broadcast_as((b, c_out, k))?, &cols)?;
         let out = match self.inner.bias() {
             Some(bias) => out.broadcast_add(&bias.reshape((c_out, 1))?)?,
             None => out,
@@ -213,6 +379,23 @@ fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Maximum with eight independent accumulators, so that it vectorises (NaNs are not kept).
+fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    acc.into_iter().fold(tail, f32::max)
+}
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group-norm"
@@ -283,14 +466,14 @@ pub struct Geglu {
 }
 
 pub fn geglu(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Geglu> {
-    let proj = candle_nn::linear(in_dim, out_dim * 2, vb)?;
-    let proj_no_bias = Linear::new(proj.weight().clone(), None);
+    let proj = linear(in_dim, out_dim * 2, vb)?;
+    let proj_no_bias = Linear::new(proj.weight.clone(), None);
     Ok(Geglu { proj, proj_no_bias })
 }
 
 impl Module for Geglu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.proj.bias() {
+        match &self.proj.bias {
             Some(bias) if fast_path(xs) => self
                 .proj_no_bias
                 .forward(xs)?
@@ -393,7 +576,7 @@ impl ResnetBlock {
         };
         let time_emb_proj = c
             .temb_channels
-            .map(|t| candle_nn::linear(t, out, vb.pp("time_emb_proj")))
+            .map(|t| linear(t, out, vb.pp("time_emb_proj")))
             .transpose()?;
         Ok(Self {
             norm1: group_norm(c.groups, in_channels, c.eps, vb.pp("norm1"))?,
@@ -447,7 +630,7 @@ impl CustomOp1 for SoftmaxScaled {
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let mut dst = vec![0f32; src.len()];
         for (xs, ys) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-            let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = max_of(xs);
             for (y, &x) in ys.iter_mut().zip(xs) {
                 *y = exp((x - max) * self.0);
             }
@@ -470,7 +653,8 @@ fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.clamp(MIN, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let rounded = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = rounded - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4;
     p = p * r + 1.398_199_9e-3;
@@ -479,7 +663,10 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e_r = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `rounded`'s low mantissa bits hold n; integer arithmetic on them vectorises, where a
+    // saturating `n as i32` does not.
+    let n_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if x < MIN { 0.0 } else { e_r * two_n }
 }
 
@@ -568,6 +755,24 @@ mod tests {
         let halves = ff.proj.forward(&xs).unwrap().chunk(2, D::Minus1).unwrap();
         let expected = (&halves[0] * halves[1].gelu_erf().unwrap()).unwrap();
         assert!(max_diff(&ff.forward(&xs).unwrap(), &expected) < 1e-5);
+
+        let (a, b) = (randn(&[3, 5, 4]), randn(&[3, 6, 4]));
+        let bt = b.t().unwrap();
+        let expected = a.matmul(&bt).unwrap();
+        assert!(max_diff(&matmul(&a, &bt).unwrap(), &expected) < 1e-5);
+        let w = randn(&[5, 4]);
+        let expected = w
+            .broadcast_left(3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .matmul(&bt)
+            .unwrap();
+        let broadcast = matmul(&w.broadcast_as((3, 5, 4)).unwrap(), &bt).unwrap();
+        assert!(max_diff(&broadcast, &expected) < 1e-5);
+        let lin = linear(4, 6, vb.pp("linear")).unwrap();
+        let inner = candle_nn::Linear::new(lin.weight.clone(), lin.bias.clone());
+        assert!(max_diff(&lin.forward(&a).unwrap(), &inner.forward(&a).unwrap()) < 1e-5);
 
         let scores = (randn(&[2, 3, 7]) * 4.0).unwrap();
         let expected = candle_nn::ops::softmax_last_dim(&(&scores * 0.3).unwrap()).unwrap();

@@ -10,13 +10,14 @@
 //! diffusers runs them.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use crate::config::{UNetBlock, UNetConfig};
 use crate::layers::{
-    Conv2d, Geglu, GroupNorm, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm, softmax_scaled,
+    Conv2d, Geglu, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm, linear,
+    linear_no_bias, matmul, softmax_scaled,
 };
 
 /// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
@@ -30,7 +31,7 @@ impl FeedForward {
         let inner = dim * 4;
         Ok(Self {
             proj_in: geglu(dim, inner, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -53,10 +54,10 @@ struct CrossAttention {
 impl CrossAttention {
     fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
             heads,
             scale: ((dim / heads) as f64).powf(-0.5),
         })
@@ -76,8 +77,8 @@ impl CrossAttention {
         let q = split(self.to_q.forward(xs)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
-        let probs = softmax_scaled(&q.matmul(&k.t()?)?, self.scale)?;
-        let out = probs.matmul(&v)?.to_dtype(dtype)?;
+        let probs = softmax_scaled(&matmul(&q, &k.t()?)?, self.scale)?;
+        let out = matmul(&probs, &v)?.to_dtype(dtype)?;
         let (bh, s, d) = out.dims3()?;
         let out = out
             .reshape((bh / self.heads, self.heads, s, d))?
@@ -155,8 +156,8 @@ impl SpatialTransformer {
         let norm = group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
-                Projection::Linear(candle_nn::linear(channels, channels, vb.pp("proj_in"))?),
-                Projection::Linear(candle_nn::linear(channels, channels, vb.pp("proj_out"))?),
+                Projection::Linear(linear(channels, channels, vb.pp("proj_in"))?),
+                Projection::Linear(linear(channels, channels, vb.pp("proj_out"))?),
             )
         } else {
             let cfg = Conv2dConfig::default();

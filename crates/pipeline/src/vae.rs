@@ -3,11 +3,12 @@
 //! convolutions and group norms run the fused CPU kernels of [`crate::layers`].
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::config::VaeConfig;
 use crate::layers::{
-    Conv2d, GroupNorm, ResnetBlock, ResnetConfig, conv2d, group_norm, softmax_scaled,
+    Conv2d, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, group_norm, linear, matmul,
+    softmax_scaled,
 };
 
 /// diffusers' `Decoder` resnets and norms use eps 1e-6 whatever the config says.
@@ -27,7 +28,7 @@ struct AttentionBlock {
 /// A `(C, C)` projection; some checkpoints store it as a `(C, C, 1, 1)` convolution.
 fn projection(channels: usize, vb: VarBuilder) -> Result<Linear> {
     if vb.get((channels, channels), "weight").is_ok() {
-        return candle_nn::linear(channels, channels, vb);
+        return linear(channels, channels, vb);
     }
     let weight = vb
         .get((channels, channels, 1, 1), "weight")?
@@ -63,8 +64,8 @@ impl AttentionBlock {
         let q = self.query.forward(&tokens)?;
         let k = self.key.forward(&tokens)?;
         let v = self.value.forward(&tokens)?;
-        let probs = softmax_scaled(&q.matmul(&k.t()?)?, self.scale)?;
-        let out = self.proj.forward(&probs.matmul(&v)?)?;
+        let probs = softmax_scaled(&matmul(&q, &k.t()?)?, self.scale)?;
+        let out = self.proj.forward(&matmul(&probs, &v)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
 }
