@@ -416,7 +416,7 @@ impl CustomOp3 for GroupNormOp {
         let dims = xs_l.dims();
         let channels = dims[1];
         let spatial: usize = dims[2..].iter().product();
-        if channels % self.groups != 0 || weight.len() != channels || bias.len() != channels {
+        if !channels.is_multiple_of(self.groups) || weight.len() != channels || bias.len() != channels {
             bail!(
                 "group norm: {channels} channels, {} groups, {} weights, {} biases",
                 self.groups,
@@ -661,7 +661,7 @@ fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     // `rounded`'s low mantissa bits hold n; integer arithmetic on them vectorises, where a
     // saturating `n as i32` does not.
