@@ -1,10 +1,12 @@
-//! Convolution, group norm (optionally fused with SiLU) and GEGLU, with fused CPU kernels.
+//! Convolution, linear, group norm (optionally fused with SiLU), GEGLU, softmax and resnet
+//! blocks, with fused CPU kernels.
 //!
 //! candle 0.11.1's CPU conv2d re-packs its kernel and copies the input to NHWC on every call,
-//! and its group norm and GEGLU are chains of about ten full-tensor ops, the larger of which wake
-//! a spinning worker pool. At the UNet's and VAE's sizes that overhead is most of a denoising
-//! step. On the CPU in F32 these layers run as one custom op each (a convolution as im2col plus
-//! one matmul); on other devices and dtypes they run candle's own ops.
+//! each of its matmuls probes the thread count by reading `/proc/cpuinfo`, and its group norm,
+//! GEGLU and softmax are chains of full-tensor ops with scalar `exp`/`erf`, the larger of which
+//! wake a spinning worker pool. At the UNet's and VAE's sizes that overhead is most of a
+//! denoising step. On the CPU in F32 these layers run as one custom op each (a convolution as
+//! im2col plus one `gemm` call); on other devices and dtypes they run candle's own ops.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor,
@@ -30,7 +32,11 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
 /// go straight to `gemm`, which saves candle's per-call thread-count probe (it reads
 /// `/proc/cpuinfo`) and lets the split across threads follow [`gemm_parallelism`].
 pub fn matmul(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
-    if fast_path(lhs) && rhs.dtype() == DType::F32 && lhs.rank() == rhs.rank() && lhs.rank() <= 3 {
+    if fast_path(lhs)
+        && rhs.dtype() == DType::F32
+        && lhs.rank() == rhs.rank()
+        && (2..=3).contains(&lhs.rank())
+    {
         lhs.apply_op2_no_bwd(rhs, &MatMul)
     } else {
         lhs.matmul(rhs)
@@ -174,17 +180,15 @@ impl Module for Linear {
         if !fast_path(xs) {
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs);
         }
-        let dims = xs.dims();
-        let (rows, k) = match dims {
-            [.., k] => (xs.elem_count() / k.max(&1), *k),
-            [] => bail!("linear: scalar input"),
-        };
+        // All leading axes fold into the rows of one product.
+        let mut shape = xs.dims().to_vec();
+        let k = xs.dim(D::Minus1)?;
+        let rows = xs.elem_count() / k.max(1);
         let out = matmul(&xs.contiguous()?.reshape((rows, k))?, &self.weight.t()?)?;
         let out = match &self.bias {
             Some(bias) => out.broadcast_add(bias)?,
             None => out,
         };
-        let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out.dim(1)?;
         }

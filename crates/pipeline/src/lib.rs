@@ -6,9 +6,11 @@
 //!   run exactly as diffusers does.
 //! - [`weights`]: safetensors discovery (fp16 variants, shards), validation and loading.
 //! - [`text_encoder`]: batched CLIP text transformer.
-//! - [`unet`]: the UNet, assembled from candle's resnet/attention layers (exact GELU).
-//! - [`vae`]: candle's VAE decoder built from the parsed config.
-//! - [`layers`]: convolution, group norm, GEGLU and resnet blocks with fused CPU kernels.
+//! - [`unet`]: the UNet, assembled block by block as diffusers runs it (exact GELU); on the CPU
+//!   the items of a batch run in parallel.
+//! - [`vae`]: the VAE decoder built from the parsed config.
+//! - [`layers`]: convolution, linear, group norm (+SiLU), GEGLU, softmax and resnet blocks, with
+//!   fused CPU kernels in F32 and candle's ops elsewhere.
 //! - [`image`]: diffusers' post-processing, 8-bit RGB and PNG.
 //! - [`device`]: device/dtype selection ([`LoadOptions`]); all CUDA-specific code.
 //! - [`error`]: [`PipelineError`], load-time errors naming the file and key or tensor.

@@ -1,13 +1,13 @@
 //! The denoising UNet (`UNet2DConditionModel`), built from `unet/config.json`.
 //!
-//! The resnets, attention and timestep layers are candle's (`stable_diffusion::{resnet,
-//! attention, embeddings}`); the blocks around them are assembled here rather than with candle's
-//! `UNet2DConditionModel`, because that model computes something else than diffusers for common
-//! configs: its GEGLU feed-forward uses tanh-approximated GELU (up to 3/255 off on the reference
-//! images, where diffusers uses the exact erf GELU), and its down/up resnets always use 32
-//! GroupNorm groups whatever `norm_num_groups` says. Assembling the blocks also lets per-block
-//! `layers_per_block` / `cross_attention_dim` lists and independent up block types run as
-//! diffusers runs them.
+//! The timestep layers are candle's (`stable_diffusion::embeddings`), resnets, convolutions,
+//! norms and GEGLU come from [`crate::layers`] (fused CPU kernels); attention and the blocks are
+//! assembled here rather than with candle's `UNet2DConditionModel`, because that model computes
+//! something else than diffusers for common configs: its GEGLU feed-forward uses
+//! tanh-approximated GELU (up to 3/255 off on the reference images, where diffusers uses the
+//! exact erf GELU), and its down/up resnets always use 32 GroupNorm groups whatever
+//! `norm_num_groups` says. Assembling the blocks also lets per-block `layers_per_block` /
+//! `cross_attention_dim` lists and independent up block types run as diffusers runs them.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
