@@ -2,7 +2,7 @@
 //! names as diffusers. Assembled here rather than with candle's `AutoEncoderKL` so that its
 //! convolutions and group norms run the fused CPU kernels of [`crate::layers`].
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::config::VaeConfig;
@@ -61,11 +61,15 @@ impl AttentionBlock {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.query.forward(&tokens)?;
-        let k = self.key.forward(&tokens)?;
-        let v = self.value.forward(&tokens)?;
+        // The attention itself runs in F32 whatever the VAE dtype, as candle's `AttentionBlock`
+        // runs it.
+        let dtype = xs.dtype();
+        let q = self.query.forward(&tokens)?.to_dtype(DType::F32)?;
+        let k = self.key.forward(&tokens)?.to_dtype(DType::F32)?;
+        let v = self.value.forward(&tokens)?.to_dtype(DType::F32)?;
         let probs = softmax_scaled(&matmul(&q, &k.t()?)?, self.scale)?;
-        let out = self.proj.forward(&matmul(&probs, &v)?)?;
+        let attended = matmul(&probs, &v)?.to_dtype(dtype)?;
+        let out = self.proj.forward(&attended)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
 }
