@@ -881,7 +881,8 @@ impl BatchControl<'_> {
             return None;
         }
         let step = done.min(total) * m.steps / total;
-        (step > self.previewed[member] && step < m.steps && step.is_multiple_of(every)).then_some(step)
+        (step > self.previewed[member] && step < m.steps && step.is_multiple_of(every))
+            .then_some(step)
     }
 }
 
