@@ -40,14 +40,17 @@ pub fn limits() -> Limits {
 /// The contract decoder, the timeout and `resolve`, with the invariants of an accepted job.
 pub fn check(request: &InferenceRequest) {
     let direct = DiffusersRequest::from_v2(request);
-    let Ok((generation, timeout)) = to_generation_request(request) else {
+    let Ok((generation, options)) = to_generation_request(request) else {
         return;
     };
     assert!(
         direct.is_ok(),
         "to_generation_request accepted what from_v2 refused"
     );
-    if let Some(t) = timeout {
+    if let Ok(d) = &direct {
+        assert_eq!(options.preview_every, d.preview_every);
+    }
+    if let Some(t) = options.timeout {
         assert!(
             !t.is_zero() && t.as_secs() <= 86_400,
             "timeout {t:?} out of range"
