@@ -119,6 +119,18 @@ struct Gate {
     capacity: usize,
     idle: Notify,
     metrics: Arc<EngineMetrics>,
+    /// Orders gauge updates, so that concurrent admissions and releases leave the gauge at the
+    /// counter's latest value rather than at whichever update was set last.
+    publish: Mutex<()>,
+}
+
+impl Gate {
+    fn publish(&self) {
+        let _order = self.publish.lock().unwrap_or_else(|e| e.into_inner());
+        self.metrics
+            .in_flight
+            .set(&[], self.admitted.load(Ordering::SeqCst) as f64);
+    }
 }
 
 /// Permission to run one request. Dropping it frees the slot.
@@ -136,7 +148,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         let left = self.gate.admitted.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.gate.metrics.in_flight.set(&[], left as f64);
+        self.gate.publish();
         if left == 0 {
             self.gate.idle.notify_waiters();
         }
@@ -186,6 +198,18 @@ struct Queued {
     _admission: Admission,
 }
 
+impl Queued {
+    /// Frees the request's slot, then answers it: a client holding its answer never sees its
+    /// slot still counted in `sdserve_requests_in_flight`.
+    fn answer(self, result: Reply) {
+        let Queued {
+            reply, _admission, ..
+        } = self;
+        drop(_admission);
+        let _ = reply.send(result);
+    }
+}
+
 #[derive(Default)]
 struct QueueState {
     jobs: VecDeque<Queued>,
@@ -231,6 +255,7 @@ impl Engine {
             capacity: config.capacity(),
             idle: Notify::new(),
             metrics: metrics.clone(),
+            publish: Mutex::new(()),
         });
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -292,7 +317,7 @@ impl Engine {
                 Err(actual) => current = actual,
             }
         }
-        gate.metrics.in_flight.set(&[], (current + 1) as f64);
+        gate.publish();
         Ok(Admission {
             gate: gate.clone(),
             arrived: Instant::now(),
@@ -655,11 +680,8 @@ impl Engine {
         }
         for job in q.jobs.drain(..) {
             job.control.stop(reason);
-            let _ = job.reply.send(Err(stop_error(
-                reason,
-                job.timeout_ms,
-                "waiting in the queue",
-            )));
+            let timeout_ms = job.timeout_ms;
+            job.answer(Err(stop_error(reason, timeout_ms, "waiting in the queue")));
         }
         self.inner.metrics.queue_depth.set(&[], 0.0);
     }
@@ -806,11 +828,8 @@ fn next_batch(inner: &Inner) -> Option<Vec<Queued>> {
         if let Some(job) = q.jobs.pop_front() {
             if job.control.stopped().is_some() {
                 let reason = job.control.stopped().unwrap_or(StopReason::Disconnected);
-                let _ = job.reply.send(Err(stop_error(
-                    reason,
-                    job.timeout_ms,
-                    "waiting in the queue",
-                )));
+                let timeout_ms = job.timeout_ms;
+                job.answer(Err(stop_error(reason, timeout_ms, "waiting in the queue")));
                 continue;
             }
             break job;
@@ -955,11 +974,8 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         drop(q);
         for job in stopped {
             let reason = job.control.stopped().unwrap_or(StopReason::Disconnected);
-            let _ = job.reply.send(Err(stop_error(
-                reason,
-                job.timeout_ms,
-                "waiting in the queue",
-            )));
+            let timeout_ms = job.timeout_ms;
+            job.answer(Err(stop_error(reason, timeout_ms, "waiting in the queue")));
         }
     }
     if batch.is_empty() {
@@ -1034,9 +1050,8 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
                     images.by_ref().take(job.job.images.len()).collect();
                 // Sent even if the job was cancelled meanwhile: a finished image is never
                 // thrown away while someone still waits for it.
-                let _ = job
-                    .reply
-                    .send(Ok((mine, started - job.enqueued, generation)));
+                let waited = started - job.enqueued;
+                job.answer(Ok((mine, waited, generation)));
             }
         }
         Ok(images) => {
@@ -1049,7 +1064,7 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
                 ),
             };
             for job in batch {
-                let _ = job.reply.send(Err(err.clone()));
+                job.answer(Err(err.clone()));
             }
         }
         Err(e) => {
@@ -1058,7 +1073,7 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
                     (_, Some(r)) => stop_error(r, job.timeout_ms, "generating"),
                     (e, None) => EngineError::from_generate(e.clone(), job.timeout_ms),
                 };
-                let _ = job.reply.send(Err(err));
+                job.answer(Err(err));
             }
         }
     }
