@@ -103,6 +103,16 @@ fn base64_images(v: &Value) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Opens an event stream: POSTs `body` as JSON to `path` and returns the live response.
+fn open_stream(s: &Server, path: &str, body: &Value) -> reqwest::blocking::Response {
+    s.client()
+        .post(s.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("stream request")
+}
+
 /// Reads `data: {json}\n\n` events until the stream ends or `limit` events arrived.
 fn read_events(response: &mut impl Read, limit: usize) -> Vec<Value> {
     let mut events = Vec::new();
@@ -482,13 +492,7 @@ fn stream_reports_each_scheduler_step_then_the_response() {
             json!({"num_inference_steps": steps, "scheduler": scheduler, "width": 48}),
         );
         body["id"] = json!("s-1");
-        let mut response = s
-            .client()
-            .post(s.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .expect("stream request");
+        let mut response = open_stream(&s, path, &body);
         assert_eq!(response.status(), 200, "{path}");
         assert!(
             response.headers()["content-type"]
@@ -534,13 +538,7 @@ fn a_client_that_leaves_mid_stream_stops_the_generation() {
         "a long one",
         json!({"num_inference_steps": steps, "scheduler": "euler"}),
     );
-    let mut response = s
-        .client()
-        .post(s.url("/v2/models/tiny/infer_stream"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .expect("stream request");
+    let mut response = open_stream(&s, "/v2/models/tiny/infer_stream", &body);
     assert_eq!(response.status(), 200);
     let events = read_events(&mut response, 2);
     assert_eq!(
@@ -610,13 +608,7 @@ fn stream_previews_every_k_steps() {
                "width": 48, "seed": 3}),
     );
     body["id"] = json!("p-1");
-    let mut response = s
-        .client()
-        .post(s.url("/v2/models/tiny/infer_stream"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .expect("stream request");
+    let mut response = open_stream(&s, "/v2/models/tiny/infer_stream", &body);
     assert_eq!(response.status(), 200);
     let events = read_events(&mut response, usize::MAX);
     let (last, progress_events) = events.split_last().expect("events");
@@ -648,13 +640,7 @@ fn stream_previews_every_k_steps() {
 
     // Without preview_every, events carry no images (checked by `progress`).
     let plain = prompt_request("a red circle", json!({"num_inference_steps": 2}));
-    let mut response = s
-        .client()
-        .post(s.url("/v2/models/tiny/infer_stream"))
-        .header("content-type", "application/json")
-        .body(plain.to_string())
-        .send()
-        .expect("stream request");
+    let mut response = open_stream(&s, "/v2/models/tiny/infer_stream", &plain);
     let events = read_events(&mut response, usize::MAX);
     let id = events[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(progress(&events[..2], &id), [(1, 2), (2, 2)]);
