@@ -285,10 +285,8 @@ impl StableDiffusion {
             .scheduler_config
             .build(kind, job.num_inference_steps, job.eta)
             .map_err(|e| GenerateError::Invalid(e.to_string()))?;
-        let estimate = self
-            .scheduler_config
-            .denoised_estimate(kind)
-            .map_err(|e| GenerateError::Invalid(e.to_string()))?;
+        // Built on the first preview: most requests ask for none.
+        let mut estimate = None;
 
         let cfg = job.guidance_scale > 1.0;
         let prompts: Vec<&str> = job.images.iter().map(|i| i.prompt.as_str()).collect();
@@ -341,9 +339,17 @@ impl StableDiffusion {
                 .step(&guided, i, &latents, noise)
                 .map_err(internal(format!("scheduler step {}", i + 1)))?;
             if control.wants_preview(i + 1, total) {
-                let x0 = estimate
+                let est = match estimate.take() {
+                    Some(e) => e,
+                    None => self
+                        .scheduler_config
+                        .denoised_estimate(kind)
+                        .map_err(|e| GenerateError::Invalid(e.to_string()))?,
+                };
+                let x0 = est
                     .x0(&guided, &scaled, t)
                     .map_err(internal(format!("preview {}", i + 1)))?;
+                estimate = Some(est);
                 control.preview(png_files(&self.decode(&x0)?)?);
             }
             if let ControlFlow::Break(reason) = control.after_step(i + 1, total) {
