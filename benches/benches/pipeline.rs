@@ -19,15 +19,17 @@ fn model_dir() -> PathBuf {
 
 fn bench(c: &mut Criterion) {
     let model = StableDiffusion::load(&model_dir(), LoadOptions::cpu()).expect("model loads");
-    let desc = sdserve_engine::Generator::description(&model).clone();
+    let desc = sdserve_generation::Generator::description(&model).clone();
     let device = Device::Cpu;
     let (h, w) = (
         desc.native_height / desc.vae_scale_factor,
         desc.native_width / desc.vae_scale_factor,
     );
-    let context = model
-        .encode_prompts(&["", "a red circle on a blue background"])
-        .expect("text encoder");
+    let context = sdserve_pipeline::conditioning::Conditioning::new(
+        model
+            .encode_prompts(&["", "a red circle on a blue background"])
+            .expect("text encoder"),
+    );
     let latents = Tensor::randn(0f32, 1.0, (2, desc.latent_channels, h, w), &device)
         .unwrap()
         .to_dtype(DType::F32)

@@ -1,9 +1,8 @@
 //! What the request targets share: a fixed model, small limits, and the checks of a request
 //! that passed the schema.
 
-use sdserve_engine::{GenerationDefaults, Limits, ModelDescription};
-use sdserve_http::convert::to_generation_request;
-use sdserve_protocol::{DiffusersRequest, InferenceRequest};
+use sdserve_generation::{GenerationDefaults, Limits, ModelDescription};
+use sdserve_protocol::{InferenceRequest, TensorData, diffusers};
 
 pub fn model() -> ModelDescription {
     ModelDescription {
@@ -37,25 +36,24 @@ pub fn limits() -> Limits {
     }
 }
 
-/// The contract decoder, the timeout and `resolve`, with the invariants of an accepted job.
+/// The contract decoder (with the timeout) and `resolve`, with the invariants of an accepted
+/// request and job.
 pub fn check(request: &InferenceRequest) {
-    let direct = DiffusersRequest::from_v2(request);
-    let Ok((generation, options)) = to_generation_request(request) else {
+    for input in &request.inputs {
+        if let TensorData::Bytes(elements) = &input.data {
+            assert!(elements.iter().all(|e| e.len() <= u32::MAX as usize));
+        }
+    }
+    let Ok(decoded) = diffusers::decode(request) else {
         return;
     };
-    assert!(
-        direct.is_ok(),
-        "to_generation_request accepted what from_v2 refused"
-    );
-    if let Ok(d) = &direct {
-        assert_eq!(options.preview_every, d.preview_every);
-    }
-    if let Some(t) = options.timeout {
+    if let Some(t) = decoded.options.timeout {
         assert!(
             !t.is_zero() && t.as_secs() <= 86_400,
             "timeout {t:?} out of range"
         );
     }
+    let generation = decoded.generation;
     let model = model();
     let limits = limits();
     let defaults = GenerationDefaults::default();
@@ -64,19 +62,19 @@ pub fn check(request: &InferenceRequest) {
     };
 
     assert!(!job.images.is_empty() && job.images.len() <= limits.max_images);
-    assert!((1..=limits.max_num_inference_steps).contains(&job.num_inference_steps));
-    assert!(job.height * job.width <= limits.max_pixels);
-    assert!(job.height <= limits.max_height && job.width <= limits.max_width);
-    assert!(job.height % model.vae_scale_factor == 0 && job.width % model.vae_scale_factor == 0);
+    let s = &job.settings;
+    assert!((1..=limits.max_num_inference_steps).contains(&s.num_inference_steps));
+    assert!(s.height * s.width <= limits.max_pixels);
+    assert!(s.height <= limits.max_height && s.width <= limits.max_width);
+    assert!(s.height % model.vae_scale_factor == 0 && s.width % model.vae_scale_factor == 0);
     assert!(
-        job.guidance_scale.is_finite()
-            && (0.0..=limits.max_guidance_scale).contains(&job.guidance_scale)
+        s.guidance_scale.is_finite() && (0.0..=limits.max_guidance_scale).contains(&s.guidance_scale)
     );
-    assert!(model.schedulers.contains(&job.scheduler));
+    assert!(model.schedulers.contains(&s.scheduler));
     let latent = [
         model.latent_channels,
-        job.height / model.vae_scale_factor,
-        job.width / model.vae_scale_factor,
+        s.height / model.vae_scale_factor,
+        s.width / model.vae_scale_factor,
     ];
     for image in &job.images {
         assert!(image.prompt.len() <= limits.max_prompt_bytes && !image.prompt.contains('\0'));

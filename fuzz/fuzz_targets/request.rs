@@ -1,7 +1,6 @@
 //! Request decoding and validation, as the HTTP handler runs them for a JSON body: V2 schema
-//! (`InferenceRequest::from_slice`), the diffusers contract and timeout
-//! (`to_generation_request`, which wraps `DiffusersRequest::from_v2`), then
-//! `GenerationRequest::resolve` against a fixed model. Any panic is a finding; so is a resolved
+//! and typed data (`InferenceRequest::from_slice`), the diffusers contract and timeout
+//! (`diffusers::decode`), then `GenerationRequest::resolve` against a fixed model. Any panic is a finding; so is a resolved
 //! job that breaks the limits it was checked against.
 
 #![no_main]

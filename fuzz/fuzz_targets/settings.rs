@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sdserve_engine::{GenerationDefaults, Limits};
 use sdserve_settings::{Env, MODEL_SETTINGS, ModelSettings, SERVER_SETTINGS, ServerSettings};
 
 /// A scratch repository of this fuzzing process: `<tmp>/repo/model/`.
@@ -36,7 +35,7 @@ fn use_model(m: &ModelSettings) {
     let _ = m.version();
     let _ = m.uri();
     let _ = serde_json::to_value(m);
-    if let Ok(l) = Limits::from_extra(&m.parameters.extra) {
+    if let Ok(l) = sdserve_settings::extra::limits(&m.parameters.extra) {
         assert!(
             l.max_prompts > 0
                 && l.max_images > 0
@@ -45,7 +44,7 @@ fn use_model(m: &ModelSettings) {
         );
         assert!(l.max_guidance_scale.is_finite() && l.max_guidance_scale >= 0.0);
     }
-    if let Ok(d) = GenerationDefaults::from_extra(&m.parameters.extra) {
+    if let Ok(d) = sdserve_settings::extra::defaults(&m.parameters.extra) {
         assert!(d.num_inference_steps > 0 && d.guidance_scale.is_finite());
     }
 }

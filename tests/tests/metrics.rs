@@ -1,4 +1,4 @@
-//! The metrics listener against `spec/metrics.md`: exact counter values and label sets after a
+//! The metrics listener against `docs/metrics.md`: exact counter values and label sets after a
 //! known sequence of requests, histogram buckets, queue wait, and the settings that move or
 //! disable the families.
 

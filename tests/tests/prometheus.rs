@@ -1,6 +1,6 @@
 //! A real Prometheus scrapes sdserve through a scripted workload (successes, every kind of
 //! failure, requests that queue and requests refused for a full queue), then answers every
-//! PromQL query of `spec/metrics.md`, every expression of the Grafana dashboard and every
+//! PromQL query of `docs/metrics.md`, every expression of the Grafana dashboard and every
 //! alert rule of `deploy/prometheus/alerts.yml`; the answers are checked against what the
 //! workload produced.
 //!
@@ -16,7 +16,7 @@ use sdserve_tests::*;
 const INFER: &str = "/v2/models/{model_name}/infer";
 const READY: &str = "/v2/models/{model_name}/ready";
 
-/// The queries of `spec/metrics.md`, as written there (the p50/p95/p99 row is run with each
+/// The queries of `docs/metrics.md`, as written there (the p50/p95/p99 row is run with each
 /// quantile; the last one needs `ignoring(le)`, see [`WAITED_AS_WRITTEN`]).
 const DOCUMENT_QUERIES: &[(&str, &str)] = &[
     (

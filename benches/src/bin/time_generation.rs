@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use sdserve_engine::{GenerationJob, Generator, ImageSpec, RunToEnd};
+use sdserve_generation::{Generator, ImageSpec, Job, JobSettings, RunToEnd};
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
 
 #[derive(Parser)]
@@ -45,7 +45,18 @@ fn main() -> anyhow::Result<()> {
     let model = StableDiffusion::load(&args.model, LoadOptions::from_extra(&extra)?)?;
     let load = t0.elapsed();
     let d = model.description().clone();
-    let job = GenerationJob {
+    let job = Job {
+        settings: JobSettings {
+            num_inference_steps: args.steps,
+            guidance_scale: args.guidance_scale,
+            height: args.height.unwrap_or(d.native_height),
+            width: args.width.unwrap_or(d.native_width),
+            scheduler: args
+                .scheduler
+                .clone()
+                .unwrap_or(d.default_scheduler.clone()),
+            eta: 0.0,
+        },
         images: (0..args.batch)
             .map(|i| ImageSpec {
                 prompt: "a red circle on a blue background".into(),
@@ -54,15 +65,6 @@ fn main() -> anyhow::Result<()> {
                 latents: None,
             })
             .collect(),
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        height: args.height.unwrap_or(d.native_height),
-        width: args.width.unwrap_or(d.native_width),
-        scheduler: args
-            .scheduler
-            .clone()
-            .unwrap_or(d.default_scheduler.clone()),
-        eta: 0.0,
     };
     println!(
         "model {} ({} {} on {}), load {:.2} s, {}x{}, {} steps, scheduler {}, guidance {}, batch {}",
@@ -71,11 +73,11 @@ fn main() -> anyhow::Result<()> {
         d.dtype,
         d.device,
         load.as_secs_f64(),
-        job.width,
-        job.height,
-        job.num_inference_steps,
-        job.scheduler,
-        job.guidance_scale,
+        job.settings.width,
+        job.settings.height,
+        job.settings.num_inference_steps,
+        job.settings.scheduler,
+        job.settings.guidance_scale,
         args.batch
     );
     let warm = Instant::now();

@@ -1,6 +1,7 @@
-//! Why a request failed, as the engine sees it. The HTTP layer maps each to a status once.
+//! Why a request failed, as the engine sees it. The serving layer turns each into one error
+//! kind, which every transport maps to its own codes.
 
-use crate::generator::{GenerateError, StopReason};
+use sdserve_generation::{GenerateError, StopReason};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
@@ -14,12 +15,9 @@ pub enum EngineError {
         name: String,
         version: Option<String>,
     },
-    /// The request breaks the contract or a limit (400).
+    /// The request breaks a limit of the model.
     #[error("{0}")]
     Invalid(String),
-    /// The body is not a V2 request at all (422).
-    #[error("{0}")]
-    Unprocessable(String),
     #[error(
         "server overloaded: {in_flight} requests are running or queued (parallel_workers + max_queue_size = {capacity}); retry later"
     )]
@@ -60,7 +58,6 @@ impl EngineError {
             EngineError::ModelNotFound { .. } => "not_found",
             EngineError::ModelNotReady { .. } => "not_ready",
             EngineError::Invalid(_) => "invalid",
-            EngineError::Unprocessable(_) => "unprocessable",
             EngineError::Overloaded { .. } => "overloaded",
             EngineError::Draining => "draining",
             EngineError::DeadlineExceeded { .. } => "deadline",

@@ -9,8 +9,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::error::EngineError;
-use crate::generator::{Generator, ModelDescription};
-use crate::request::{GenerationDefaults, Limits};
+use sdserve_generation::{GenerationDefaults, Generator, Limits, ModelDescription};
 
 /// Everything the engine needs to know about one model, taken from its settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +45,8 @@ pub trait ModelLoader: Send + Sync {
 
 /// A model ready to serve.
 pub struct LoadedModel {
+    /// Unique per load: a reloaded model never shares a batch with its predecessor.
+    pub id: u64,
     pub spec: ModelSpec,
     pub generator: Arc<dyn Generator>,
 }
@@ -59,6 +60,7 @@ impl LoadedModel {
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedModel")
+            .field("id", &self.id)
             .field("spec", &self.spec)
             .finish_non_exhaustive()
     }

@@ -1,4 +1,5 @@
-//! The engine's metric families: the document's model/queue families plus our `sdserve_*` extras.
+//! The engine's metric families: the model and queue families of the metrics contract
+//! (`docs/metrics.md`, from the monitoring document) plus our `sdserve_*` extras.
 
 use std::sync::Arc;
 

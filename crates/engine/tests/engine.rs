@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use sdserve_engine::metrics::Registry;
 use sdserve_engine::*;
+use sdserve_generation::*;
 
 struct SleepyModel {
     desc: ModelDescription,
@@ -24,14 +25,16 @@ impl Generator for SleepyModel {
 
     fn generate(
         &self,
-        job: &GenerationJob,
+        job: &Job,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
         self.calls.lock().unwrap().push(job.images.len());
-        for i in 0..job.num_inference_steps {
+        for i in 0..job.settings.num_inference_steps {
             std::thread::sleep(self.step);
             self.steps_run.fetch_add(1, Ordering::SeqCst);
-            if let ControlFlow::Break(r) = control.after_step(i + 1, job.num_inference_steps) {
+            if let ControlFlow::Break(r) =
+                control.after_step(i + 1, job.settings.num_inference_steps)
+            {
                 return Err(GenerateError::Stopped(r));
             }
         }

@@ -1,18 +1,18 @@
 //! gRPC messages ⇄ the V2 types of `sdserve-protocol`. Pure functions.
 //!
-//! A `ModelInferRequest` becomes the same [`InferenceRequest`] a JSON body would, so REST and
-//! gRPC share one contract decoder and give the same answers (and messages) for the same
-//! request.
+//! A `ModelInferRequest` becomes the same typed [`InferenceRequest`] a JSON body would (BYTES
+//! contents stay bytes), so REST and gRPC share one contract decoder and give the same answers
+//! (and messages) for the same request.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use sdserve_engine::InferOutcome;
-use sdserve_http::ApiError;
 use sdserve_protocol::raw::{self, RawError};
-use sdserve_protocol::{Datatype, InferenceRequest, Parameters, RequestInput, RequestOutput};
+use sdserve_protocol::{
+    Datatype, IMAGE_OUTPUT, InferenceRequest, Parameters, RequestInput, RequestOutput, TensorData,
+};
+use sdserve_serving::{Generated, ServeError};
 use serde_json::{Number, Value};
-use tonic::codegen::http::StatusCode;
 
 use crate::pb::inference::infer_parameter::ParameterChoice;
 use crate::pb::inference::model_infer_request::InferInputTensor;
@@ -20,9 +20,6 @@ use crate::pb::inference::model_infer_response::InferOutputTensor;
 use crate::pb::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
 };
-
-/// The only output this server produces (as over REST).
-pub use sdserve_http::convert::IMAGE_OUTPUT;
 
 /// A request that cannot be read as a V2 request; always INVALID_ARGUMENT, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,21 +128,9 @@ fn element_count(input: &InferInputTensor) -> Result<usize, ConvertError> {
     })
 }
 
-/// Tensor data of input `name` that cannot be read.
+/// Raw tensor bytes of input `name` that cannot be read.
 fn raw_error(name: &str, e: RawError) -> ConvertError {
-    if e.is_element_value() {
-        bad(format!("input '{name}' {e}"))
-    } else {
-        bad(format!("input '{name}': raw BYTES contents: {e}"))
-    }
-}
-
-fn finite(v: f64, name: &str, i: usize) -> Result<Value, ConvertError> {
-    raw::number(i, v).map_err(|e| raw_error(name, e))
-}
-
-fn text(b: &[u8], name: &str, i: usize) -> Result<Value, ConvertError> {
-    raw::text(i, b).map_err(|e| raw_error(name, e))
+    bad(format!("input '{name}': raw BYTES contents: {e}"))
 }
 
 /// The typed-contents field a datatype uses, and how many elements each field holds.
@@ -182,9 +167,9 @@ fn filled_fields(c: &InferTensorContents) -> Vec<&'static str> {
 }
 
 /// Elements of typed `contents`, from the one field the datatype allows.
-fn from_contents(input: &InferInputTensor, d: Datatype) -> Result<Vec<Value>, ConvertError> {
+fn from_contents(input: &InferInputTensor, d: Datatype) -> Result<TensorData, ConvertError> {
     let Some(c) = &input.contents else {
-        return Ok(Vec::new());
+        return Ok(TensorData::empty(d));
     };
     let field = contents_field(d);
     if let Some(other) = filled_fields(c).into_iter().find(|f| *f != field) {
@@ -194,45 +179,35 @@ fn from_contents(input: &InferInputTensor, d: Datatype) -> Result<Vec<Value>, Co
             d.as_str()
         )));
     }
-    let name = &input.name;
+    let ints = |v: &[i64]| TensorData::Int(v.iter().map(|&x| i128::from(x)).collect());
     Ok(match d {
-        Datatype::Bool => c.bool_contents.iter().map(|b| Value::Bool(*b)).collect(),
+        Datatype::Bool => TensorData::Bool(c.bool_contents.clone()),
         Datatype::Int8 | Datatype::Int16 | Datatype::Int32 => {
-            c.int_contents.iter().map(|v| Value::from(*v)).collect()
+            TensorData::Int(c.int_contents.iter().map(|&x| i128::from(x)).collect())
         }
-        Datatype::Int64 => c.int64_contents.iter().map(|v| Value::from(*v)).collect(),
+        Datatype::Int64 => ints(&c.int64_contents),
         Datatype::Uint8 | Datatype::Uint16 | Datatype::Uint32 => {
-            c.uint_contents.iter().map(|v| Value::from(*v)).collect()
+            TensorData::Int(c.uint_contents.iter().map(|&x| i128::from(x)).collect())
         }
-        Datatype::Uint64 => c.uint64_contents.iter().map(|v| Value::from(*v)).collect(),
-        Datatype::Fp32 => c
-            .fp32_contents
-            .iter()
-            .enumerate()
-            .map(|(i, v)| finite(f64::from(*v), name, i))
-            .collect::<Result<_, _>>()?,
-        Datatype::Fp64 => c
-            .fp64_contents
-            .iter()
-            .enumerate()
-            .map(|(i, v)| finite(*v, name, i))
-            .collect::<Result<_, _>>()?,
-        Datatype::Bytes => c
-            .bytes_contents
-            .iter()
-            .enumerate()
-            .map(|(i, b)| text(b, name, i))
-            .collect::<Result<_, _>>()?,
+        Datatype::Uint64 => {
+            TensorData::Int(c.uint64_contents.iter().map(|&x| i128::from(x)).collect())
+        }
+        Datatype::Fp32 => {
+            TensorData::Float(c.fp32_contents.iter().map(|&x| f64::from(x)).collect())
+        }
+        Datatype::Fp64 => TensorData::Float(c.fp64_contents.clone()),
+        Datatype::Bytes => TensorData::Bytes(c.bytes_contents.iter().map(|b| b.to_vec()).collect()),
         Datatype::Fp16 => {
             return Err(bad(format!(
-                "input '{name}': FP16 data can only be sent in raw_input_contents"
+                "input '{}': FP16 data can only be sent in raw_input_contents",
+                input.name
             )));
         }
     })
 }
 
 /// Elements of one `raw_input_contents` entry; fixed-size data must fill the input's shape.
-fn from_raw(input: &InferInputTensor, d: Datatype, raw: &[u8]) -> Result<Vec<Value>, ConvertError> {
+fn from_raw(input: &InferInputTensor, d: Datatype, raw: &[u8]) -> Result<TensorData, ConvertError> {
     let name = &input.name;
     if let Some(size) = raw::element_size(d) {
         let count = element_count(input)?;
@@ -245,7 +220,7 @@ fn from_raw(input: &InferInputTensor, d: Datatype, raw: &[u8]) -> Result<Vec<Val
             )));
         }
     }
-    raw::values(d, raw).map_err(|e| raw_error(name, e))
+    raw::decode(d, raw).map_err(|e| raw_error(name, e))
 }
 
 fn datatype(input: &InferInputTensor) -> Result<Datatype, ConvertError> {
@@ -295,7 +270,7 @@ pub fn to_inference_request(req: &ModelInferRequest) -> Result<Decoded, ConvertE
             shape: input.shape.clone(),
             datatype: d,
             parameters: parameters_in(&input.parameters, &format!("input '{}'", input.name))?,
-            data: Value::Array(data),
+            data,
         });
     }
     let outputs = if req.outputs.is_empty() {
@@ -315,7 +290,7 @@ pub fn to_inference_request(req: &ModelInferRequest) -> Result<Decoded, ConvertE
     };
     let request = InferenceRequest {
         id: Some(req.id.clone()).filter(|s| !s.is_empty()),
-        parameters: parameters_in(&req.parameters, "request")?,
+        parameters: parameters_in(&req.parameters, "request")?.unwrap_or_default(),
         inputs,
         outputs,
     };
@@ -324,20 +299,20 @@ pub fn to_inference_request(req: &ModelInferRequest) -> Result<Decoded, ConvertE
 
 /// PNG files as one BYTES output of shape `[N, 1]`: the files in `contents.bytes_contents`, or
 /// (`raw`) in the returned `raw_output_contents` entry.
-pub fn png_output(
+pub fn png_output<'a>(
     name: &str,
-    pngs: Vec<Bytes>,
+    pngs: impl ExactSizeIterator<Item = &'a [u8]>,
     raw: bool,
-) -> Result<(InferOutputTensor, Option<Bytes>), ApiError> {
+) -> Result<(InferOutputTensor, Option<Bytes>), ServeError> {
     let shape = vec![pngs.len() as i64, 1];
     let (contents, raw_contents) = if raw {
-        let joined = raw::join_bytes(pngs.iter().map(|b| b.as_ref()))
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let joined =
+            raw::join_bytes(pngs).map_err(|e| ServeError::internal("response", e.to_string()))?;
         (None, Some(Bytes::from(joined)))
     } else {
         (
             Some(InferTensorContents {
-                bytes_contents: pngs,
+                bytes_contents: pngs.map(Bytes::copy_from_slice).collect(),
                 ..Default::default()
             }),
             None,
@@ -356,22 +331,16 @@ pub fn png_output(
 /// The answer to a finished request: one BYTES element per image holding the PNG file itself
 /// (see [`png_output`]); the effective settings in `parameters`, as over REST.
 pub fn to_infer_response(
-    model_name: &str,
-    id: String,
-    outcome: &InferOutcome,
+    generated: &Generated,
     raw: bool,
-) -> Result<ModelInferResponse, ApiError> {
-    let pngs: Vec<Bytes> = outcome
-        .images
-        .iter()
-        .map(|img| Bytes::copy_from_slice(&img.png))
-        .collect();
-    let (output, raw_contents) = png_output(IMAGE_OUTPUT, pngs, raw)?;
+) -> Result<ModelInferResponse, ServeError> {
+    let pngs: Vec<&[u8]> = generated.pngs().collect();
+    let (output, raw_contents) = png_output(IMAGE_OUTPUT, pngs.into_iter(), raw)?;
     Ok(ModelInferResponse {
-        model_name: model_name.to_owned(),
-        model_version: outcome.model_version.clone().unwrap_or_default(),
-        id,
-        parameters: parameters_out(&sdserve_http::convert::effective_parameters(outcome)),
+        model_name: generated.model.clone(),
+        model_version: generated.model_version().unwrap_or_default().to_owned(),
+        id: generated.id.clone(),
+        parameters: parameters_out(&generated.parameters()),
         outputs: vec![output],
         raw_output_contents: raw_contents.into_iter().collect(),
     })
@@ -381,6 +350,7 @@ pub fn to_infer_response(
 mod tests {
     use super::*;
     use crate::pb::inference::model_infer_request::InferRequestedOutputTensor;
+    use sdserve_protocol::diffusers;
     use serde_json::json;
 
     fn join_bytes_elements<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Bytes {
@@ -454,22 +424,20 @@ mod tests {
         };
         let d = to_inference_request(&req).unwrap();
         assert!(!d.raw);
-        let v = serde_json::to_value(&d.request).unwrap();
-        assert_eq!(
-            v,
-            json!({
-                "id": "req-1",
-                "parameters": {"guidance_scale": 7.5, "num_inference_steps": 4, "scheduler": "ddim",
-                               "seed": 18446744073709551615u64},
-                "inputs": [
-                    {"name": "prompt", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "str"},
-                     "data": ["a red circle"]},
-                    {"name": "height", "shape": [1], "datatype": "INT32", "data": [64]}
-                ],
-                "outputs": [{"name": "image"}]
-            })
-        );
-        let (g, _) = sdserve_http::convert::to_generation_request(&d.request).unwrap();
+        let rest = InferenceRequest::from_value(&json!({
+            "id": "req-1",
+            "parameters": {"guidance_scale": 7.5, "num_inference_steps": 4, "scheduler": "ddim",
+                           "seed": 18446744073709551615u64},
+            "inputs": [
+                {"name": "prompt", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "str"},
+                 "data": ["a red circle"]},
+                {"name": "height", "shape": [1], "datatype": "INT32", "data": [64]}
+            ],
+            "outputs": [{"name": "image"}]
+        }))
+        .unwrap();
+        assert_eq!(d.request, rest);
+        let g = diffusers::decode(&d.request).unwrap().generation;
         assert_eq!(g.prompts, ["a red circle"]);
         assert_eq!(g.seeds, Some(vec![u64::MAX]));
     }
@@ -517,14 +485,14 @@ mod tests {
         };
         let d = to_inference_request(&req).unwrap();
         assert!(d.raw);
-        let data: Vec<&Value> = d.request.inputs.iter().map(|i| &i.data).collect();
+        let data: Vec<&TensorData> = d.request.inputs.iter().map(|i| &i.data).collect();
         assert_eq!(
             data,
             [
-                &json!(["a", "é"]),
-                &json!([7]),
-                &json!([1.5, -2.0, 0.25, 4.0]),
-                &json!([0.5])
+                &TensorData::Bytes(vec![b"a".to_vec(), "é".as_bytes().to_vec()]),
+                &TensorData::Int(vec![7]),
+                &TensorData::Float(vec![1.5, -2.0, 0.25, 4.0]),
+                &TensorData::Float(vec![0.5])
             ]
         );
     }
@@ -565,13 +533,15 @@ mod tests {
                 .contains("takes its data in bytes_contents, but int64_contents is set")
         );
 
+        // Bytes reach the contract as bytes; it names the input that is not text.
         let mut r = base();
         r.inputs[0].contents = Some(InferTensorContents {
             bytes_contents: vec![Bytes::from_static(&[0xff])],
             ..Default::default()
         });
+        let d = to_inference_request(&r).unwrap();
         assert!(
-            to_inference_request(&r)
+            diffusers::decode(&d.request)
                 .unwrap_err()
                 .0
                 .contains("input 'prompt' element 0 is not valid UTF-8")

@@ -1,10 +1,11 @@
 //! The gRPC face of sdserve: MLServer 1.7.1's `inference.GRPCInferenceService` and
-//! `inference.model_repository.ModelRepositoryService` on the gRPC port, over the same engine,
-//! queue, contract decoder, errors and model metrics as REST. The only crate that imports tonic.
+//! `inference.model_repository.ModelRepositoryService` on the gRPC port, over the same
+//! transport-neutral service as REST (`sdserve_serving`): engine, queue, contract decoder,
+//! errors and model metrics. The only crate that imports tonic; it knows nothing of axum.
 //!
 //! # Layout
 //! - [`pb`]: message types, servers and clients generated from `proto/` at build time.
-//! - [`convert`]: gRPC messages ⇄ the V2 types REST uses.
+//! - [`convert`]: gRPC messages ⇄ the typed V2 request and the answer.
 //! - [`service`]: the data plane service.
 //! - [`repository`]: the repository calls and the separate repository service.
 //! - [`status`]: failures → gRPC codes, deadlines, bearer tokens.

@@ -1,22 +1,18 @@
-//! The model repository calls (index, load, unload) as `POST /v2/repository/*` answers them,
-//! and `inference.model_repository.ModelRepositoryService`, which offers the same three.
+//! The model repository calls (index, load, unload) as the service answers them over REST,
+//! offered twice as MLServer does: on `inference.GRPCInferenceService` and on the separate
+//! `inference.model_repository.ModelRepositoryService`. The two services' messages differ
+//! only by package, so the calls are written once here and each service wraps them.
 
-use sdserve_http::{SharedState, handlers};
-use sdserve_protocol::ModelState;
+use std::sync::Arc;
+
+use sdserve_protocol::{ModelState, RepositoryIndexItem};
+use sdserve_serving::Service;
 use tonic::{Request, Response, Status};
 
+use crate::pb::inference as pb;
 use crate::pb::inference::model_repository as mr;
 use crate::pb::inference::model_repository::model_repository_service_server::ModelRepositoryService;
-use crate::status::{check_auth, from_api, from_engine};
-
-/// One index entry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IndexEntry {
-    pub name: String,
-    pub version: Option<String>,
-    pub state: String,
-    pub reason: String,
-}
+use crate::status::{check_auth, status};
 
 fn state_name(s: ModelState) -> &'static str {
     match s {
@@ -28,46 +24,58 @@ fn state_name(s: ModelState) -> &'static str {
     }
 }
 
+/// Both services' index entry.
+macro_rules! index_entry_from {
+    ($($t:ty),*) => {$(
+        impl From<RepositoryIndexItem> for $t {
+            fn from(m: RepositoryIndexItem) -> Self {
+                Self {
+                    name: m.name,
+                    version: m.version.unwrap_or_default(),
+                    state: state_name(m.state).into(),
+                    reason: m.reason,
+                }
+            }
+        }
+    )*};
+}
+
+index_entry_from!(
+    pb::repository_index_response::ModelIndex,
+    mr::repository_index_response::ModelIndex
+);
+
 /// Models on disk (re-read every call) and their state in the registry, as over REST.
-pub async fn index(state: &SharedState, only_ready: bool) -> Result<Vec<IndexEntry>, Status> {
-    let models = handlers::repository::models(state, only_ready)
-        .await
-        .map_err(|e| from_api(&e))?;
-    Ok(models
-        .into_iter()
-        .map(|m| IndexEntry {
-            name: m.name,
-            version: m.version,
-            state: state_name(m.state).into(),
-            reason: m.reason,
-        })
-        .collect())
+pub async fn index<T: From<RepositoryIndexItem>>(
+    service: &Service,
+    only_ready: bool,
+) -> Result<Vec<T>, Status> {
+    let models = service.index(only_ready).await.map_err(|e| status(&e))?;
+    Ok(models.into_iter().map(T::from).collect())
 }
 
 /// Loads (or reloads) every version of a model found under the repository root, as over REST.
-pub async fn load(state: &SharedState, name: &str) -> Result<(), Status> {
-    handlers::repository::load_model(state, name)
-        .await
-        .map_err(|e| from_api(&e))
+pub async fn load(service: &Service, name: &str) -> Result<(), Status> {
+    service.load_model(name).await.map_err(|e| status(&e))
 }
 
-pub fn unload(state: &SharedState, name: &str) -> Result<(), Status> {
-    state.engine.unload(name).map_err(from_engine)
+pub fn unload(service: &Service, name: &str) -> Result<(), Status> {
+    service.unload_model(name).map_err(|e| status(&e))
 }
 
 /// `inference.model_repository.ModelRepositoryService`.
 #[derive(Clone)]
 pub struct Repository {
-    state: SharedState,
+    service: Arc<Service>,
 }
 
 impl Repository {
-    pub fn new(state: SharedState) -> Self {
-        Self { state }
+    pub fn new(service: Arc<Service>) -> Self {
+        Self { service }
     }
 
     fn auth(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        check_auth(self.state.config.auth_token.as_deref(), metadata)
+        check_auth(self.service.info.auth_token.as_deref(), metadata)
     }
 }
 
@@ -78,18 +86,8 @@ impl ModelRepositoryService for Repository {
         request: Request<mr::RepositoryIndexRequest>,
     ) -> Result<Response<mr::RepositoryIndexResponse>, Status> {
         self.auth(request.metadata())?;
-        let models = index(&self.state, request.get_ref().ready).await?;
-        Ok(Response::new(mr::RepositoryIndexResponse {
-            models: models
-                .into_iter()
-                .map(|m| mr::repository_index_response::ModelIndex {
-                    name: m.name,
-                    version: m.version.unwrap_or_default(),
-                    state: m.state,
-                    reason: m.reason,
-                })
-                .collect(),
-        }))
+        let models = index(&self.service, request.get_ref().ready).await?;
+        Ok(Response::new(mr::RepositoryIndexResponse { models }))
     }
 
     async fn repository_model_load(
@@ -97,7 +95,7 @@ impl ModelRepositoryService for Repository {
         request: Request<mr::RepositoryModelLoadRequest>,
     ) -> Result<Response<mr::RepositoryModelLoadResponse>, Status> {
         self.auth(request.metadata())?;
-        load(&self.state, &request.get_ref().model_name).await?;
+        load(&self.service, &request.get_ref().model_name).await?;
         Ok(Response::new(mr::RepositoryModelLoadResponse {}))
     }
 
@@ -106,7 +104,7 @@ impl ModelRepositoryService for Repository {
         request: Request<mr::RepositoryModelUnloadRequest>,
     ) -> Result<Response<mr::RepositoryModelUnloadResponse>, Status> {
         self.auth(request.metadata())?;
-        unload(&self.state, &request.get_ref().model_name)?;
+        unload(&self.service, &request.get_ref().model_name)?;
         Ok(Response::new(mr::RepositoryModelUnloadResponse {}))
     }
 }

@@ -1,4 +1,5 @@
-//! The listener: HTTP/2 connections served by hyper, the two services behind tonic's router.
+//! The listener: HTTP/2 connections served by hyper, the two services behind one dispatch by
+//! service name.
 //!
 //! hyper serves the connections directly (not tonic's transport server) because that server
 //! answers an expired `grpc-timeout` itself, with CANCELLED, before the engine can; here the
@@ -10,12 +11,18 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use sdserve_http::SharedState;
+use sdserve_serving::Service;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::codec::CompressionEncoding;
-use tonic::service::Routes;
+
+use bytes::Bytes;
+use tonic::codegen::http::{Request, Response};
+use tonic::server::NamedService;
 
 use crate::metrics::{GrpcMetrics, Instrumented};
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -57,27 +64,76 @@ impl Default for GrpcConfig {
     }
 }
 
-/// Both services behind one router, wrapped for metrics.
+/// Both services behind one dispatch, wrapped for metrics.
 pub fn routes(
-    state: SharedState,
+    service: Arc<Service>,
     config: &GrpcConfig,
     metrics: Option<Arc<GrpcMetrics>>,
     stop: watch::Receiver<bool>,
-) -> Instrumented<Routes> {
-    let dataplane = GrpcInferenceServiceServer::new(Dataplane::new(state.clone(), stop))
+) -> Instrumented<Services> {
+    let dataplane = GrpcInferenceServiceServer::new(Dataplane::new(service.clone(), stop))
         .max_decoding_message_size(config.max_receive_message_bytes)
         .max_encoding_message_size(config.max_send_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
-    let repository = ModelRepositoryServiceServer::new(Repository::new(state))
+    let repository = ModelRepositoryServiceServer::new(Repository::new(service))
         .max_decoding_message_size(config.max_receive_message_bytes)
         .max_encoding_message_size(config.max_send_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
     Instrumented::new(
-        Routes::new(dataplane).add_service(repository).prepare(),
+        Services {
+            dataplane,
+            repository,
+        },
         metrics,
     )
+}
+
+/// The two services, each called for the paths of its own name (`/<service>/<method>`); any
+/// other path is UNIMPLEMENTED, as gRPC servers answer it.
+#[derive(Clone)]
+pub struct Services {
+    dataplane: GrpcInferenceServiceServer<Dataplane>,
+    repository: ModelRepositoryServiceServer<Repository>,
+}
+
+/// Whether `path` is a method of service `name`.
+fn belongs_to(path: &str, name: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.strip_prefix(name))
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, Infallible>> + Send>>;
+
+impl<B> tower::Service<Request<B>> for Services
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Both generated servers are always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> ResponseFuture {
+        let path = req.uri().path();
+        type Dataplane_ = GrpcInferenceServiceServer<Dataplane>;
+        type Repository_ = ModelRepositoryServiceServer<Repository>;
+        if belongs_to(path, <Dataplane_ as NamedService>::NAME) {
+            Box::pin(self.dataplane.call(req))
+        } else if belongs_to(path, <Repository_ as NamedService>::NAME) {
+            Box::pin(self.repository.call(req))
+        } else {
+            Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) })
+        }
+    }
 }
 
 /// Serves gRPC on `listener` until `shutdown` completes; then stops accepting, lets open
@@ -85,13 +141,13 @@ pub fn routes(
 /// `shutdown_grace` for connections to close before dropping them.
 pub async fn serve(
     listener: TcpListener,
-    state: SharedState,
+    service: Arc<Service>,
     config: GrpcConfig,
     metrics: Option<Arc<GrpcMetrics>>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let service = routes(state, &config, metrics, stop_rx);
+    let service = routes(service, &config, metrics, stop_rx);
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.max_concurrent_streams(1024);
     let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
@@ -143,5 +199,22 @@ pub async fn serve(
             config.shutdown_grace.as_secs_f64()
         );
         connections.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_go_to_the_service_they_name() {
+        let dataplane = "inference.GRPCInferenceService";
+        assert!(belongs_to("/inference.GRPCInferenceService/ModelInfer", dataplane));
+        assert!(!belongs_to("/inference.GRPCInferenceServiceX/ModelInfer", dataplane));
+        assert!(!belongs_to("inference.GRPCInferenceService/ModelInfer", dataplane));
+        assert!(!belongs_to(
+            "/inference.model_repository.ModelRepositoryService/RepositoryIndex",
+            dataplane
+        ));
     }
 }

@@ -1,27 +1,21 @@
-//! `inference.GRPCInferenceService`: the REST handlers' flow over gRPC, on the same engine.
+//! `inference.GRPCInferenceService`: the transport-neutral service over gRPC.
 //!
-//! Inference is admit → decode and validate → queue → encode, exactly as
-//! `sdserve_http::handlers::infer` does, with the same model metrics (`version="None"` when
-//! `model_version` is empty). The request timeout is the shorter of the gRPC deadline and
-//! `parameters.timeout`; a call the client cancels is dropped by the transport, which drops
-//! the engine's future and so cancels the generation.
+//! Inference is admit → decode and validate → queue → encode, as over REST, with the same
+//! model metrics (`version="None"` when `model_version` is empty). The request timeout is the
+//! shorter of the gRPC deadline and `parameters.timeout`; a call the client cancels is
+//! dropped by the transport, which drops the engine's future and so cancels the generation.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
-use sdserve_engine::{EngineError, InferObserver, Prepared, Progress};
-use sdserve_http::convert::StepProgress;
-use sdserve_http::handlers::infer::cloud_events;
-use sdserve_http::handlers::metadata::model_parameters;
-use sdserve_http::{ApiError, SharedState};
-use sdserve_protocol::diffusers::{input_metadata, output_metadata};
+use sdserve_engine::Progress;
 use sdserve_protocol::{MetadataTensor, Parameters};
+use sdserve_serving::{Accepted, Mode, ServeError, Service, cloud_events, new_id, run_streaming};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tonic::codegen::http::HeaderMap;
+use tonic::codegen::http::{HeaderMap, HeaderValue};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -32,23 +26,26 @@ use crate::metrics::{Arrived, TrailingMetadata};
 use crate::pb::inference as pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::repository;
-use crate::status::{check_auth, code_for, code_name, from_api, from_engine};
+use crate::status::{check_auth, code_for, code_name, status};
+
+/// Where `preview_every` is accepted, for the message of a unary call that asks for it.
+const STREAMING_ROUTE: &str = "ModelStreamInfer";
 
 /// The data plane service; cheap to clone.
 #[derive(Clone)]
 pub struct Dataplane {
-    pub(crate) state: SharedState,
+    pub(crate) service: Arc<Service>,
     /// Becomes true when the server stops: open streams stop taking requests.
     pub(crate) stop: watch::Receiver<bool>,
 }
 
 impl Dataplane {
-    pub fn new(state: SharedState, stop: watch::Receiver<bool>) -> Self {
-        Self { state, stop }
+    pub fn new(service: Arc<Service>, stop: watch::Receiver<bool>) -> Self {
+        Self { service, stop }
     }
 
     fn auth(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        check_auth(self.state.config.auth_token.as_deref(), metadata)
+        check_auth(self.service.info.auth_token.as_deref(), metadata)
     }
 }
 
@@ -56,70 +53,21 @@ fn version_of(v: &str) -> Option<&str> {
     Some(v).filter(|v| !v.is_empty())
 }
 
-fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// A request that passed admission and validation.
-struct Accepted {
-    id: Option<String>,
-    raw: bool,
-    prepared: Prepared,
-}
-
-/// Everything up to the point where the request would be queued; failures are counted on
-/// the observer as REST counts them.
+/// Everything up to the point where the request would be queued; also whether its inputs
+/// came as raw contents (then so does the answer).
 fn accept(
-    state: &SharedState,
+    service: &Service,
     req: &pb::ModelInferRequest,
     deadline: Option<Duration>,
-    observer: &mut Option<InferObserver>,
-    streaming: bool,
-) -> Result<Accepted, ApiError> {
-    let fail = |observer: &mut Option<InferObserver>, reason: &'static str| {
-        if let Some(o) = observer.take() {
-            o.fail(reason);
-        }
+    mode: Mode,
+) -> Result<(Accepted, bool), ServeError> {
+    let pending = service.admit(&req.model_name, version_of(&req.model_version))?;
+    let decoded = match to_inference_request(req) {
+        Ok(d) => d,
+        Err(e) => return Err(pending.fail(ServeError::invalid(e.0))),
     };
-    let admission = state.engine.admit().map_err(|e| {
-        fail(observer, e.reason());
-        ApiError::from(e)
-    })?;
-    let decoded = to_inference_request(req).map_err(|e| {
-        fail(observer, "invalid");
-        ApiError::bad_request(e.0)
-    })?;
-    let (generation, options) = sdserve_http::convert::to_generation_request(&decoded.request)
-        .inspect_err(|_| fail(observer, "invalid"))?;
-    if !streaming && options.preview_every.is_some() {
-        fail(observer, "invalid");
-        return Err(ApiError::bad_request(
-            "parameter 'preview_every' needs ModelStreamInfer",
-        ));
-    }
-    let timeout = match (options.timeout, deadline) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let prepared = state
-        .engine
-        .prepare(
-            admission,
-            &req.model_name,
-            version_of(&req.model_version),
-            &generation,
-            timeout,
-        )
-        .and_then(|p| p.with_preview_every(options.preview_every))
-        .map_err(|e| {
-            fail(observer, e.reason());
-            ApiError::from(e)
-        })?;
-    Ok(Accepted {
-        id: decoded.request.id,
-        raw: decoded.raw,
-        prepared,
-    })
+    let accepted = pending.accept(decoded.request, mode, deadline)?;
+    Ok((accepted, decoded.raw))
 }
 
 fn tensor_metadata(t: &MetadataTensor) -> pb::model_metadata_response::TensorMetadata {
@@ -155,13 +103,8 @@ fn progress_message(
     let (preview, raw_preview) = if p.preview.is_empty() {
         (None, None)
     } else {
-        let pngs = p
-            .preview
-            .iter()
-            .map(|f| Bytes::copy_from_slice(f))
-            .collect();
         // Joining can only fail past 4 GiB per file; such a preview is left out.
-        match png_output("preview", pngs, raw) {
+        match png_output("preview", p.preview.iter().map(Vec::as_slice), raw) {
             Ok((tensor, raw_contents)) => (Some(tensor), raw_contents),
             Err(_) => (None, None),
         }
@@ -185,12 +128,11 @@ fn error_message(
     model: &str,
     version: &str,
     id: &str,
-    e: &ApiError,
+    e: &ServeError,
 ) -> pb::ModelStreamInferResponse {
-    let status = e.status.as_u16();
     let mut parameters = Parameters::new();
-    parameters.insert("status_code".into(), json!(status));
-    parameters.insert("grpc_code".into(), json!(code_name(code_for(status))));
+    parameters.insert("status_code".into(), json!(e.kind.status_code()));
+    parameters.insert("grpc_code".into(), json!(code_name(code_for(e.kind))));
     pb::ModelStreamInferResponse {
         error_message: e.message.clone(),
         infer_response: Some(pb::ModelInferResponse {
@@ -207,77 +149,34 @@ type StreamSender = mpsc::Sender<Result<pb::ModelStreamInferResponse, Status>>;
 
 /// One request of a stream: its progress messages in order, then its result or error.
 async fn stream_one(
-    state: SharedState,
+    service: Arc<Service>,
     req: pb::ModelInferRequest,
     rpc_deadline: Option<Instant>,
     tx: StreamSender,
 ) {
     let name = req.model_name.clone();
     let version = req.model_version.clone();
-    let mut observer = Some(
-        state
-            .engine
-            .observer(&name, version_of(&version).unwrap_or("None")),
-    );
     let remaining = rpc_deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    let accepted = match accept(&state, &req, remaining, &mut observer, true) {
+    let (accepted, raw) = match accept(&service, &req, remaining, Mode::Streaming) {
         Ok(a) => a,
         Err(e) => {
-            let id = if req.id.is_empty() {
-                new_id()
-            } else {
-                req.id.clone()
-            };
+            let id = Some(req.id.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(new_id);
             let _ = tx.send(Ok(error_message(&name, &version, &id, &e))).await;
             return;
         }
     };
-    let mut observer = observer.expect("the observer is only taken on failure");
-    let id = accepted.id.unwrap_or_else(new_id);
-    let raw = accepted.raw;
-    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
-    // Scheduler steps, as over REST (the engine counts UNet passes).
-    let mut steps = StepProgress::new(accepted.prepared.job().num_inference_steps);
+    let id = accepted.id.clone();
+    let event = |p: &Progress| Ok(progress_message(&name, &version, &id, p, raw));
     // Ends with the generation, or when the client goes away (the response stream is
-    // dropped), which drops `run` and so cancels the generation.
-    let result = {
-        let run = state
-            .engine
-            .run(accepted.prepared, &mut observer, Some(progress_tx));
-        tokio::pin!(run);
-        loop {
-            tokio::select! {
-                biased;
-                Some(p) = progress_rx.recv() => {
-                    let Some(p) = steps.step(&p) else { continue };
-                    if tx.send(Ok(progress_message(&name, &version, &id, &p, raw))).await.is_err() {
-                        break None;
-                    }
-                }
-                r = &mut run => break Some(r),
-                _ = tx.closed() => break None,
-            }
-        }
-    };
-    let Some(result) = result else {
-        observer.finish(Err(&EngineError::Disconnected));
+    // dropped), which cancels the generation.
+    let Some(result) = run_streaming(accepted, &tx, event).await else {
         return;
     };
-    // Progress reported just before the end still goes out, in order, before the result.
-    while let Ok(p) = progress_rx.try_recv() {
-        let Some(p) = steps.step(&p) else { continue };
-        if tx
-            .send(Ok(progress_message(&name, &version, &id, &p, raw)))
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    observer.finish(result.as_ref().map(|o| o.images.len()));
-    let response = result
-        .map_err(ApiError::from)
-        .and_then(|outcome| to_infer_response(&name, id.clone(), &outcome, accepted.raw));
+    let response = result.and_then(|generated| {
+        to_infer_response(&generated, raw).inspect_err(|e| e.log(&generated.id, &generated.model))
+    });
     let message = match response {
         Ok(r) => pb::ModelStreamInferResponse {
             error_message: String::new(),
@@ -332,7 +231,7 @@ impl GrpcInferenceService for Dataplane {
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
         Ok(Response::new(pb::ServerReadyResponse {
-            ready: self.state.engine.is_ready(),
+            ready: self.service.engine.is_ready(),
         }))
     }
 
@@ -341,12 +240,10 @@ impl GrpcInferenceService for Dataplane {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        let status = self
-            .state
-            .engine
-            .model(&r.name, version_of(&r.version))
-            .map_err(from_engine)?;
-        let ready = status.is_ready() && !self.state.engine.is_draining();
+        let ready = self
+            .service
+            .model_ready(&r.name, version_of(&r.version))
+            .map_err(|e| status(&e))?;
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -354,11 +251,11 @@ impl GrpcInferenceService for Dataplane {
         &self,
         _: Request<pb::ServerMetadataRequest>,
     ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
-        let c = &self.state.config;
+        let m = self.service.server_metadata();
         Ok(Response::new(pb::ServerMetadataResponse {
-            name: c.server_name.clone(),
-            version: c.server_version.clone(),
-            extensions: c.extensions.clone(),
+            name: m.name,
+            version: m.version,
+            extensions: m.extensions,
         }))
     }
 
@@ -369,13 +266,13 @@ impl GrpcInferenceService for Dataplane {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        let status = self
-            .state
-            .engine
-            .model(&r.name, version_of(&r.version))
-            .map_err(from_engine)?;
-        let spec = status.spec();
-        let outputs = output_metadata()
+        let m = self
+            .service
+            .model_metadata(&r.name, version_of(&r.version))
+            .map_err(|e| status(&e))?;
+        let outputs = m
+            .outputs
+            .unwrap_or_default()
             .into_iter()
             .map(|mut t| {
                 if let Some(p) = &mut t.parameters {
@@ -385,12 +282,12 @@ impl GrpcInferenceService for Dataplane {
             })
             .collect();
         Ok(Response::new(pb::ModelMetadataResponse {
-            name: spec.name.clone(),
-            versions: spec.versions.clone(),
-            platform: spec.platform.clone(),
-            inputs: input_metadata().iter().map(tensor_metadata).collect(),
+            name: m.name,
+            versions: m.versions.unwrap_or_default(),
+            platform: m.platform,
+            inputs: m.inputs.iter().flatten().map(tensor_metadata).collect(),
             outputs,
-            parameters: parameters_out(&model_parameters(&status)),
+            parameters: parameters_out(&m.parameters.unwrap_or_default()),
         }))
     }
 
@@ -401,28 +298,23 @@ impl GrpcInferenceService for Dataplane {
         self.auth(request.metadata())?;
         let deadline = rpc_deadline(&request)?.map(|d| d.saturating_duration_since(Instant::now()));
         let req = request.into_inner();
-        let name = req.model_name.clone();
-        let mut observer = Some(
-            self.state
-                .engine
-                .observer(&name, version_of(&req.model_version).unwrap_or("None")),
-        );
-        let accepted =
-            accept(&self.state, &req, deadline, &mut observer, false).map_err(|e| from_api(&e))?;
-        let mut observer = observer.expect("the observer is only taken on failure");
-        let result = self
-            .state
-            .engine
-            .run(accepted.prepared, &mut observer, None)
-            .await;
-        observer.finish(result.as_ref().map(|o| o.images.len()));
-        let outcome = result.map_err(from_engine)?;
-        let id = accepted.id.unwrap_or_else(new_id);
+        let unary = Mode::Unary {
+            streaming_route: STREAMING_ROUTE,
+        };
+        let (accepted, raw) =
+            accept(&self.service, &req, deadline, unary).map_err(|e| status(&e))?;
+        let generated = accepted.run(None).await.map_err(|e| status(&e))?;
+        let response = to_infer_response(&generated, raw).map_err(|e| {
+            e.log(&generated.id, &generated.model);
+            status(&e)
+        })?;
         // MLServer's CloudEvents headers, sent as trailing metadata as MLServer sends them.
         let mut trailing = HeaderMap::new();
-        cloud_events(&self.state, &name, &id, &mut trailing);
-        let response =
-            to_infer_response(&name, id, &outcome, accepted.raw).map_err(|e| from_api(&e))?;
+        for (name, value) in cloud_events(&self.service.info, &generated.model, &generated.id) {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                trailing.insert(name, v);
+            }
+        }
         let mut response = Response::new(response);
         response.extensions_mut().insert(TrailingMetadata(trailing));
         Ok(response)
@@ -440,7 +332,7 @@ impl GrpcInferenceService for Dataplane {
         let rpc_deadline = rpc_deadline(&request)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let state = self.state.clone();
+        let service = self.service.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut requests = JoinSet::new();
@@ -448,7 +340,7 @@ impl GrpcInferenceService for Dataplane {
                 tokio::select! {
                     message = inbound.message() => match message {
                         Ok(Some(req)) => {
-                            requests.spawn(stream_one(state.clone(), req, rpc_deadline, tx.clone()));
+                            requests.spawn(stream_one(service.clone(), req, rpc_deadline, tx.clone()));
                         }
                         Ok(None) => break,
                         Err(status) => {
@@ -473,18 +365,8 @@ impl GrpcInferenceService for Dataplane {
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         self.auth(request.metadata())?;
-        let models = repository::index(&self.state, request.get_ref().ready).await?;
-        Ok(Response::new(pb::RepositoryIndexResponse {
-            models: models
-                .into_iter()
-                .map(|m| pb::repository_index_response::ModelIndex {
-                    name: m.name,
-                    version: m.version.unwrap_or_default(),
-                    state: m.state,
-                    reason: m.reason,
-                })
-                .collect(),
-        }))
+        let models = repository::index(&self.service, request.get_ref().ready).await?;
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 
     async fn repository_model_load(
@@ -492,7 +374,7 @@ impl GrpcInferenceService for Dataplane {
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         self.auth(request.metadata())?;
-        repository::load(&self.state, &request.get_ref().model_name).await?;
+        repository::load(&self.service, &request.get_ref().model_name).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -501,7 +383,7 @@ impl GrpcInferenceService for Dataplane {
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         self.auth(request.metadata())?;
-        repository::unload(&self.state, &request.get_ref().model_name)?;
+        repository::unload(&self.service, &request.get_ref().model_name)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }

@@ -1,49 +1,40 @@
-//! The one place where failures become gRPC statuses.
+//! The one place where failures become gRPC statuses: each [`ErrorKind`] has its code, and
+//! the status details are the very message REST puts in `{"error": ...}`.
 //!
-//! Every failure is first the same [`ApiError`] REST would answer with, so the status details
-//! are the very message REST puts in `{"error": ...}`; the HTTP status picks the code:
-//!
-//! | REST | gRPC | when |
+//! | kind | gRPC | REST |
 //! |---|---|---|
-//! | 400 | INVALID_ARGUMENT | bad request, model not ready (as MLServer) |
-//! | 401 | UNAUTHENTICATED | missing or wrong bearer token |
-//! | 404 | NOT_FOUND | unknown model or version |
-//! | 413 | RESOURCE_EXHAUSTED | request message over `grpc_max_message_length` |
-//! | 422 | INVALID_ARGUMENT | a message that is not a V2 request (MLServer: FAILED_PRECONDITION, but here every 422 is a malformed request) |
-//! | 499 | CANCELLED | the client went away |
-//! | 503 | UNAVAILABLE | queue full, draining, shutting down |
-//! | 504 | DEADLINE_EXCEEDED | the gRPC deadline or `parameters.timeout` passed |
-//! | 500 | INTERNAL | generation failed |
-//! | other | UNKNOWN | |
+//! | invalid, not ready, unprocessable | INVALID_ARGUMENT | 400 (422 for a body that is not a V2 request; MLServer: FAILED_PRECONDITION, but here every such message is a malformed request) |
+//! | unauthenticated | UNAUTHENTICATED | 401 |
+//! | not found | NOT_FOUND | 404 |
+//! | too large | RESOURCE_EXHAUSTED | 413 (a message over `grpc_max_message_length`) |
+//! | cancelled | CANCELLED | 499 (the client went away) |
+//! | overloaded, draining, shutdown | UNAVAILABLE | 503 |
+//! | deadline exceeded | DEADLINE_EXCEEDED | 504 (the gRPC deadline or `parameters.timeout`) |
+//! | internal | INTERNAL | 500 |
 
 use std::time::{Duration, Instant};
 
-use sdserve_engine::EngineError;
-use sdserve_http::ApiError;
-use sdserve_http::handlers::infer::authorized;
+use sdserve_serving::{ErrorKind, ServeError, authorized};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-pub fn code_for(http_status: u16) -> Code {
-    match http_status {
-        400 | 422 => Code::InvalidArgument,
-        401 => Code::Unauthenticated,
-        404 => Code::NotFound,
-        413 => Code::ResourceExhausted,
-        499 => Code::Cancelled,
-        503 => Code::Unavailable,
-        504 => Code::DeadlineExceeded,
-        500 => Code::Internal,
-        _ => Code::Unknown,
+pub fn code_for(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::Invalid | ErrorKind::NotReady | ErrorKind::Unprocessable => {
+            Code::InvalidArgument
+        }
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::TooLarge => Code::ResourceExhausted,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Overloaded | ErrorKind::Draining | ErrorKind::Shutdown => Code::Unavailable,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Internal => Code::Internal,
     }
 }
 
-pub fn from_api(e: &ApiError) -> Status {
-    Status::new(code_for(e.status.as_u16()), e.message.clone())
-}
-
-pub fn from_engine(e: EngineError) -> Status {
-    from_api(&ApiError::from(e))
+pub fn status(e: &ServeError) -> Status {
+    Status::new(code_for(e.kind), e.message.clone())
 }
 
 /// The name clients and metrics use for a code (`OK`, `NOT_FOUND`, ...).
@@ -113,13 +104,18 @@ pub fn check_auth(token: Option<&str>, metadata: &MetadataMap) -> Result<(), Sta
     if authorized(token, given) {
         Ok(())
     } else {
-        Err(from_api(&ApiError::unauthorized()))
+        Err(status(&ServeError::unauthenticated()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdserve_engine::EngineError;
+
+    fn from_engine(e: EngineError) -> Status {
+        status(&ServeError::from(e))
+    }
 
     #[test]
     fn engine_errors_map_to_codes_with_the_rest_message() {
@@ -169,7 +165,7 @@ mod tests {
             Code::Internal
         );
         assert_eq!(
-            from_engine(EngineError::Unprocessable("x".into())).code(),
+            status(&ServeError::new(ErrorKind::Unprocessable, "x")).code(),
             Code::InvalidArgument
         );
     }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use sdserve_engine::metrics::Registry;
 use sdserve_engine::*;
+use sdserve_generation::*;
 use sdserve_grpc::pb::inference as pb;
 use sdserve_grpc::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use sdserve_grpc::pb::inference::infer_parameter::ParameterChoice;
@@ -22,9 +23,9 @@ use sdserve_grpc::pb::inference::model_infer_request::{
 };
 use sdserve_grpc::pb::inference::model_repository::model_repository_service_client::ModelRepositoryServiceClient;
 use sdserve_grpc::{GrpcConfig, GrpcMetrics};
-use sdserve_http::{AppState, HttpConfig, ModelRepository, RepositoryError};
 use sdserve_pipeline::image::decode_png;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
+use sdserve_serving::{ModelRepository, RepositoryError, ServerInfo, Service};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
@@ -57,7 +58,7 @@ impl Generator for Slow {
 
     fn generate(
         &self,
-        job: &GenerationJob,
+        job: &Job,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
         self.model.generate(
@@ -172,17 +173,14 @@ async fn start(models: &[&str], options: Options) -> Server {
             .unwrap_or_else(|e| panic!("loading {m}: {e}"));
     }
     let metrics = Arc::new(GrpcMetrics::register(&registry));
-    let state = Arc::new(AppState {
+    let service = Arc::new(Service {
         engine: engine.clone(),
-        config: HttpConfig {
+        info: ServerInfo {
             server_name: "mlserver".into(),
             server_version: "1.7.1".into(),
             extensions: vec![],
-            max_request_body_bytes: 1 << 20,
-            gzip_enabled: false,
             auth_token: options.auth_token,
             namespace: None,
-            cors: None,
         },
         repository: Arc::new(Models),
     });
@@ -191,7 +189,7 @@ async fn start(models: &[&str], options: Options) -> Server {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(sdserve_grpc::serve(
         listener,
-        state,
+        service,
         options.config,
         Some(metrics),
         async move {

@@ -3,18 +3,23 @@
 //! binary requests (header length 0: the whole body is the prompt), and binary outputs
 //! (`binary_data` on an output, `binary_data_output` on the request).
 //!
-//! Binary inputs are decoded into the same JSON values a plain request would carry, so one
-//! contract decoder gives the same answers and messages for both forms. Tensor bytes are
-//! little-endian and row-major; a BYTES element is a 4-byte little-endian length and its bytes.
+//! Binary inputs decode into the same typed request a plain JSON body does (BYTES elements
+//! stay bytes), so one contract decoder gives the same answers and messages for both forms.
+//! Tensor bytes are little-endian and row-major; a BYTES element is a 4-byte little-endian
+//! length and its bytes.
+
+use std::collections::BTreeMap;
 
 use axum::http::HeaderMap;
-use sdserve_engine::InferOutcome;
 use sdserve_protocol::raw::{self, RawError};
-use sdserve_protocol::{Datatype, InferenceRequest, Parameters, RequestInput};
+use sdserve_protocol::{
+    Datatype, IMAGE_OUTPUT, InferenceRequest, Parameters, RequestInput, TensorData,
+};
+use sdserve_serving::{Generated, ServeError};
 use serde_json::{Map, Value, json};
 
-use crate::convert::{self, IMAGE_OUTPUT};
 use crate::error::ApiError;
+use crate::response;
 
 /// The name `GET /v2` reports for this extension.
 pub const EXTENSION: &str = "binary_tensor_data";
@@ -60,10 +65,7 @@ pub fn decode(header_length: Option<usize>, body: &[u8]) -> Result<Decoded, ApiE
                     "input '{name}' has parameters.binary_data_size, but the request has no Inference-Header-Content-Length header"
                 )));
             }
-            (
-                InferenceRequest::from_value(&value).map_err(|e| ApiError::schema(&e))?,
-                false,
-            )
+            (InferenceRequest::from_value(&value)?, false)
         }
         Some(0) => (raw_request(body)?, true),
         Some(n) if n > body.len() => {
@@ -75,11 +77,8 @@ pub fn decode(header_length: Option<usize>, body: &[u8]) -> Result<Decoded, ApiE
         Some(n) => {
             let (header, tensors) = body.split_at(n);
             let mut value = parse_json(header)?;
-            attach_tensors(&mut value, tensors)?;
-            (
-                InferenceRequest::from_value(&value).map_err(|e| ApiError::schema(&e))?,
-                false,
-            )
+            let attached = detach_tensors(&mut value, tensors)?;
+            (InferenceRequest::from_json(&value, attached)?, false)
         }
     };
     let binary_output = raw || wants_binary_output(&request, header_length.is_some())?;
@@ -118,47 +117,44 @@ fn binary_inputs(request: &Value) -> impl Iterator<Item = String> + '_ {
         .map(input_name)
 }
 
-/// Gives every input that declares `binary_data_size` its `data`, cut from `tensors` in input
-/// order; every byte must belong to exactly one input.
-fn attach_tensors(request: &mut Value, tensors: &[u8]) -> Result<(), ApiError> {
+/// Cuts the data of every input that declares `binary_data_size` from `tensors`, in input
+/// order (every byte must belong to exactly one input), keyed by the input's index; the
+/// parameter itself is removed.
+fn detach_tensors(
+    request: &mut Value,
+    tensors: &[u8],
+) -> Result<BTreeMap<usize, TensorData>, ApiError> {
     let mut rest = tensors;
-    if let Some(inputs) = request.get_mut("inputs").and_then(Value::as_array_mut) {
-        for input in inputs.iter_mut().filter_map(Value::as_object_mut) {
-            let name = input_name(input);
-            let Some(params) = input.get_mut("parameters").and_then(Value::as_object_mut) else {
-                continue;
-            };
-            let Some(size) = params.remove("binary_data_size") else {
-                continue;
-            };
-            let size = size.as_u64().and_then(|s| usize::try_from(s).ok()).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "input '{name}': parameters.binary_data_size is {size}; it must be a non-negative integer"
-                ))
-            })?;
-            if input.contains_key("data") {
-                return Err(ApiError::bad_request(format!(
-                    "input '{name}' has both data and parameters.binary_data_size; give one of them"
-                )));
-            }
-            if size > rest.len() {
-                return Err(ApiError::bad_request(format!(
-                    "input '{name}': parameters.binary_data_size is {size}, but only {} bytes of binary data remain after the earlier inputs",
-                    rest.len()
-                )));
-            }
-            let (bytes, tail) = rest.split_at(size);
-            rest = tail;
-            // An unknown or missing datatype is left for the schema check to report.
-            let datatype = input
-                .get("datatype")
-                .and_then(Value::as_str)
-                .and_then(Datatype::parse);
-            let data = match datatype {
-                Some(d) => Value::Array(tensor_values(&name, d, bytes)?),
-                None => Value::Array(Vec::new()),
-            };
-            input.insert("data".into(), data);
+    let mut attached = BTreeMap::new();
+    let inputs = request.get_mut("inputs").and_then(Value::as_array_mut);
+    for (index, input) in inputs.into_iter().flatten().enumerate() {
+        let Some(input) = input.as_object_mut() else {
+            continue;
+        };
+        let Some(size) = binary_data_size(input)? else {
+            continue;
+        };
+        let name = input_name(input);
+        if input.contains_key("data") {
+            return Err(ApiError::bad_request(format!(
+                "input '{name}' has both data and parameters.binary_data_size; give one of them"
+            )));
+        }
+        if size > rest.len() {
+            return Err(ApiError::bad_request(format!(
+                "input '{name}': parameters.binary_data_size is {size}, but only {} bytes of binary data remain after the earlier inputs",
+                rest.len()
+            )));
+        }
+        let (bytes, tail) = rest.split_at(size);
+        rest = tail;
+        // An unknown or missing datatype is left for the schema check to report.
+        let datatype = input
+            .get("datatype")
+            .and_then(Value::as_str)
+            .and_then(Datatype::parse);
+        if let Some(d) = datatype {
+            attached.insert(index, tensor_data(&name, d, bytes)?);
         }
     }
     if !rest.is_empty() {
@@ -168,13 +164,32 @@ fn attach_tensors(request: &mut Value, tensors: &[u8]) -> Result<(), ApiError> {
             tensors.len() - rest.len()
         )));
     }
-    Ok(())
+    Ok(attached)
 }
 
-/// One input's tensor bytes as JSON elements (flat, row-major). The element count is checked
+/// Takes `parameters.binary_data_size` out of an input, if it has one.
+fn binary_data_size(input: &mut Map<String, Value>) -> Result<Option<usize>, ApiError> {
+    let name = input_name(input);
+    let Some(params) = input.get_mut("parameters").and_then(Value::as_object_mut) else {
+        return Ok(None);
+    };
+    let Some(size) = params.remove("binary_data_size") else {
+        return Ok(None);
+    };
+    size.as_u64()
+        .and_then(|s| usize::try_from(s).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "input '{name}': parameters.binary_data_size is {size}; it must be a non-negative integer"
+            ))
+        })
+}
+
+/// One input's tensor bytes as typed elements (flat, row-major). The element count is checked
 /// against the shape later, by the contract, with the same message as for JSON data.
-fn tensor_values(name: &str, d: Datatype, bytes: &[u8]) -> Result<Vec<Value>, ApiError> {
-    raw::values(d, bytes).map_err(|e| {
+fn tensor_data(name: &str, d: Datatype, bytes: &[u8]) -> Result<TensorData, ApiError> {
+    raw::decode(d, bytes).map_err(|e| {
         ApiError::bad_request(match e {
             RawError::PartialElement {
                 len,
@@ -184,7 +199,6 @@ fn tensor_values(name: &str, d: Datatype, bytes: &[u8]) -> Result<Vec<Value>, Ap
                 "input '{name}': parameters.binary_data_size is {len} bytes, which is not a whole number of {} elements ({size} bytes each)",
                 datatype.as_str()
             ),
-            e if e.is_element_value() => format!("input '{name}' {e}"),
             e => format!("input '{name}': BYTES {e}"),
         })
     })
@@ -203,20 +217,15 @@ fn raw_request(body: &[u8]) -> Result<InferenceRequest, ApiError> {
             "raw binary request (Inference-Header-Content-Length: 0): the body must be the prompt, but it is empty",
         ));
     }
-    let text = std::str::from_utf8(prompt).map_err(|_| {
-        ApiError::bad_request(
-            "input 'prompt' (raw binary request, Inference-Header-Content-Length: 0) is not valid UTF-8 text",
-        )
-    })?;
     Ok(InferenceRequest {
         id: None,
-        parameters: None,
+        parameters: Parameters::new(),
         inputs: vec![RequestInput {
             name: "prompt".into(),
             shape: vec![1],
             datatype: Datatype::Bytes,
             parameters: None,
-            data: json!([text]),
+            data: TensorData::Bytes(vec![prompt.to_vec()]),
         }],
         outputs: None,
     })
@@ -238,10 +247,7 @@ fn flag(value: Option<&Value>, what: &str) -> Result<Option<bool>, ApiError> {
 /// which ignores it, answers such JSON requests in JSON (`mlserver infer` relies on that).
 fn wants_binary_output(request: &InferenceRequest, framed: bool) -> Result<bool, ApiError> {
     let default = flag(
-        request
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get("binary_data_output")),
+        request.parameters.get("binary_data_output"),
         "parameter 'binary_data_output'",
     )?;
     let mut chosen = None;
@@ -269,22 +275,14 @@ pub struct BinaryBody {
 
 /// The response of a finished request with the image output in binary: the JSON header (the
 /// output has `binary_data_size` and no `data`), then one serialised BYTES element per PNG.
-pub fn encode_response(
-    model_name: &str,
-    id: String,
-    outcome: &InferOutcome,
-) -> Result<BinaryBody, ApiError> {
-    let tensor = raw::join_bytes(outcome.images.iter().map(|i| i.png.as_slice()))
-        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+pub fn encode_response(generated: &Generated) -> Result<BinaryBody, ServeError> {
+    let tensor = raw::join_bytes(generated.pngs())
+        .map_err(|e| ServeError::internal("response", e.to_string()))?;
     let mut params = Parameters::new();
     params.insert("binary_data_size".into(), json!(tensor.len()));
-    let response = convert::image_response(model_name, id, outcome, Value::Null, params);
-    let mut bytes = serde_json::to_vec(&response).map_err(|e| {
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("response encoding failed: {e}"),
-        )
-    })?;
+    let response = response::image_response(generated, Value::Null, params);
+    let mut bytes = serde_json::to_vec(&response)
+        .map_err(|e| ServeError::internal("response", format!("response encoding failed: {e}")))?;
     let header_length = bytes.len();
     bytes.extend_from_slice(&tensor);
     Ok(BinaryBody {
@@ -296,7 +294,15 @@ pub fn encode_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdserve_protocol::diffusers;
     use sdserve_protocol::raw::{f16_to_f32, join_bytes, split_bytes};
+
+    /// Decodes a body and checks it against the contract, as the handler does.
+    fn decode_and_check(header_length: Option<usize>, body: &[u8]) -> Result<Decoded, ApiError> {
+        let d = decode(header_length, body)?;
+        diffusers::decode(&d.request).map_err(|e| ApiError::bad_request(e.0))?;
+        Ok(d)
+    }
 
     fn bytes_tensor(items: &[&[u8]]) -> Vec<u8> {
         join_bytes(items.iter().copied()).unwrap()
@@ -327,34 +333,65 @@ mod tests {
         let (n, b) = tritonclient_style(3);
         let d = decode(Some(n), &b).unwrap();
         assert!(d.binary_output);
-        assert_eq!(d.request.inputs[0].data, json!(["a red circle"]));
-        assert_eq!(d.request.inputs[1].data, json!([3]));
+        assert_eq!(
+            d.request.inputs[0].data,
+            TensorData::Bytes(vec![b"a red circle".to_vec()])
+        );
+        assert_eq!(d.request.inputs[1].data, TensorData::Int(vec![3]));
         assert_eq!(d.request.inputs[0].parameters, Some(Parameters::new()));
-        let decoded = sdserve_protocol::DiffusersRequest::from_v2(&d.request).unwrap();
-        assert_eq!(decoded.num_inference_steps, Some(3));
+        let decoded = diffusers::decode(&d.request).unwrap();
+        assert_eq!(decoded.generation.num_inference_steps, Some(3));
     }
 
     #[test]
     fn every_fixed_size_datatype_decodes_little_endian() {
-        let cases: Vec<(&str, Vec<u8>, Value)> = vec![
-            ("BOOL", vec![1, 0], json!([true, false])),
-            ("UINT8", vec![255], json!([255])),
-            ("INT8", vec![255], json!([-1])),
-            ("INT16", (-2i16).to_le_bytes().to_vec(), json!([-2])),
-            ("UINT16", 513u16.to_le_bytes().to_vec(), json!([513])),
-            ("INT32", (-70000i32).to_le_bytes().to_vec(), json!([-70000])),
-            ("UINT32", u32::MAX.to_le_bytes().to_vec(), json!([u32::MAX])),
-            ("UINT64", u64::MAX.to_le_bytes().to_vec(), json!([u64::MAX])),
-            ("FP16", 0x3e00u16.to_le_bytes().to_vec(), json!([1.5])),
+        let cases: Vec<(&str, Vec<u8>, TensorData)> = vec![
+            ("BOOL", vec![1, 0], TensorData::Bool(vec![true, false])),
+            ("UINT8", vec![255], TensorData::Int(vec![255])),
+            ("INT8", vec![255], TensorData::Int(vec![-1])),
+            (
+                "INT16",
+                (-2i16).to_le_bytes().to_vec(),
+                TensorData::Int(vec![-2]),
+            ),
+            (
+                "UINT16",
+                513u16.to_le_bytes().to_vec(),
+                TensorData::Int(vec![513]),
+            ),
+            (
+                "INT32",
+                (-70000i32).to_le_bytes().to_vec(),
+                TensorData::Int(vec![-70000]),
+            ),
+            (
+                "UINT32",
+                u32::MAX.to_le_bytes().to_vec(),
+                TensorData::Int(vec![u32::MAX.into()]),
+            ),
+            (
+                "UINT64",
+                u64::MAX.to_le_bytes().to_vec(),
+                TensorData::Int(vec![u64::MAX.into()]),
+            ),
+            (
+                "FP16",
+                0x3e00u16.to_le_bytes().to_vec(),
+                TensorData::Float(vec![1.5]),
+            ),
             (
                 "FP32",
                 [0.25f32, -2.0]
                     .iter()
                     .flat_map(|f| f.to_le_bytes())
                     .collect(),
-                json!([0.25, -2.0]),
+                TensorData::Float(vec![0.25, -2.0]),
             ),
-            ("FP64", 0.1f64.to_le_bytes().to_vec(), json!([0.1])),
+            (
+                "FP64",
+                0.1f64.to_le_bytes().to_vec(),
+                TensorData::Float(vec![0.1]),
+            ),
         ];
         for (dt, tensor, expected) in cases {
             let (n, b) = body(
@@ -474,7 +511,8 @@ mod tests {
                 "input 'num_inference_steps': parameters.binary_data_size is 7 bytes",
             ),
             (
-                json!({"inputs": [{"name": "guidance_scale", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}),
+                json!({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]},
+                                  {"name": "guidance_scale", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}),
                 f32::NAN.to_le_bytes().to_vec(),
                 "input 'guidance_scale' element 0 is NaN",
             ),
@@ -492,7 +530,7 @@ mod tests {
         ];
         for (header, tensors, needle) in cases {
             let (n, b) = body(&header, &tensors);
-            let e = decode(Some(n), &b).unwrap_err();
+            let e = decode_and_check(Some(n), &b).unwrap_err();
             assert_eq!(e.status, 400, "{header}: {}", e.message);
             assert!(
                 e.message.contains(needle),
@@ -528,11 +566,14 @@ mod tests {
             let d = decode(Some(0), &body).unwrap();
             assert!(d.binary_output);
             assert_eq!(d.request.inputs[0].name, "prompt");
-            assert_eq!(d.request.inputs[0].data, json!(["a red circle"]));
+            assert_eq!(
+                d.request.inputs[0].data,
+                TensorData::Bytes(vec![b"a red circle".to_vec()])
+            );
         }
         assert!(decode(Some(0), b"").unwrap_err().message.contains("empty"));
         assert!(
-            decode(Some(0), &[0xc3])
+            decode_and_check(Some(0), &[0xc3])
                 .unwrap_err()
                 .message
                 .contains("not valid UTF-8")

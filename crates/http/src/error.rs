@@ -7,7 +7,8 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sdserve_engine::EngineError;
-use sdserve_protocol::SchemaError;
+use sdserve_protocol::{DecodeError, SchemaError};
+use sdserve_serving::{ErrorKind, ServeError};
 use serde_json::{Value, json};
 
 /// Status used in metrics when the client left before any response was sent.
@@ -80,16 +81,6 @@ impl ApiError {
         )
     }
 
-    pub fn unauthorized() -> Self {
-        Self {
-            authenticate: true,
-            ..Self::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token in the Authorization header",
-            )
-        }
-    }
-
     pub fn body(&self) -> Value {
         let mut body = json!({ "error": self.message });
         if let Some(d) = &self.detail {
@@ -99,25 +90,44 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What a failure to read a request counts as in the model metrics.
+    pub fn kind(&self) -> ErrorKind {
+        match self.status {
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::TooLarge,
+            StatusCode::UNPROCESSABLE_ENTITY => ErrorKind::Unprocessable,
+            _ => ErrorKind::Invalid,
+        }
+    }
+}
+
+/// Each kind's status is the contract's; overload and draining add `Retry-After`, a missing
+/// token `WWW-Authenticate`.
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        let status =
+            StatusCode::from_u16(e.kind.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self {
+            retry_after: e.kind.retry_soon(),
+            authenticate: e.kind == ErrorKind::Unauthenticated,
+            ..Self::new(status, e.message)
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let status = match &e {
-            EngineError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
-            EngineError::ModelNotReady { .. } | EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
-            EngineError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            EngineError::Overloaded { .. } | EngineError::Draining | EngineError::Shutdown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            EngineError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-            EngineError::Disconnected => {
-                StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
-            }
-            EngineError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let retry_after = matches!(e, EngineError::Overloaded { .. } | EngineError::Draining);
-        Self {
-            retry_after,
-            ..Self::new(status, e.to_string())
+        ServeError::from(e).into()
+    }
+}
+
+/// A JSON body that is not a V2 request (422, with FastAPI's `detail`), or whose data cannot
+/// be read (400).
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Schema(errors) => ApiError::schema(&errors),
+            DecodeError::Data(e) => ApiError::bad_request(e.0),
         }
     }
 }
@@ -146,7 +156,11 @@ mod tests {
     #[test]
     fn schema_answers_are_bounded() {
         let body = format!("{{\"inputs\":[{}1]}}", "1,".repeat(999));
-        let errors = sdserve_protocol::InferenceRequest::from_slice(body.as_bytes()).unwrap_err();
+        let Err(DecodeError::Schema(errors)) =
+            sdserve_protocol::InferenceRequest::from_slice(body.as_bytes())
+        else {
+            panic!("expected schema errors");
+        };
         assert_eq!(errors.len(), 1000);
         let e = ApiError::schema(&errors);
         assert_eq!(e.status, 422);

@@ -2,25 +2,28 @@
 //! Prometheus listener on the metrics port. The only crate that imports axum.
 //!
 //! # Layout
-//! - [`routes`]: the route table and the metrics router.
+//! - [`routes`]: the route table, the metrics router, and serving a listener.
 //! - [`handlers`]: one module per API area (health, metadata, infer, repository, docs).
-//! - [`convert`]: V2 request ⇄ engine request/outcome.
 //! - [`body`]: body size limit and gzip/deflate decoding.
 //! - [`binary`]: Triton's binary tensor data extension (binary inputs and outputs).
+//! - [`response`]: a finished request as V2 JSON.
 //! - [`error`]: failures → status codes and `{"error": ...}` bodies.
 //! - [`rest_metrics`]: the `rest_server_*` families.
-//! - [`state`]: what handlers share; the model repository trait.
+//! - [`state`]: what handlers share (the service, REST-only settings).
+//!
+//! Admission, the contract, validation, streaming, repository operations and metadata are
+//! `sdserve_serving`'s, shared with gRPC.
 
 pub mod binary;
 pub mod body;
-pub mod convert;
 pub mod error;
 pub mod handlers;
+pub mod response;
 pub mod rest_metrics;
 pub mod routes;
 pub mod state;
 
 pub use error::ApiError;
 pub use rest_metrics::RestMetrics;
-pub use routes::{metrics_router, router};
-pub use state::{AppState, Cors, HttpConfig, ModelRepository, RepositoryError, SharedState};
+pub use routes::{metrics_router, router, serve};
+pub use state::{AppState, Cors, HttpConfig, SharedState};

@@ -84,3 +84,14 @@ pub fn candle_message(e: &candle_core::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// Turns a candle failure at `stage` into the generator's internal error.
+pub(crate) fn internal(
+    stage: impl Into<String>,
+) -> impl FnOnce(candle_core::Error) -> sdserve_generation::GenerateError {
+    let stage = stage.into();
+    move |e| sdserve_generation::GenerateError::Internal {
+        stage,
+        message: candle_message(&e),
+    }
+}

@@ -1,7 +1,10 @@
 //! Stable Diffusion (diffusers folders) on candle. The only crate that imports candle.
 //!
 //! # Layout
-//! - [`pipeline`]: [`StableDiffusion`], the `Generator` for a diffusers SD 1.x / 2.x folder.
+//! - [`pipeline`]: [`StableDiffusion`], the `Generator` for a diffusers SD 1.x / 2.x folder,
+//!   run in stages: [`prompt`] (prompts → [`conditioning::Conditioning`]), [`denoise`] (the
+//!   loop over a scheduler, classifier-free guidance, previews), then VAE decode.
+//! - [`load`]: reading a folder into a [`StableDiffusion`].
 //! - [`config`]: `model_index.json`, UNet, VAE and text encoder configs; refuses what we cannot
 //!   run exactly as diffusers does.
 //! - [`weights`]: safetensors discovery (fp16 variants, shards), validation and loading.
@@ -9,6 +12,8 @@
 //! - [`unet`]: the UNet, assembled block by block as diffusers runs it (exact GELU); on the CPU
 //!   the items of a batch run in parallel.
 //! - [`vae`]: the VAE decoder built from the parsed config.
+//! - [`attention`]: the one scaled dot-product attention of the UNet, VAE and text encoder,
+//!   with a kernel per device and dtype.
 //! - [`layers`]: convolution, linear, group norm (+SiLU), GEGLU, softmax and resnet blocks, with
 //!   fused CPU kernels in F32 and candle's ops elsewhere.
 //! - [`image`]: diffusers' post-processing, 8-bit RGB and PNG.
@@ -16,16 +21,21 @@
 //! - [`error`]: [`PipelineError`], load-time errors naming the file and key or tensor.
 //! - [`noise`]: seeded per-image Gaussian noise (host side).
 //! - [`tokenizer`]: CLIP BPE tokenizer from `vocab.json` + `merges.txt`.
-//! - [`schedulers`]: DDIM, PNDM, Euler, Euler Ancestral, DPM++ 2M (Karras), LMS.
+//! - [`schedulers`]: DDIM, PNDM, Euler, Euler Ancestral, DPM++ 2M (Karras), LMS, UniPC.
 //! - [`random_model`]: diffusers folders with seeded random weights at real sizes (benchmarks).
 
+pub mod attention;
+pub mod conditioning;
 pub mod config;
+pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod image;
 pub mod layers;
+pub mod load;
 pub mod noise;
 pub mod pipeline;
+pub mod prompt;
 pub mod random_model;
 pub mod schedulers;
 pub mod text_encoder;

@@ -671,7 +671,7 @@ impl safetensors::View for RandomTensor<'_> {
 mod tests {
     use super::*;
     use crate::{LoadOptions, StableDiffusion};
-    use sdserve_engine::{GenerationJob, Generator, ImageSpec, RunToEnd};
+    use sdserve_generation::{Generator, ImageSpec, Job, JobSettings, RunToEnd};
 
     fn tokenizer() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-sd1/tokenizer")
@@ -765,19 +765,21 @@ mod tests {
         let model = StableDiffusion::load(&a, LoadOptions::cpu()).unwrap();
         assert_eq!(model.unet().config().blocks.len(), 2);
         // The scales give a real picture: finite, not flat, not saturated.
-        let job = GenerationJob {
+        let job = Job {
+            settings: JobSettings {
+                num_inference_steps: 5,
+                guidance_scale: 7.5,
+                height: 64,
+                width: 64,
+                scheduler: model.description().default_scheduler.clone(),
+                eta: 0.0,
+            },
             images: vec![ImageSpec {
                 prompt: "a red circle".into(),
                 negative_prompt: String::new(),
                 seed: 1,
                 latents: None,
             }],
-            num_inference_steps: 5,
-            guidance_scale: 7.5,
-            height: 64,
-            width: 64,
-            scheduler: model.description().default_scheduler.clone(),
-            eta: 0.0,
         };
         let image = model.generate_float(&job, &mut RunToEnd).unwrap();
         let n = image.data.len() as f32;

@@ -2,13 +2,14 @@
 //! prefix), batched.
 //!
 //! Sizes, activation and LayerNorm epsilon all come from `text_encoder/config.json`, and a batch
-//! of prompts runs in one forward (the causal mask is `(1, 1, S, S)`, broadcast over batch and
+//! of prompts runs in one forward (the causal mask is `(1, S, S)`, broadcast over batch and
 //! heads). The output is the last hidden state after the final LayerNorm, which is what the SD
 //! 1.x and 2.x pipelines feed the UNet.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder, embedding, layer_norm, linear};
 
+use crate::attention::{attention, merge_heads, split_heads};
 use crate::config::{Activation, TextEncoderConfig};
 
 struct Attention {
@@ -17,7 +18,6 @@ struct Attention {
     v: Linear,
     out: Linear,
     heads: usize,
-    head_dim: usize,
     scale: f64,
 }
 
@@ -31,25 +31,16 @@ impl Attention {
             v: linear(h, h, vb.pp("v_proj"))?,
             out: linear(h, h, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
-            head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, s, h) = xs.dims3()?;
-        let split = |t: Tensor| {
-            t.reshape((b, s, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(xs)?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        self.out.forward(&out)
+        let q = split_heads(&self.q.forward(xs)?, self.heads)?;
+        let k = split_heads(&self.k.forward(xs)?, self.heads)?;
+        let v = split_heads(&self.v.forward(xs)?, self.heads)?;
+        let out = attention(&q, &k, &v, self.scale, Some(mask))?;
+        self.out.forward(&merge_heads(&out, self.heads)?)
     }
 }
 
@@ -167,10 +158,10 @@ impl TextEncoder {
     }
 }
 
-/// `(1, 1, S, S)`: 0 on and below the diagonal, the dtype's lowest value above it (as HF does).
+/// `(1, S, S)`: 0 on and below the diagonal, the dtype's lowest value above it (as HF does).
 fn causal_mask(s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..s)
         .flat_map(|i| (0..s).map(move |j| if j > i { f32::MIN } else { 0.0 }))
         .collect();
-    Tensor::from_vec(mask, (1, 1, s, s), device)?.to_dtype(dtype)
+    Tensor::from_vec(mask, (1, s, s), device)?.to_dtype(dtype)
 }

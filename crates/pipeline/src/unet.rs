@@ -9,15 +9,17 @@
 //! `norm_num_groups` says. Assembling the blocks also lets per-block `layers_per_block` /
 //! `cross_attention_dim` lists and independent up block types run as diffusers runs them.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
+use crate::attention::{attention, merge_heads, split_heads};
+use crate::conditioning::Conditioning;
 use crate::config::{UNetBlock, UNetConfig};
 use crate::layers::{
     Conv2d, Geglu, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm, linear,
-    linear_no_bias, matmul, softmax_scaled,
+    linear_no_bias,
 };
 
 /// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
@@ -41,7 +43,6 @@ impl FeedForward {
 }
 
 /// diffusers' multi-head `Attention` (no biases on q/k/v), self-attention without `context`.
-/// The attention itself runs in F32, as candle's `CrossAttention` runs it.
 struct CrossAttention {
     to_q: Linear,
     to_k: Linear,
@@ -65,26 +66,11 @@ impl CrossAttention {
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let dtype = xs.dtype();
-        // (B, S, H * D) -> (B * H, S, D)
-        let split = |t: Tensor| {
-            let (b, s, dim) = t.dims3()?;
-            t.reshape((b, s, self.heads, dim / self.heads))?
-                .transpose(1, 2)?
-                .reshape((b * self.heads, s, dim / self.heads))?
-                .to_dtype(DType::F32)
-        };
-        let q = split(self.to_q.forward(xs)?)?;
-        let k = split(self.to_k.forward(context)?)?;
-        let v = split(self.to_v.forward(context)?)?;
-        let probs = softmax_scaled(&matmul(&q, &k.t()?)?, self.scale)?;
-        let out = matmul(&probs, &v)?.to_dtype(dtype)?;
-        let (bh, s, d) = out.dims3()?;
-        let out = out
-            .reshape((bh / self.heads, self.heads, s, d))?
-            .transpose(1, 2)?
-            .reshape((bh / self.heads, s, self.heads * d))?;
-        self.to_out.forward(&out)
+        let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let out = attention(&q, &k, &v, self.scale, None)?;
+        self.to_out.forward(&merge_heads(&out, self.heads)?)
     }
 }
 
@@ -501,33 +487,33 @@ impl UNet {
         &self.config
     }
 
-    /// `latents` `(B, C, h, w)`, one timestep for the whole batch, `context` `(B, S, D)`.
+    /// `latents` `(B, C, h, w)`, one timestep for the whole batch, one conditioning row per
+    /// latent.
     ///
     /// On the CPU the batch items run in parallel, one per thread: at these sizes candle's
     /// per-op threading (split matmuls, worker wake-ups) costs more than it gains, while whole
     /// independent forwards keep every core busy.
-    pub fn forward(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, latents: &Tensor, timestep: f64, cond: &Conditioning) -> Result<Tensor> {
         let b = latents.dim(0)?;
         if !latents.device().is_cpu() || b < 2 || rayon::current_num_threads() < 2 {
-            return self.forward_batch(latents, timestep, context);
+            return self.forward_batch(latents, timestep, cond);
         }
         let outputs = (0..b)
             .into_par_iter()
-            .map(|i| {
-                self.forward_batch(
-                    &latents.narrow(0, i, 1)?,
-                    timestep,
-                    &context.narrow(0, i, 1)?,
-                )
-            })
+            .map(|i| self.forward_batch(&latents.narrow(0, i, 1)?, timestep, &cond.narrow(i, 1)?))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&outputs, 0)
     }
 
-    fn forward_batch(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+    fn forward_batch(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = latents.dims4()?;
         let dtype = latents.dtype();
-        let context = context.to_dtype(dtype)?;
+        let context = cond.to_dtype(dtype)?.context;
         let xs = if self.config.center_input_sample {
             ((latents * 2.0)? - 1.0)?
         } else {

@@ -2,13 +2,13 @@
 //! names as diffusers. Assembled here rather than with candle's `AutoEncoderKL` so that its
 //! convolutions and group norms run the fused CPU kernels of [`crate::layers`].
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use crate::attention::attention;
 use crate::config::VaeConfig;
 use crate::layers::{
-    Conv2d, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, group_norm, linear, matmul,
-    softmax_scaled,
+    Conv2d, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, group_norm, linear,
 };
 
 /// diffusers' `Decoder` resnets and norms use eps 1e-6 whatever the config says.
@@ -61,14 +61,11 @@ impl AttentionBlock {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        // The attention itself runs in F32 whatever the VAE dtype, as candle's `AttentionBlock`
-        // runs it.
-        let dtype = xs.dtype();
-        let q = self.query.forward(&tokens)?.to_dtype(DType::F32)?;
-        let k = self.key.forward(&tokens)?.to_dtype(DType::F32)?;
-        let v = self.value.forward(&tokens)?.to_dtype(DType::F32)?;
-        let probs = softmax_scaled(&matmul(&q, &k.t()?)?, self.scale)?;
-        let attended = matmul(&probs, &v)?.to_dtype(dtype)?;
+        // One head: the batch is the attention batch.
+        let q = self.query.forward(&tokens)?;
+        let k = self.key.forward(&tokens)?;
+        let v = self.value.forward(&tokens)?;
+        let attended = attention(&q, &k, &v, self.scale, None)?;
         let out = self.proj.forward(&attended)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }

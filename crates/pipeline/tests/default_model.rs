@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sdserve_engine::{GenerationJob, Generator, ImageSpec, RunToEnd};
+use sdserve_generation::{Generator, ImageSpec, Job, JobSettings, RunToEnd};
 use sdserve_pipeline::image::decode_png;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
 use serde_json::Value;
@@ -304,22 +304,24 @@ fn default_model_draws_the_prompt() {
     let desc = model.description();
     let (height, width) = (desc.native_height, desc.native_width);
     // One job per prompt, as the server runs one request: the time per image is what a user waits.
-    let jobs: Vec<GenerationJob> = PROMPTS
+    let jobs: Vec<Job> = PROMPTS
         .iter()
         .enumerate()
-        .map(|(i, (c, s, b))| GenerationJob {
+        .map(|(i, (c, s, b))| Job {
+            settings: JobSettings {
+                num_inference_steps: steps,
+                guidance_scale: guidance,
+                height,
+                width,
+                scheduler: scheduler.clone(),
+                eta: 0.0,
+            },
             images: vec![ImageSpec {
                 prompt: prompt_text(c, s, b),
                 negative_prompt: String::new(),
                 seed: SEED_BASE + i as u64,
                 latents: None,
             }],
-            num_inference_steps: steps,
-            guidance_scale: guidance,
-            height,
-            width,
-            scheduler: scheduler.clone(),
-            eta: 0.0,
         })
         .collect();
     let started = Instant::now();

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Shape, Tensor};
-use sdserve_engine::{
-    GenerateError, GeneratedImage, GenerationJob, Generator, ImageSpec, Latents, RunToEnd,
+use sdserve_generation::{
+    GenerateError, GeneratedImage, Generator, ImageSpec, Job, JobSettings, Latents, RunToEnd,
     StepControl, StopReason,
 };
+use sdserve_pipeline::conditioning::Conditioning;
 use sdserve_pipeline::image::{FloatImages, decode_png};
 use sdserve_pipeline::noise::NoiseSource;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
@@ -121,10 +122,18 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn job_for(run: &Value) -> GenerationJob {
+fn job_for(run: &Value) -> Job {
     let prompts = strings(&run["prompts"]);
     let negatives = strings(&run["negative_prompts"]);
-    GenerationJob {
+    Job {
+        settings: JobSettings {
+            num_inference_steps: run["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+            height: run["height"].as_u64().unwrap() as usize,
+            width: run["width"].as_u64().unwrap() as usize,
+            scheduler: scheduler_name(run).to_string(),
+            eta: run["eta"].as_f64().unwrap(),
+        },
         images: prompts
             .iter()
             .zip(&negatives)
@@ -135,12 +144,6 @@ fn job_for(run: &Value) -> GenerationJob {
                 latents: None,
             })
             .collect(),
-        num_inference_steps: run["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-        height: run["height"].as_u64().unwrap() as usize,
-        width: run["width"].as_u64().unwrap() as usize,
-        scheduler: scheduler_name(run).to_string(),
-        eta: run["eta"].as_f64().unwrap(),
     }
 }
 
@@ -268,7 +271,7 @@ fn check_stages(key: &str) {
             .forward(
                 &inter["model_inputs"].get(i).unwrap(),
                 t as f64,
-                &inter["prompt_embeds"],
+                &Conditioning::new(inter["prompt_embeds"].clone()),
             )
             .unwrap();
         worst = worst.max(max_abs(&out, &inter["unet_outputs"].get(i).unwrap()));
@@ -309,8 +312,16 @@ fn sd2_stages_match_intermediates() {
     check_stages("sd2");
 }
 
-fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> GenerationJob {
-    GenerationJob {
+fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> Job {
+    Job {
+        settings: JobSettings {
+            num_inference_steps: 6,
+            guidance_scale: 7.5,
+            height: 64,
+            width: 64,
+            scheduler: scheduler.into(),
+            eta: 0.0,
+        },
         images: prompts
             .iter()
             .map(|(p, seed)| ImageSpec {
@@ -320,12 +331,6 @@ fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> GenerationJob {
                 latents: None,
             })
             .collect(),
-        num_inference_steps: 6,
-        guidance_scale: 7.5,
-        height: 64,
-        width: 64,
-        scheduler: scheduler.into(),
-        eta: 0.0,
     }
 }
 
@@ -540,9 +545,9 @@ fn last_preview_is_the_result_for_each_prediction_type() {
         let job = seeded_job(&[("a red circle", 1), ("two green squares", 2)], scheduler);
         let mut control = EveryPass::default();
         let result = model(key).generate(&job, &mut control).unwrap();
-        assert_eq!(control.previews.len(), job.num_inference_steps);
+        assert_eq!(control.previews.len(), job.settings.num_inference_steps);
         let (done, last) = control.previews.last().unwrap();
-        assert_eq!((*done, last.len()), (job.num_inference_steps, 2));
+        assert_eq!((*done, last.len()), (job.settings.num_inference_steps, 2));
         for (preview, image) in last.iter().zip(&result) {
             let (_, max) = png_distance(preview, image);
             assert!(max <= 1, "{key} {scheduler}: last preview off by {max}/255");
@@ -554,8 +559,11 @@ fn last_preview_is_the_result_for_each_prediction_type() {
 fn previews_converge_to_the_result() {
     // The trained default model: previews draw the picture ever closer to the result.
     let mut job = seeded_job(&[("a red circle on a blue background", 42)], "dpmpp_2m");
-    (job.num_inference_steps, job.guidance_scale) = (20, 5.0);
-    let steps = job.num_inference_steps;
+    (
+        job.settings.num_inference_steps,
+        job.settings.guidance_scale,
+    ) = (20, 5.0);
+    let steps = job.settings.num_inference_steps;
     let mut control = EveryPass::default();
     let result = model("shapes").generate(&job, &mut control).unwrap();
     let distance = |k: usize| png_distance(&control.previews[k - 1].1[0], &result[0]);
@@ -569,5 +577,9 @@ fn previews_converge_to_the_result() {
         d.windows(2).all(|w| w[0].0 > w[1].0),
         "previews do not converge: {d:?}"
     );
-    assert_eq!(d[3].1, 0, "the last preview is the result");
+    // The last preview is the result: DPM++ 2M ends on its x0 estimate. The two are computed
+    // apart (preview from the model output, result through the multistep update), so their
+    // float rounding differs with the CPU's matrix kernels (0 on AVX2, 1/255 in one channel on
+    // AVX-512): the tolerance of every other image comparison here.
+    assert!(d[3].1 <= 1, "the last preview is the result: {d:?}");
 }

@@ -310,7 +310,8 @@ fn unet_probe(sd: &StableDiffusion) -> Tensor {
         .unwrap();
     let x = ((x / 256.0).unwrap().sin().unwrap() * 2.0).unwrap();
     let ctx = sd.encode_prompts(&["a red circle", ""]).unwrap();
-    sd.unet().forward(&x, 500.0, &ctx).unwrap()
+    let cond = sdserve_pipeline::conditioning::Conditioning::new(ctx);
+    sd.unet().forward(&x, 500.0, &cond).unwrap()
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
@@ -591,20 +592,22 @@ fn absurd_config_values_are_errors_not_panics_or_giant_allocations() {
     let err = match StableDiffusion::load(&dir, LoadOptions::cpu()) {
         Err(e) => e.to_string(),
         Ok(sd) => {
-            use sdserve_engine::{GenerationJob, Generator, ImageSpec, RunToEnd};
-            let job = GenerationJob {
+            use sdserve_generation::{Generator, ImageSpec, Job, JobSettings, RunToEnd};
+            let job = Job {
+                settings: JobSettings {
+                    num_inference_steps: 2,
+                    guidance_scale: 7.5,
+                    height: 64,
+                    width: 64,
+                    scheduler: sd.description().default_scheduler.clone(),
+                    eta: 0.0,
+                },
                 images: vec![ImageSpec {
                     prompt: "a cat".into(),
                     negative_prompt: String::new(),
                     seed: 1,
                     latents: None,
                 }],
-                num_inference_steps: 2,
-                guidance_scale: 7.5,
-                height: 64,
-                width: 64,
-                scheduler: sd.description().default_scheduler.clone(),
-                eta: 0.0,
             };
             sd.generate(&job, &mut RunToEnd).unwrap_err().to_string()
         }

@@ -1,42 +1,20 @@
-//! The diffusers request contract: which inputs and parameters a text-to-image request may
-//! carry, with which datatypes and shapes (`spec/infer-contract.md`). Range checks against a
-//! model's limits happen later, in the engine; this layer only decodes and type-checks.
+//! The diffusers request contract (`docs/infer-contract.md`): which inputs and parameters a
+//! text-to-image request may carry, with which datatypes and shapes, decoded from a typed V2
+//! request into the one [`GenerationRequest`] every transport produces. Range checks against a
+//! model's limits happen later ([`GenerationRequest::resolve`]); this layer only decodes and
+//! type-checks.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
+use sdserve_generation::{GenerationRequest, LatentsInput};
 use serde_json::Value;
 
-use crate::v2::{Datatype, InferenceRequest, RequestInput};
+use crate::tensor::{TensorData, element_count};
+use crate::v2::{Datatype, InferenceRequest, Parameters, RequestInput};
 
-/// A decoded text-to-image request. `None` means "not given": the engine fills defaults.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DiffusersRequest {
-    pub prompts: Vec<String>,
-    /// One for all prompts, or one per prompt.
-    pub negative_prompts: Option<Vec<String>>,
-    pub num_inference_steps: Option<i64>,
-    pub guidance_scale: Option<f64>,
-    pub height: Option<i64>,
-    pub width: Option<i64>,
-    /// One seed, or one per generated image.
-    pub seeds: Option<Vec<u64>>,
-    pub num_images_per_prompt: Option<i64>,
-    pub scheduler: Option<String>,
-    pub eta: Option<f64>,
-    pub latents: Option<LatentsInput>,
-    pub output_format: Option<String>,
-    /// Per-request deadline in milliseconds (`parameters.timeout`).
-    pub timeout_ms: Option<f64>,
-    /// Preview images every this many steps (`parameters.preview_every`; stream routes only).
-    pub preview_every: Option<i64>,
-}
-
-/// Explicit initial latents, `[B, C, H/f, W/f]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LatentsInput {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
+/// The only output this server produces.
+pub const IMAGE_OUTPUT: &str = "image";
 
 /// A request that breaks the contract: always a 400 naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +23,28 @@ pub struct ContractError(pub String);
 
 fn bad(msg: impl Into<String>) -> ContractError {
     ContractError(msg.into())
+}
+
+impl From<crate::tensor::DataError> for ContractError {
+    fn from(e: crate::tensor::DataError) -> Self {
+        ContractError(e.0)
+    }
+}
+
+/// What a request asks for beyond the generation itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestOptions {
+    /// Per-request deadline (`parameters.timeout`, milliseconds on the wire).
+    pub timeout: Option<Duration>,
+    /// `parameters.preview_every` (checked against the steps once they are known).
+    pub preview_every: Option<i64>,
+}
+
+/// A request decoded under the contract.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decoded {
+    pub generation: GenerationRequest,
+    pub options: RequestOptions,
 }
 
 /// Input names a request may use.
@@ -93,57 +93,282 @@ pub const PASSTHROUGH_PARAMETERS: &[&str] = &[
 /// Most latents elements accepted (guards memory before the engine's size checks).
 const MAX_LATENT_ELEMENTS: usize = 64 * 1024 * 1024;
 
-fn element_count(input: &RequestInput) -> Result<usize, ContractError> {
-    let mut n: usize = 1;
-    for &d in &input.shape {
-        if d < 0 {
+/// The longest `parameters.timeout`: a day, in milliseconds.
+const MAX_TIMEOUT_MS: f64 = 86_400_000.0;
+
+const INTEGERS: &[Datatype] = &[
+    Datatype::Int8,
+    Datatype::Int16,
+    Datatype::Int32,
+    Datatype::Int64,
+    Datatype::Uint8,
+    Datatype::Uint16,
+    Datatype::Uint32,
+    Datatype::Uint64,
+];
+const FLOATS: &[Datatype] = &[Datatype::Fp32, Datatype::Fp64];
+const SEEDS: &[Datatype] = &[
+    Datatype::Int64,
+    Datatype::Uint64,
+    Datatype::Int32,
+    Datatype::Uint32,
+];
+
+/// Decodes a V2 request under the diffusers contract.
+pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
+    check_outputs(req)?;
+    check_names(req)?;
+    let f = Fields {
+        inputs: &req.inputs,
+        params: &req.parameters,
+    };
+    let prompts = f.prompts()?;
+    let negative_prompts = f.negative_prompts(prompts.len())?;
+    let seeds = f.seeds()?;
+    let scheduler = f.text("scheduler")?;
+    let latents = f.latents()?;
+    let output_format = f.text_param("output_format")?;
+    let options = RequestOptions {
+        timeout: f.timeout()?,
+        preview_every: f.int_param("preview_every")?,
+    };
+    let generation = GenerationRequest {
+        prompts,
+        negative_prompts,
+        num_inference_steps: f.int("num_inference_steps")?,
+        guidance_scale: f.float("guidance_scale")?,
+        height: f.int("height")?,
+        width: f.int("width")?,
+        seeds,
+        num_images_per_prompt: f.int("num_images_per_prompt")?,
+        scheduler,
+        eta: f.float("eta")?,
+        latents,
+        output_format,
+    };
+    Ok(Decoded {
+        generation,
+        options,
+    })
+}
+
+fn check_outputs(req: &InferenceRequest) -> Result<(), ContractError> {
+    match req
+        .outputs
+        .iter()
+        .flatten()
+        .find(|o| o.name != IMAGE_OUTPUT)
+    {
+        Some(o) => Err(bad(format!(
+            "unknown output '{}'; this model produces only '{IMAGE_OUTPUT}'",
+            o.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Every input and parameter name is known, and no input is given twice.
+fn check_names(req: &InferenceRequest) -> Result<(), ContractError> {
+    let mut seen = HashSet::new();
+    for input in &req.inputs {
+        if !INPUT_NAMES.contains(&input.name.as_str()) {
             return Err(bad(format!(
-                "input '{}': shape {:?} has a negative dimension",
-                input.name, input.shape
+                "unknown input '{}'; allowed inputs: {}",
+                input.name,
+                INPUT_NAMES.join(", ")
             )));
         }
-        n = n.checked_mul(d as usize).ok_or_else(|| {
-            bad(format!(
-                "input '{}': shape {:?} is too large",
-                input.name, input.shape
-            ))
-        })?;
+        if !seen.insert(input.name.as_str()) {
+            return Err(bad(format!(
+                "input '{}' is given more than once",
+                input.name
+            )));
+        }
     }
-    Ok(n)
+    let known = |k: &str| PARAMETER_NAMES.contains(&k) || PASSTHROUGH_PARAMETERS.contains(&k);
+    match req.parameters.keys().find(|k| !known(k)) {
+        Some(key) => Err(bad(format!(
+            "unknown parameter '{key}'; allowed parameters: {}",
+            PARAMETER_NAMES.join(", ")
+        ))),
+        None => Ok(()),
+    }
 }
 
-/// Flattens nested lists (row-major); a bare scalar is a one-element tensor.
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(), ContractError> {
-    if depth > 32 {
-        return Err(bad("tensor data is nested too deeply"));
+/// A request's inputs and parameters, read field by field.
+struct Fields<'a> {
+    inputs: &'a [RequestInput],
+    params: &'a Parameters,
+}
+
+impl Fields<'_> {
+    fn input(&self, name: &str) -> Option<&RequestInput> {
+        self.inputs.iter().find(|i| i.name == name)
     }
-    match v {
-        Value::Array(items) => {
-            for item in items {
-                flatten(item, out, depth + 1)?;
+
+    fn param(&self, name: &str) -> Option<&Value> {
+        self.params.get(name).filter(|v| !v.is_null())
+    }
+
+    fn prompts(&self) -> Result<Vec<String>, ContractError> {
+        let prompt = self
+            .input("prompt")
+            .ok_or_else(|| bad("missing input 'prompt' (BYTES, shape [N])"))?;
+        let prompts = strings(prompt)?;
+        if prompts.is_empty() {
+            return Err(bad("input 'prompt' must hold at least one prompt"));
+        }
+        Ok(prompts)
+    }
+
+    fn negative_prompts(&self, n_prompts: usize) -> Result<Option<Vec<String>>, ContractError> {
+        let name = "negative_prompt";
+        let from_input = self.input(name).map(strings).transpose()?;
+        let from_param = one_or_list(self.param(name), name, json_text)?;
+        let negatives = merge(name, from_input, from_param)?;
+        match &negatives {
+            Some(neg) if neg.len() != 1 && neg.len() != n_prompts => Err(bad(format!(
+                "'negative_prompt' has {} element(s); give one for all prompts or one per prompt ({n_prompts})",
+                neg.len()
+            ))),
+            _ => Ok(negatives),
+        }
+    }
+
+    /// An integer given as an input (`[1]`) or a parameter.
+    fn int(&self, name: &str) -> Result<Option<i64>, ContractError> {
+        let from_input = self
+            .input(name)
+            .map(|i| {
+                check_datatype(i, INTEGERS)?;
+                let TensorData::Int(v) = &i.data else {
+                    return Err(wrong_kind(i));
+                };
+                let v = v[single(i)?];
+                i64::try_from(v)
+                    .map_err(|_| bad(format!("input '{name}' is {v}, which is out of range")))
+            })
+            .transpose()?;
+        merge(name, from_input, self.int_param(name)?)
+    }
+
+    /// A finite number given as an input (`[1]`) or a parameter.
+    fn float(&self, name: &str) -> Result<Option<f64>, ContractError> {
+        let from_input = self
+            .input(name)
+            .map(|i| {
+                check_datatype(i, FLOATS)?;
+                let TensorData::Float(v) = &i.data else {
+                    return Err(wrong_kind(i));
+                };
+                let k = single(i)?;
+                finite(i, k, v[k])
+            })
+            .transpose()?;
+        let from_param = self
+            .param(name)
+            .map(|v| json_float(v, &format!("parameter '{name}'")))
+            .transpose()?;
+        merge(name, from_input, from_param)
+    }
+
+    /// A string given as an input (BYTES `[1]`) or a parameter.
+    fn text(&self, name: &str) -> Result<Option<String>, ContractError> {
+        let from_input = self
+            .input(name)
+            .map(|i| {
+                check_datatype(i, &[Datatype::Bytes])?;
+                let TensorData::Bytes(elements) = &i.data else {
+                    return Err(wrong_kind(i));
+                };
+                let k = single(i)?;
+                utf8(&elements[k], &format!("input '{name}'"))
+            })
+            .transpose()?;
+        merge(name, from_input, self.text_param(name)?)
+    }
+
+    fn int_param(&self, name: &str) -> Result<Option<i64>, ContractError> {
+        self.param(name)
+            .map(|v| json_integer(v, &format!("parameter '{name}'")))
+            .transpose()
+    }
+
+    fn text_param(&self, name: &str) -> Result<Option<String>, ContractError> {
+        self.param(name)
+            .map(|v| json_text(v, &format!("parameter '{name}'")))
+            .transpose()
+    }
+
+    fn seeds(&self) -> Result<Option<Vec<u64>>, ContractError> {
+        let from_input = self
+            .input("seed")
+            .map(|i| {
+                check_datatype(i, SEEDS)?;
+                counted(i)?;
+                let TensorData::Int(v) = &i.data else {
+                    return Err(wrong_kind(i));
+                };
+                v.iter()
+                    .enumerate()
+                    .map(|(k, &n)| seed(n, &format!("input 'seed' element {k}")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let from_param = one_or_list(self.param("seed"), "seed", json_seed)?;
+        let seeds = merge("seed", from_input, from_param)?;
+        if seeds.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(bad("'seed' must hold at least one seed"));
+        }
+        Ok(seeds)
+    }
+
+    fn latents(&self) -> Result<Option<LatentsInput>, ContractError> {
+        let Some(i) = self.input("latents") else {
+            return Ok(None);
+        };
+        check_datatype(i, &[Datatype::Fp32])?;
+        if i.shape.len() != 4 {
+            return Err(bad(format!(
+                "input 'latents' must have shape [batch, channels, height/8, width/8], got {:?}",
+                i.shape
+            )));
+        }
+        let n = element_count(&i.name, &i.shape)?;
+        if n > MAX_LATENT_ELEMENTS {
+            return Err(bad(format!("input 'latents' has too many elements ({n})")));
+        }
+        counted(i)?;
+        let TensorData::Float(values) = &i.data else {
+            return Err(wrong_kind(i));
+        };
+        let data = values
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| finite(i, k, v).map(|f| f as f32))
+            .collect::<Result<Vec<f32>, _>>()?;
+        if data.iter().any(|f| !f.is_finite()) {
+            return Err(bad("input 'latents' holds a value outside the FP32 range"));
+        }
+        Ok(Some(LatentsInput {
+            shape: i.shape.iter().map(|&d| d as usize).collect(),
+            data,
+        }))
+    }
+
+    fn timeout(&self) -> Result<Option<Duration>, ContractError> {
+        let Some(v) = self.param("timeout") else {
+            return Ok(None);
+        };
+        match json_float(v, "parameter 'timeout'")? {
+            ms if ms > 0.0 && ms <= MAX_TIMEOUT_MS => {
+                Ok(Some(Duration::from_secs_f64(ms / 1000.0)))
             }
-            Ok(())
-        }
-        other => {
-            out.push(other);
-            Ok(())
+            ms => Err(bad(format!(
+                "parameter 'timeout' is {ms}; it must be a positive number of milliseconds up to 86400000"
+            ))),
         }
     }
-}
-
-fn elements(input: &RequestInput) -> Result<Vec<&Value>, ContractError> {
-    let expected = element_count(input)?;
-    let mut out = Vec::new();
-    flatten(&input.data, &mut out, 0)?;
-    if out.len() != expected {
-        return Err(bad(format!(
-            "input '{}': shape {:?} needs {expected} element(s) but data has {}",
-            input.name,
-            input.shape,
-            out.len()
-        )));
-    }
-    Ok(out)
 }
 
 fn check_datatype(input: &RequestInput, allowed: &[Datatype]) -> Result<(), ContractError> {
@@ -159,48 +384,89 @@ fn check_datatype(input: &RequestInput, allowed: &[Datatype]) -> Result<(), Cont
     )))
 }
 
+/// Data of another kind than the datatype holds: only a transport bug can make one.
+fn wrong_kind(input: &RequestInput) -> ContractError {
+    bad(format!(
+        "input '{}': its data does not hold {} elements",
+        input.name,
+        input.datatype.as_str()
+    ))
+}
+
+/// The input's data fills its shape exactly.
+fn counted(input: &RequestInput) -> Result<(), ContractError> {
+    let expected = element_count(&input.name, &input.shape)?;
+    if input.data.len() != expected {
+        return Err(bad(format!(
+            "input '{}': shape {:?} needs {expected} element(s) but data has {}",
+            input.name,
+            input.shape,
+            input.data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The index of the one element (shape `[1]`, `[1, 1]` or `[]`).
+fn single(input: &RequestInput) -> Result<usize, ContractError> {
+    counted(input)?;
+    if input.data.len() != 1 {
+        return Err(bad(format!(
+            "input '{}' must hold exactly one value (shape [1]), got shape {:?}",
+            input.name, input.shape
+        )));
+    }
+    Ok(0)
+}
+
+/// A BYTES input of shape `[N]` or `[N, 1]` as UTF-8 text without NUL.
 fn strings(input: &RequestInput) -> Result<Vec<String>, ContractError> {
     check_datatype(input, &[Datatype::Bytes])?;
-    let shape_ok = matches!(input.shape.as_slice(), [_] | [_, 1]);
-    if !shape_ok {
+    if !matches!(input.shape.as_slice(), [_] | [_, 1]) {
         return Err(bad(format!(
             "input '{}': shape {:?} is not allowed; use [N] or [N, 1]",
             input.name, input.shape
         )));
     }
-    elements(input)?
-        .into_iter()
+    counted(input)?;
+    let TensorData::Bytes(elements) = &input.data else {
+        return Err(wrong_kind(input));
+    };
+    elements
+        .iter()
         .enumerate()
-        .map(|(i, v)| match v {
-            Value::String(s) => text(s, &format!("input '{}' element {i}", input.name)),
-            _ => Err(bad(format!(
-                "input '{}' element {i} is not a string",
-                input.name
-            ))),
-        })
+        .map(|(i, bytes)| utf8(bytes, &format!("input '{}' element {i}", input.name)))
         .collect()
 }
 
-fn text(s: &str, what: &str) -> Result<String, ContractError> {
+fn utf8(bytes: &[u8], what: &str) -> Result<String, ContractError> {
+    let s =
+        std::str::from_utf8(bytes).map_err(|_| bad(format!("{what} is not valid UTF-8 text")))?;
+    without_nul(s, what)
+}
+
+fn without_nul(s: &str, what: &str) -> Result<String, ContractError> {
     if s.contains('\0') {
         return Err(bad(format!("{what} contains a NUL character")));
     }
     Ok(s.to_owned())
 }
 
-/// Exactly one element (shape `[1]`, `[1, 1]` or `[]`).
-fn single(input: &RequestInput) -> Result<&Value, ContractError> {
-    let els = elements(input)?;
-    if els.len() != 1 {
-        return Err(bad(format!(
-            "input '{}' must hold exactly one value (shape [1]), got shape {:?}",
-            input.name, input.shape
-        )));
+fn finite(input: &RequestInput, element: usize, v: f64) -> Result<f64, ContractError> {
+    if v.is_finite() {
+        return Ok(v);
     }
-    Ok(els[0])
+    Err(bad(format!(
+        "input '{}' element {element} is {v}, which is not a finite number",
+        input.name
+    )))
 }
 
-fn as_integer(v: &Value, what: &str) -> Result<i64, ContractError> {
+fn seed(n: i128, what: &str) -> Result<u64, ContractError> {
+    u64::try_from(n).map_err(|_| bad(format!("{what} must be between 0 and 2^64-1, got {n}")))
+}
+
+fn json_integer(v: &Value, what: &str) -> Result<i64, ContractError> {
     if let Some(n) = v.as_i64() {
         return Ok(n);
     }
@@ -213,14 +479,14 @@ fn as_integer(v: &Value, what: &str) -> Result<i64, ContractError> {
     Err(bad(format!("{what} must be an integer, got {v}")))
 }
 
-fn as_float(v: &Value, what: &str) -> Result<f64, ContractError> {
+fn json_float(v: &Value, what: &str) -> Result<f64, ContractError> {
     match v.as_f64() {
         Some(f) if f.is_finite() => Ok(f),
         _ => Err(bad(format!("{what} must be a finite number, got {v}"))),
     }
 }
 
-fn as_seed(v: &Value, what: &str) -> Result<u64, ContractError> {
+fn json_seed(v: &Value, what: &str) -> Result<u64, ContractError> {
     if let Some(n) = v.as_u64() {
         return Ok(n);
     }
@@ -230,9 +496,9 @@ fn as_seed(v: &Value, what: &str) -> Result<u64, ContractError> {
     Err(bad(format!("{what} must be an integer, got {v}")))
 }
 
-fn as_text(v: &Value, what: &str) -> Result<String, ContractError> {
+fn json_text(v: &Value, what: &str) -> Result<String, ContractError> {
     match v {
-        Value::String(s) => text(s, what),
+        Value::String(s) => without_nul(s, what),
         _ => Err(bad(format!("{what} must be a string, got {v}"))),
     }
 }
@@ -256,18 +522,6 @@ fn one_or_list<T>(
     })
 }
 
-const INTEGERS: &[Datatype] = &[
-    Datatype::Int8,
-    Datatype::Int16,
-    Datatype::Int32,
-    Datatype::Int64,
-    Datatype::Uint8,
-    Datatype::Uint16,
-    Datatype::Uint32,
-    Datatype::Uint64,
-];
-const FLOATS: &[Datatype] = &[Datatype::Fp32, Datatype::Fp64];
-
 /// Sets a field that may come as an input or a parameter; both must agree.
 fn merge<T: PartialEq + std::fmt::Debug>(
     name: &str,
@@ -280,186 +534,6 @@ fn merge<T: PartialEq + std::fmt::Debug>(
         ))),
         (Some(a), _) => Ok(Some(a)),
         (None, b) => Ok(b),
-    }
-}
-
-impl DiffusersRequest {
-    /// Decodes a V2 request under the diffusers contract.
-    pub fn from_v2(req: &InferenceRequest) -> Result<Self, ContractError> {
-        let mut seen = HashSet::new();
-        for input in &req.inputs {
-            if !INPUT_NAMES.contains(&input.name.as_str()) {
-                return Err(bad(format!(
-                    "unknown input '{}'; allowed inputs: {}",
-                    input.name,
-                    INPUT_NAMES.join(", ")
-                )));
-            }
-            if !seen.insert(input.name.as_str()) {
-                return Err(bad(format!(
-                    "input '{}' is given more than once",
-                    input.name
-                )));
-            }
-        }
-        let find = |name: &str| req.inputs.iter().find(|i| i.name == name);
-        let params = req.parameters.clone().unwrap_or_default();
-        for key in params.keys() {
-            if !PARAMETER_NAMES.contains(&key.as_str())
-                && !PASSTHROUGH_PARAMETERS.contains(&key.as_str())
-            {
-                return Err(bad(format!(
-                    "unknown parameter '{key}'; allowed parameters: {}",
-                    PARAMETER_NAMES.join(", ")
-                )));
-            }
-        }
-        let param = |name: &str| params.get(name).filter(|v| !v.is_null());
-
-        let prompt =
-            find("prompt").ok_or_else(|| bad("missing input 'prompt' (BYTES, shape [N])"))?;
-        let prompts = strings(prompt)?;
-        if prompts.is_empty() {
-            return Err(bad("input 'prompt' must hold at least one prompt"));
-        }
-
-        let neg_input = find("negative_prompt").map(strings).transpose()?;
-        let neg_param = one_or_list(param("negative_prompt"), "negative_prompt", as_text)?;
-        let negative_prompts = merge("negative_prompt", neg_input, neg_param)?;
-        if let Some(neg) = &negative_prompts
-            && neg.len() != 1
-            && neg.len() != prompts.len()
-        {
-            return Err(bad(format!(
-                "'negative_prompt' has {} element(s); give one for all prompts or one per prompt ({})",
-                neg.len(),
-                prompts.len()
-            )));
-        }
-
-        let int_field = |name: &str| -> Result<Option<i64>, ContractError> {
-            let from_input = match find(name) {
-                Some(i) => {
-                    check_datatype(i, INTEGERS)?;
-                    Some(as_integer(single(i)?, &format!("input '{name}'"))?)
-                }
-                None => None,
-            };
-            let from_param = param(name)
-                .map(|v| as_integer(v, &format!("parameter '{name}'")))
-                .transpose()?;
-            merge(name, from_input, from_param)
-        };
-        let float_field = |name: &str| -> Result<Option<f64>, ContractError> {
-            let from_input = match find(name) {
-                Some(i) => {
-                    check_datatype(i, FLOATS)?;
-                    Some(as_float(single(i)?, &format!("input '{name}'"))?)
-                }
-                None => None,
-            };
-            let from_param = param(name)
-                .map(|v| as_float(v, &format!("parameter '{name}'")))
-                .transpose()?;
-            merge(name, from_input, from_param)
-        };
-
-        let seeds_input = match find("seed") {
-            Some(i) => {
-                check_datatype(
-                    i,
-                    &[
-                        Datatype::Int64,
-                        Datatype::Uint64,
-                        Datatype::Int32,
-                        Datatype::Uint32,
-                    ],
-                )?;
-                Some(
-                    elements(i)?
-                        .into_iter()
-                        .enumerate()
-                        .map(|(k, v)| as_seed(v, &format!("input 'seed' element {k}")))
-                        .collect::<Result<Vec<_>, _>>()?,
-                )
-            }
-            None => None,
-        };
-        let seeds_param = one_or_list(param("seed"), "seed", as_seed)?;
-        let seeds = merge("seed", seeds_input, seeds_param)?;
-        if seeds.as_ref().is_some_and(|s| s.is_empty()) {
-            return Err(bad("'seed' must hold at least one seed"));
-        }
-
-        let scheduler_input = match find("scheduler") {
-            Some(i) => {
-                check_datatype(i, &[Datatype::Bytes])?;
-                Some(as_text(single(i)?, "input 'scheduler'")?)
-            }
-            None => None,
-        };
-        let scheduler_param = param("scheduler")
-            .map(|v| as_text(v, "parameter 'scheduler'"))
-            .transpose()?;
-        let scheduler = merge("scheduler", scheduler_input, scheduler_param)?;
-
-        let latents = match find("latents") {
-            Some(i) => {
-                check_datatype(i, &[Datatype::Fp32])?;
-                if i.shape.len() != 4 {
-                    return Err(bad(format!(
-                        "input 'latents' must have shape [batch, channels, height/8, width/8], got {:?}",
-                        i.shape
-                    )));
-                }
-                let n = element_count(i)?;
-                if n > MAX_LATENT_ELEMENTS {
-                    return Err(bad(format!("input 'latents' has too many elements ({n})")));
-                }
-                let data = elements(i)?
-                    .into_iter()
-                    .enumerate()
-                    .map(|(k, v)| {
-                        as_float(v, &format!("input 'latents' element {k}")).map(|f| f as f32)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                if data.iter().any(|f| !f.is_finite()) {
-                    return Err(bad("input 'latents' holds a value outside the FP32 range"));
-                }
-                Some(LatentsInput {
-                    shape: i.shape.iter().map(|&d| d as usize).collect(),
-                    data,
-                })
-            }
-            None => None,
-        };
-
-        let output_format = param("output_format")
-            .map(|v| as_text(v, "parameter 'output_format'"))
-            .transpose()?;
-        let timeout_ms = param("timeout")
-            .map(|v| as_float(v, "parameter 'timeout'"))
-            .transpose()?;
-        let preview_every = param("preview_every")
-            .map(|v| as_integer(v, "parameter 'preview_every'"))
-            .transpose()?;
-
-        Ok(Self {
-            prompts,
-            negative_prompts,
-            num_inference_steps: int_field("num_inference_steps")?,
-            guidance_scale: float_field("guidance_scale")?,
-            height: int_field("height")?,
-            width: int_field("width")?,
-            seeds,
-            num_images_per_prompt: int_field("num_images_per_prompt")?,
-            scheduler,
-            eta: float_field("eta")?,
-            latents,
-            output_format,
-            timeout_ms,
-            preview_every,
-        })
     }
 }
 
@@ -509,9 +583,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn decode(body: Value) -> Result<DiffusersRequest, ContractError> {
-        let req = InferenceRequest::from_value(&body).expect("schema");
-        DiffusersRequest::from_v2(&req)
+    fn decode_json(body: Value) -> Result<Decoded, ContractError> {
+        match InferenceRequest::from_value(&body) {
+            Ok(req) => decode(&req),
+            Err(crate::schema::DecodeError::Data(e)) => Err(e.into()),
+            Err(e) => panic!("schema: {e:?}"),
+        }
     }
 
     fn prompt(data: Value, shape: Value) -> Value {
@@ -520,7 +597,7 @@ mod tests {
 
     #[test]
     fn decodes_the_contract_example() {
-        let r = decode(json!({
+        let r = decode_json(json!({
             "id": "req-42",
             "inputs": [
                 {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a red circle"],
@@ -531,27 +608,27 @@ mod tests {
                            "height": 512, "width": 512, "scheduler": "dpmpp_2m"}
         }))
         .unwrap();
-        assert_eq!(r.prompts, ["a red circle"]);
-        assert_eq!(r.negative_prompts.unwrap(), ["blurry"]);
-        assert_eq!(r.num_inference_steps, Some(20));
-        assert_eq!(r.guidance_scale, Some(7.5));
-        assert_eq!(r.seeds, Some(vec![1234]));
-        assert_eq!(r.scheduler.as_deref(), Some("dpmpp_2m"));
+        assert_eq!(r.generation.prompts, ["a red circle"]);
+        assert_eq!(r.generation.negative_prompts.unwrap(), ["blurry"]);
+        assert_eq!(r.generation.num_inference_steps, Some(20));
+        assert_eq!(r.generation.guidance_scale, Some(7.5));
+        assert_eq!(r.generation.seeds, Some(vec![1234]));
+        assert_eq!(r.generation.scheduler.as_deref(), Some("dpmpp_2m"));
     }
 
     #[test]
     fn mlserver_string_codec_shape_and_inputs_form() {
-        let r = decode(json!({"inputs": [
+        let r = decode_json(json!({"inputs": [
             prompt(json!([["a"], ["b"]]), json!([2, 1])),
             {"name": "num_inference_steps", "datatype": "INT32", "shape": [1], "data": [4]},
             {"name": "guidance_scale", "datatype": "FP32", "shape": [1], "data": 3.0},
             {"name": "seed", "datatype": "UINT64", "shape": [2], "data": [1, 18446744073709551615u64]}
         ]}))
         .unwrap();
-        assert_eq!(r.prompts, ["a", "b"]);
-        assert_eq!(r.num_inference_steps, Some(4));
-        assert_eq!(r.guidance_scale, Some(3.0));
-        assert_eq!(r.seeds, Some(vec![1, u64::MAX]));
+        assert_eq!(r.generation.prompts, ["a", "b"]);
+        assert_eq!(r.generation.num_inference_steps, Some(4));
+        assert_eq!(r.generation.guidance_scale, Some(3.0));
+        assert_eq!(r.generation.seeds, Some(vec![1, u64::MAX]));
     }
 
     #[test]
@@ -626,7 +703,7 @@ mod tests {
             ),
         ];
         for (body, expected) in cases {
-            let err = decode(body.clone()).unwrap_err();
+            let err = decode_json(body.clone()).unwrap_err();
             assert!(
                 err.0.contains(expected),
                 "{body} -> {err} (expected '{expected}')"
@@ -636,19 +713,61 @@ mod tests {
 
     #[test]
     fn passthrough_parameters_are_accepted() {
-        let r = decode(json!({"inputs": [prompt(json!(["a"]), json!([1]))],
+        let r = decode_json(json!({"inputs": [prompt(json!(["a"]), json!([1]))],
                               "parameters": {"content_type": "str", "headers": {"x": "y"}, "timeout": 1500}}))
         .unwrap();
-        assert_eq!(r.timeout_ms, Some(1500.0));
+        assert_eq!(r.options.timeout, Some(Duration::from_millis(1500)));
     }
 
     #[test]
     fn latents_are_flattened_row_major() {
-        let r = decode(json!({"inputs": [prompt(json!(["a"]), json!([1])),
+        let r = decode_json(json!({"inputs": [prompt(json!(["a"]), json!([1])),
             {"name": "latents", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [[[[1.0, 2.0], [3.0, 4.0]]]]}]}))
         .unwrap();
-        let l = r.latents.unwrap();
+        let l = r.generation.latents.unwrap();
         assert_eq!(l.shape, [1, 1, 2, 2]);
         assert_eq!(l.data, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn unknown_outputs_and_bad_timeouts_are_rejected() {
+        let err = decode_json(json!({
+            "inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+            "outputs": [{"name": "images"}]
+        }))
+        .unwrap_err();
+        assert!(err.0.contains("unknown output 'images'"), "{err}");
+        let err = decode_json(json!({
+            "inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+            "parameters": {"timeout": -5}
+        }))
+        .unwrap_err();
+        assert!(err.0.contains("'timeout'"), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_reach_the_contract_as_bytes() {
+        let png = b"\x89PNG\r\n\x1a\n\xff".to_vec();
+        let input = |name: &str| RequestInput {
+            name: name.into(),
+            shape: vec![1],
+            datatype: Datatype::Bytes,
+            parameters: None,
+            data: TensorData::Bytes(vec![png.clone()]),
+        };
+        let request = |inputs| InferenceRequest {
+            id: None,
+            parameters: Parameters::new(),
+            inputs,
+            outputs: None,
+        };
+        let err = decode(&request(vec![input("prompt")])).unwrap_err();
+        assert_eq!(err.0, "input 'prompt' element 0 is not valid UTF-8 text");
+        // An input the contract does not know is refused by name, whatever its bytes.
+        let mut inputs = vec![input("prompt")];
+        inputs[0].data = TensorData::Bytes(vec![b"a cat".to_vec()]);
+        inputs.push(input("image"));
+        let err = decode(&request(inputs)).unwrap_err();
+        assert!(err.0.starts_with("unknown input 'image'"), "{err}");
     }
 }

@@ -3,15 +3,20 @@
 //!
 //! # Layout
 //! - [`v2`]: wire types (requests, responses, metadata, repository index, errors).
-//! - [`schema`]: structural validation of request bodies, FastAPI-style (the 422 layer).
-//! - [`diffusers`]: decoding a V2 request into a text-to-image request (the 400 layer).
+//! - [`tensor`]: typed tensor data, read from JSON `data`.
+//! - [`schema`]: structural validation of JSON request bodies, FastAPI-style (the 422 layer),
+//!   into the typed [`InferenceRequest`].
 //! - [`raw`]: tensor data as bytes (gRPC raw contents, REST binary tensor data).
+//! - [`diffusers`]: the contract: a typed request → [`sdserve_generation::GenerationRequest`]
+//!   and its options (the 400 layer).
 
 pub mod diffusers;
 pub mod raw;
 pub mod schema;
+pub mod tensor;
 pub mod v2;
 
-pub use diffusers::{ContractError, DiffusersRequest, LatentsInput};
-pub use schema::{Loc, SchemaError};
+pub use diffusers::{ContractError, Decoded, IMAGE_OUTPUT, RequestOptions};
+pub use schema::{DecodeError, Loc, SchemaError};
+pub use tensor::{DataError, TensorData};
 pub use v2::*;

@@ -2,11 +2,10 @@
 //! `raw_output_contents`, Triton's binary tensor data on REST): elements little-endian and
 //! row-major; a BYTES element is a 4-byte little-endian length, then its bytes.
 //!
-//! Elements decode into the JSON values a plain V2 request would carry, so one contract decoder
-//! serves every form.
+//! Elements decode into the same [`TensorData`] a JSON request's `data` does, so one contract
+//! decoder serves every form; BYTES elements stay bytes.
 
-use serde_json::{Number, Value};
-
+use crate::tensor::TensorData;
 use crate::v2::Datatype;
 
 /// Bytes that cannot be read as (or written to) tensor data. The texts name the element, not
@@ -32,18 +31,6 @@ pub enum RawError {
     },
     #[error("a BYTES element of {0} bytes does not fit a 4-byte length")]
     TooLong(usize),
-    #[error("element {element} is not valid UTF-8 text")]
-    NotText { element: usize },
-    #[error("element {element} is {value}, which is not a finite number")]
-    NotFinite { element: usize, value: f64 },
-}
-
-impl RawError {
-    /// Whether the error is about one element's value (text or number) rather than about how
-    /// the bytes are framed.
-    pub fn is_element_value(&self) -> bool {
-        matches!(self, Self::NotText { .. } | Self::NotFinite { .. })
-    }
 }
 
 /// Bytes per element; `None` for BYTES, whose elements carry their own length.
@@ -91,20 +78,6 @@ pub fn join_bytes<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Result<Ve
     Ok(out)
 }
 
-/// BYTES element `element` as a JSON string.
-pub fn text(element: usize, bytes: &[u8]) -> Result<Value, RawError> {
-    std::str::from_utf8(bytes)
-        .map(|s| Value::String(s.to_owned()))
-        .map_err(|_| RawError::NotText { element })
-}
-
-/// Element `element` as a JSON number; JSON has no NaN or infinity.
-pub fn number(element: usize, value: f64) -> Result<Value, RawError> {
-    Number::from_f64(value)
-        .map(Value::Number)
-        .ok_or(RawError::NotFinite { element, value })
-}
-
 /// IEEE half precision to single (exact: every half value is a float).
 pub fn f16_to_f32(h: u16) -> f32 {
     let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
@@ -119,14 +92,11 @@ pub fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// The elements of tensor bytes of datatype `d`, flat and row-major. How many there should be
-/// is for the caller (or the contract) to check.
-pub fn values(d: Datatype, raw: &[u8]) -> Result<Vec<Value>, RawError> {
+/// is for the caller to check (against the input's shape).
+pub fn decode(d: Datatype, raw: &[u8]) -> Result<TensorData, RawError> {
     let Some(size) = element_size(d) else {
-        return split_bytes(raw)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| text(i, b))
-            .collect();
+        let elements = split_bytes(raw)?.into_iter().map(<[u8]>::to_vec).collect();
+        return Ok(TensorData::Bytes(elements));
     };
     if !raw.len().is_multiple_of(size) {
         return Err(RawError::PartialElement {
@@ -135,32 +105,39 @@ pub fn values(d: Datatype, raw: &[u8]) -> Result<Vec<Value>, RawError> {
             size,
         });
     }
-    raw.chunks_exact(size)
-        .enumerate()
-        .map(|(i, c)| {
-            let mut b = [0u8; 8];
-            b[..size].copy_from_slice(c);
-            Ok(match d {
-                Datatype::Bool => Value::Bool(b[0] != 0),
-                Datatype::Uint8 => Value::from(b[0]),
-                Datatype::Int8 => Value::from(b[0] as i8),
-                Datatype::Uint16 => Value::from(u16::from_le_bytes([b[0], b[1]])),
-                Datatype::Int16 => Value::from(i16::from_le_bytes([b[0], b[1]])),
-                Datatype::Uint32 => Value::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                Datatype::Int32 => Value::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                Datatype::Uint64 => Value::from(u64::from_le_bytes(b)),
-                Datatype::Int64 => Value::from(i64::from_le_bytes(b)),
-                Datatype::Fp16 => {
-                    number(i, f64::from(f16_to_f32(u16::from_le_bytes([b[0], b[1]]))))?
-                }
-                Datatype::Fp32 => {
-                    number(i, f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))?
-                }
-                Datatype::Fp64 => number(i, f64::from_le_bytes(b))?,
-                Datatype::Bytes => unreachable!("BYTES has no fixed element size"),
-            })
-        })
-        .collect()
+    let words = raw.chunks_exact(size).map(|c| {
+        let mut b = [0u8; 8];
+        b[..size].copy_from_slice(c);
+        b
+    });
+    let u16_of = |b: &[u8; 8]| u16::from_le_bytes([b[0], b[1]]);
+    let u32_of = |b: &[u8; 8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    Ok(match d {
+        Datatype::Bool => TensorData::Bool(words.map(|b| b[0] != 0).collect()),
+        Datatype::Fp16 => {
+            TensorData::Float(words.map(|b| f64::from(f16_to_f32(u16_of(&b)))).collect())
+        }
+        Datatype::Fp32 => TensorData::Float(
+            words
+                .map(|b| f64::from(f32::from_bits(u32_of(&b))))
+                .collect(),
+        ),
+        Datatype::Fp64 => TensorData::Float(words.map(f64::from_le_bytes).collect()),
+        _ => TensorData::Int(
+            words
+                .map(|b| match d {
+                    Datatype::Uint8 => i128::from(b[0]),
+                    Datatype::Int8 => i128::from(b[0] as i8),
+                    Datatype::Uint16 => i128::from(u16_of(&b)),
+                    Datatype::Int16 => i128::from(u16_of(&b) as i16),
+                    Datatype::Uint32 => i128::from(u32_of(&b)),
+                    Datatype::Int32 => i128::from(u32_of(&b) as i32),
+                    Datatype::Uint64 => i128::from(u64::from_le_bytes(b)),
+                    _ => i128::from(i64::from_le_bytes(b)),
+                })
+                .collect(),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -183,45 +160,44 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_little_endian_and_finite() {
+    fn numbers_are_little_endian() {
         let mut fp32 = Vec::new();
         for f in [1.5f32, -2.0] {
             fp32.extend_from_slice(&f.to_le_bytes());
         }
         assert_eq!(
-            values(Datatype::Fp32, &fp32).unwrap(),
-            [Value::from(1.5), Value::from(-2.0)]
+            decode(Datatype::Fp32, &fp32).unwrap(),
+            TensorData::Float(vec![1.5, -2.0])
         );
         assert_eq!(
-            values(Datatype::Int16, &[0xfe, 0xff, 1, 0]).unwrap(),
-            [Value::from(-2), Value::from(1)]
+            decode(Datatype::Int16, &[0xfe, 0xff, 1, 0]).unwrap(),
+            TensorData::Int(vec![-2, 1])
         );
         assert_eq!(
-            values(Datatype::Uint64, &u64::MAX.to_le_bytes()).unwrap(),
-            [Value::from(u64::MAX)]
+            decode(Datatype::Uint64, &u64::MAX.to_le_bytes()).unwrap(),
+            TensorData::Int(vec![i128::from(u64::MAX)])
         );
         assert_eq!(
-            values(Datatype::Bool, &[0, 2]).unwrap(),
-            [Value::Bool(false), Value::Bool(true)]
+            decode(Datatype::Bool, &[0, 2]).unwrap(),
+            TensorData::Bool(vec![false, true])
         );
-        // FP16 0x7c00 is +infinity.
+        // FP16 0x7c00 is +infinity: kept, for the contract to refuse with the input's name.
         assert_eq!(
-            values(Datatype::Fp16, &[0, 0x3c, 0, 0x7c])
-                .unwrap_err()
-                .to_string(),
-            "element 1 is inf, which is not a finite number"
+            decode(Datatype::Fp16, &[0, 0x3c, 0, 0x7c]).unwrap(),
+            TensorData::Float(vec![1.0, f64::INFINITY])
         );
         assert!(matches!(
-            values(Datatype::Int32, &[0; 6]).unwrap_err(),
+            decode(Datatype::Int32, &[0; 6]).unwrap_err(),
             RawError::PartialElement {
                 len: 6,
                 size: 4,
                 ..
             }
         ));
+        // BYTES are bytes: no text decoding here.
         assert_eq!(
-            values(Datatype::Bytes, &[1, 0, 0, 0, 0xff]).unwrap_err(),
-            RawError::NotText { element: 0 }
+            decode(Datatype::Bytes, &[1, 0, 0, 0, 0xff]).unwrap(),
+            TensorData::Bytes(vec![vec![0xff]])
         );
     }
 

@@ -2,13 +2,43 @@
 //!
 //! MLServer validates bodies with pydantic and answers 422 with FastAPI's
 //! `{"detail": [{"type", "loc", "msg", "input"}]}`. We check the same schema by hand so every
-//! problem is reported with its location, and never by panicking on odd JSON.
+//! problem is reported with its location, and never by panicking on odd JSON. A body that
+//! passes becomes the typed [`InferenceRequest`]; data that cannot be read as its datatype is
+//! then a [`DataError`] (the 400 layer), naming the input and element.
+
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::tensor::{DataError, TensorData};
 use crate::v2::{
     Datatype, InferenceRequest, Parameters, RepositoryIndexRequest, RequestInput, RequestOutput,
 };
+
+/// Why a body is not a usable V2 request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeError {
+    /// Not a V2 request (422), every violation with its location.
+    Schema(Vec<SchemaError>),
+    /// A V2 request whose data does not fit its datatype or shape (400).
+    Data(DataError),
+}
+
+impl From<DataError> for DecodeError {
+    fn from(e: DataError) -> Self {
+        DecodeError::Data(e)
+    }
+}
+
+/// An input that passed the schema check; its data is read once the whole body has.
+struct CheckedInput<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: Datatype,
+    parameters: Option<Parameters>,
+    /// `None` when the data came as binary tensor data instead.
+    data: Option<&'a Value>,
+}
 
 /// One location element: an object key or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +208,8 @@ impl Checker {
         }
     }
 
-    fn input(&mut self, v: &Value, loc: &[Loc]) -> Option<RequestInput> {
+    /// `attached`: the input's data arrived outside the JSON (binary tensor data).
+    fn input<'a>(&mut self, v: &'a Value, loc: &[Loc], attached: bool) -> Option<CheckedInput<'a>> {
         let obj = self.object(v, loc, "an input")?;
         let name = self.string(obj, "name", loc, true);
         let shape_loc = Self::with(loc, Loc::Key("shape".into()));
@@ -235,6 +266,7 @@ impl Checker {
         };
         let parameters = self.parameters(obj, loc);
         let data = match obj.get("data") {
+            None if attached => Some(None),
             None => {
                 self.err(
                     "missing",
@@ -243,9 +275,9 @@ impl Checker {
                 );
                 None
             }
-            Some(d) => Some(d.clone()),
+            Some(d) => Some(Some(d)),
         };
-        Some(RequestInput {
+        Some(CheckedInput {
             name: name?,
             shape: shape?,
             datatype: datatype?,
@@ -266,69 +298,117 @@ impl Checker {
 }
 
 impl InferenceRequest {
-    /// Checks the V2 schema; every violation is reported, not only the first.
-    pub fn from_value(v: &Value) -> Result<Self, Vec<SchemaError>> {
+    /// Checks the V2 schema (every violation is reported, not only the first), then reads
+    /// each input's data as its datatype.
+    pub fn from_value(v: &Value) -> Result<Self, DecodeError> {
+        Self::from_json(v, BTreeMap::new())
+    }
+
+    /// As [`InferenceRequest::from_value`], where the inputs at the keys of `attached` carry
+    /// no JSON `data`: their elements came as binary tensor data.
+    pub fn from_json(
+        v: &Value,
+        mut attached: BTreeMap<usize, TensorData>,
+    ) -> Result<Self, DecodeError> {
         let mut c = Checker { errors: Vec::new() };
         let Some(obj) = c.object(v, &[], "the request body") else {
-            return Err(c.errors);
+            return Err(DecodeError::Schema(c.errors));
         };
         let id = c.string(obj, "id", &[], false);
         let parameters = c.parameters(obj, &[]);
-        let inputs_loc = [Loc::Key("inputs".into())];
-        let inputs = match obj.get("inputs") {
+        let inputs = c.inputs(obj, &attached);
+        let outputs = c.outputs(obj);
+        if !c.errors.is_empty() {
+            return Err(DecodeError::Schema(c.errors));
+        }
+        let (Some(inputs), Some(outputs)) = (inputs, outputs) else {
+            return Err(DecodeError::Schema(vec![SchemaError::new(
+                "value_error",
+                &[],
+                "invalid request",
+            )]));
+        };
+        let inputs = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, input)| {
+                let data = match input.data {
+                    Some(json) => TensorData::from_json(&input.name, input.datatype, json)?,
+                    None => attached
+                        .remove(&i)
+                        .unwrap_or_else(|| TensorData::empty(input.datatype)),
+                };
+                Ok(RequestInput {
+                    name: input.name,
+                    shape: input.shape,
+                    datatype: input.datatype,
+                    parameters: input.parameters,
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>, DataError>>()?;
+        Ok(Self {
+            id,
+            parameters: parameters.unwrap_or_default(),
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Parses and checks raw JSON bytes.
+    pub fn from_slice(body: &[u8]) -> Result<Self, DecodeError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| DecodeError::Schema(vec![json_error(&e, body)]))?;
+        Self::from_value(&value)
+    }
+}
+
+impl Checker {
+    fn inputs<'a>(
+        &mut self,
+        obj: &'a Map<String, Value>,
+        attached: &BTreeMap<usize, TensorData>,
+    ) -> Option<Vec<CheckedInput<'a>>> {
+        let loc = [Loc::Key("inputs".into())];
+        match obj.get("inputs") {
             None => {
-                c.err("missing", &inputs_loc, "Field required");
+                self.err("missing", &loc, "Field required");
                 None
             }
             Some(Value::Array(items)) => {
-                let parsed: Vec<Option<RequestInput>> = items
+                let parsed: Vec<Option<CheckedInput>> = items
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| c.input(item, &Checker::with(&inputs_loc, Loc::Index(i))))
+                    .map(|(i, item)| {
+                        let at = Checker::with(&loc, Loc::Index(i));
+                        self.input(item, &at, attached.contains_key(&i))
+                    })
                     .collect();
-                parsed.into_iter().collect::<Option<Vec<_>>>()
+                parsed.into_iter().collect()
             }
             Some(_) => {
-                c.err("list_type", &inputs_loc, "Input should be a valid list");
+                self.err("list_type", &loc, "Input should be a valid list");
                 None
             }
-        };
-        let outputs_loc = [Loc::Key("outputs".into())];
-        let outputs = match obj.get("outputs") {
+        }
+    }
+
+    /// `Some(None)` when the request names no outputs.
+    fn outputs(&mut self, obj: &Map<String, Value>) -> Option<Option<Vec<RequestOutput>>> {
+        let loc = [Loc::Key("outputs".into())];
+        match obj.get("outputs") {
             None | Some(Value::Null) => Some(None),
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| c.output(item, &Checker::with(&outputs_loc, Loc::Index(i))))
+                .map(|(i, item)| self.output(item, &Checker::with(&loc, Loc::Index(i))))
                 .collect::<Option<Vec<_>>>()
                 .map(Some),
             Some(_) => {
-                c.err("list_type", &outputs_loc, "Input should be a valid list");
+                self.err("list_type", &loc, "Input should be a valid list");
                 None
             }
-        };
-        if !c.errors.is_empty() {
-            return Err(c.errors);
         }
-        match (inputs, outputs) {
-            (Some(inputs), Some(outputs)) => Ok(Self {
-                id,
-                parameters,
-                inputs,
-                outputs,
-            }),
-            _ => Err(vec![SchemaError::new(
-                "value_error",
-                &[],
-                "invalid request",
-            )]),
-        }
-    }
-
-    /// Parses and checks raw JSON bytes.
-    pub fn from_slice(body: &[u8]) -> Result<Self, Vec<SchemaError>> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| vec![json_error(&e, body)])?;
-        Self::from_value(&value)
     }
 }
 
@@ -378,13 +458,19 @@ mod tests {
         assert_eq!(r.id, None);
     }
 
+    fn schema_errors(r: Result<InferenceRequest, DecodeError>) -> Vec<SchemaError> {
+        match r {
+            Err(DecodeError::Schema(errs)) => errs,
+            other => panic!("expected schema errors, got {other:?}"),
+        }
+    }
+
     #[test]
     fn reports_every_problem_with_its_location() {
-        let errs = InferenceRequest::from_value(&json!({
+        let errs = schema_errors(InferenceRequest::from_value(&json!({
             "id": 5,
             "inputs": [{"name": "prompt", "shape": [1, "x"], "datatype": "STRING"}]
-        }))
-        .unwrap_err();
+        })));
         let paths: Vec<String> = errs.iter().map(|e| e.path()).collect();
         assert_eq!(
             paths,
@@ -401,7 +487,7 @@ mod tests {
 
     #[test]
     fn missing_inputs_and_non_object_bodies() {
-        let errs = InferenceRequest::from_value(&json!({})).unwrap_err();
+        let errs = schema_errors(InferenceRequest::from_value(&json!({})));
         assert_eq!(
             errs[0].to_detail(),
             json!({"type": "missing", "loc": ["body", "inputs"], "msg": "Field required"})
@@ -413,9 +499,39 @@ mod tests {
     #[test]
     fn invalid_json_points_at_the_byte() {
         let body = b"{\"inputs\": [";
-        let errs = InferenceRequest::from_slice(body).unwrap_err();
+        let errs = schema_errors(InferenceRequest::from_slice(body));
         assert_eq!(errs[0].kind, "json_invalid");
         assert!(matches!(errs[0].loc[1], Loc::Index(n) if (10..=12).contains(&n)));
+    }
+
+    #[test]
+    fn data_is_read_as_its_datatype_once_the_schema_holds() {
+        let r = InferenceRequest::from_value(&json!({
+            "inputs": [{"name": "prompt", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], ["b"]]}]
+        }))
+        .unwrap();
+        assert_eq!(
+            r.inputs[0].data,
+            TensorData::Bytes(vec![b"a".to_vec(), b"b".to_vec()])
+        );
+        let e = InferenceRequest::from_value(&json!({
+            "inputs": [{"name": "steps", "shape": [1], "datatype": "INT64", "data": ["2"]}]
+        }))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::Data(DataError(
+                "input 'steps' element 0 must be an integer, got \"2\"".into()
+            ))
+        );
+        // Attached (binary) data stands in for a missing `data`.
+        let attached = BTreeMap::from([(0, TensorData::Bytes(vec![vec![0xff]]))]);
+        let r = InferenceRequest::from_json(
+            &json!({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES"}]}),
+            attached,
+        )
+        .unwrap();
+        assert_eq!(r.inputs[0].data, TensorData::Bytes(vec![vec![0xff]]));
     }
 
     #[test]

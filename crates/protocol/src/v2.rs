@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::tensor::TensorData;
+
 /// Free-form `parameters` object (`content_type`, `headers`, and any extra key).
 pub type Parameters = Map<String, Value>;
 
@@ -83,26 +85,26 @@ impl Datatype {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A V2 inference request as every transport decodes it: JSON bodies (checked by
+/// [`crate::schema`]), Triton's binary tensor data, and gRPC messages.
+#[derive(Debug, Clone, PartialEq)]
 pub struct InferenceRequest {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parameters: Option<Parameters>,
+    /// Request-level `parameters` (empty when there are none).
+    pub parameters: Parameters,
     pub inputs: Vec<RequestInput>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub outputs: Option<Vec<RequestOutput>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: Datatype,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Parameters>,
-    /// Nested or flat list, or a bare scalar (MLServer accepts both).
-    pub data: Value,
+    /// Elements of the kind `datatype` names; whether there are as many as `shape` holds is
+    /// checked where the input is read (the contract names the input that breaks it).
+    pub data: TensorData,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use sdserve_engine::{Generator, ModelLoader, ModelSpec};
+use sdserve_engine::{ModelLoader, ModelSpec};
+use sdserve_generation::Generator;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
 
 pub struct PipelineLoader;

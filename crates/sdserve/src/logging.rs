@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 pub fn init(server: &ServerSettings) {
     let default = if server.debug {
-        "info,sdserve=debug,sdserve_engine=debug,sdserve_http=debug,sdserve_pipeline=debug"
+        "info,sdserve=debug,sdserve_engine=debug,sdserve_serving=debug,sdserve_http=debug,sdserve_grpc=debug,sdserve_pipeline=debug"
     } else {
         "info"
     };

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use sdserve_engine::ModelSpec;
-use sdserve_http::{ModelRepository, RepositoryError};
+use sdserve_serving::{ModelRepository, RepositoryError};
 use sdserve_settings::{Env, discover_models, find_model};
 
 use crate::spec::to_spec;

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use sdserve_engine::metrics::Registry;
 use sdserve_engine::{Engine, EngineConfig};
 use sdserve_http::{AppState, HttpConfig, RestMetrics};
+use sdserve_serving::{ServerInfo, Service};
 use sdserve_settings::{Env, ServerOverrides, ServerSettings, discover};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -55,13 +56,17 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
             &server.metrics_rest_server_prefix,
         ))
     });
-    let state = Arc::new(AppState {
+    let service = Arc::new(Service {
         engine: engine.clone(),
-        config: http_config(&server),
+        info: server_info(&server),
         repository: Arc::new(FsRepository {
             root: server.model_repository_root.clone(),
             env,
         }),
+    });
+    let state = Arc::new(AppState {
+        service: service.clone(),
+        config: http_config(&server),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -71,10 +76,10 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         http_listener.local_addr()?
     );
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(
+    tasks.push(tokio::spawn(sdserve_http::serve(
         http_listener,
         sdserve_http::router(state.clone(), rest_metrics),
-        stop_rx.clone(),
+        stopped(stop_rx.clone()),
     )));
     let grpc_listener = bind(&server.host, server.grpc_port, "gRPC").await?;
     tracing::info!(
@@ -87,7 +92,7 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
     let mut grpc_stop = stop_rx.clone();
     tasks.push(tokio::spawn(sdserve_grpc::serve(
         grpc_listener,
-        state,
+        service,
         sdserve_grpc::GrpcConfig::from_settings(server.grpc_max_message_length),
         grpc_metrics,
         async move {
@@ -99,10 +104,10 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         let addr = listener.local_addr()?;
         tracing::info!("Metrics server running on http://{addr}");
         tracing::info!("Prometheus scraping endpoint can be accessed on http://{addr}{endpoint}");
-        tasks.push(tokio::spawn(serve(
+        tasks.push(tokio::spawn(sdserve_http::serve(
             listener,
             sdserve_http::metrics_router(registry.clone(), endpoint),
-            stop_rx.clone(),
+            stopped(stop_rx.clone()),
         )));
     }
 
@@ -136,13 +141,13 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         }
     }
     if let Some(reason) = failed {
-        tracing::error!("Some of the models failed to load during startup! {reason}");
+        // The engine has logged the failure (model, stage, cause); this is the exit reason.
         let _ = stop_tx.send(true);
         engine.shutdown();
         for t in tasks {
             let _ = t.await;
         }
-        bail!("{reason}");
+        bail!("Some of the models failed to load during startup! {reason}");
     }
 
     if !interrupted {
@@ -171,18 +176,23 @@ async fn signal_finished(signal: &tokio::task::JoinHandle<()>) {
     }
 }
 
-fn http_config(s: &ServerSettings) -> HttpConfig {
-    HttpConfig {
+fn server_info(s: &ServerSettings) -> ServerInfo {
+    ServerInfo {
         server_name: s.server_name.clone(),
         server_version: s.server_version.clone(),
         extensions: s.extensions.clone(),
-        max_request_body_bytes: usize::try_from(s.max_request_body_bytes).unwrap_or(usize::MAX),
-        gzip_enabled: s.gzip_enabled,
         auth_token: s.auth_token.clone(),
         namespace: std::fs::read_to_string(NAMESPACE_FILE)
             .ok()
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty()),
+    }
+}
+
+fn http_config(s: &ServerSettings) -> HttpConfig {
+    HttpConfig {
+        max_request_body_bytes: usize::try_from(s.max_request_body_bytes).unwrap_or(usize::MAX),
+        gzip_enabled: s.gzip_enabled,
         cors: s.cors_settings.as_ref().map(|c| sdserve_http::Cors {
             allow_origins: c.allow_origins.clone(),
             allow_origin_regex: c.allow_origin_regex.clone(),
@@ -206,15 +216,9 @@ async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> 
         .with_context(|| format!("cannot listen on {addr} for the {what} server"))
 }
 
-async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!("server error: {e}");
-    }
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn shutdown_signal() {

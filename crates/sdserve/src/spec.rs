@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sdserve_engine::{GenerationDefaults, Limits, ModelSpec};
+use sdserve_engine::ModelSpec;
 use sdserve_settings::ModelSettings;
 
 /// Top-level keys of `parameters.extra` that sdserve understands.
@@ -22,8 +22,8 @@ pub fn to_spec(m: &ModelSettings) -> Result<ModelSpec, String> {
             EXTRA_KEYS.join(", ")
         )));
     }
-    let defaults = GenerationDefaults::from_extra(&m.parameters.extra).map_err(|e| fail(e.0))?;
-    let limits = Limits::from_extra(&m.parameters.extra).map_err(|e| fail(e.0))?;
+    let defaults = sdserve_settings::extra::defaults(&m.parameters.extra).map_err(|e| fail(e.0))?;
+    let limits = sdserve_settings::extra::limits(&m.parameters.extra).map_err(|e| fail(e.0))?;
     if !m.max_batch_time.is_finite() || m.max_batch_time < 0.0 || m.max_batch_time > 3600.0 {
         return Err(fail(format!(
             "max_batch_time must be between 0 and 3600 seconds, got {}",

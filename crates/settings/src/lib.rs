@@ -17,10 +17,12 @@
 //! - [`model`]: [`ModelSettings`], [`ModelParameters`], [`Implementation`], [`MODEL_SETTINGS`].
 //! - [`discovery`]: [`discover`], [`discover_models`], [`find_model`].
 //! - [`error`]: [`SettingsError`], [`Origin`].
+//! - [`extra`]: the `defaults` and `limits` sections of `parameters.extra`.
 
 pub mod discovery;
 pub mod env;
 pub mod error;
+pub mod extra;
 pub mod model;
 pub mod server;
 mod value;

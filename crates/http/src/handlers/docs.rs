@@ -216,7 +216,7 @@ fn model_doc(
     name: &str,
     version: Option<&str>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = state.engine.model(name, version)?;
+    let status = state.service.engine.model(name, version)?;
     let schedulers = match &status {
         sdserve_engine::ModelStatus::Ready(m) => m.description().schedulers.clone(),
         sdserve_engine::ModelStatus::Loading(_) => Vec::new(),
@@ -244,7 +244,7 @@ pub async fn model_docs(
     State(state): State<SharedState>,
     Path(name): Path<String>,
 ) -> Result<Html<String>, ApiError> {
-    state.engine.model(&name, None)?;
+    state.service.engine.model(&name, None)?;
     Ok(swagger(
         &format!("Data Plane for Model {name}"),
         &format!("/v2/models/{name}/docs/dataplane.json"),
@@ -255,7 +255,7 @@ pub async fn model_version_docs(
     State(state): State<SharedState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Html<String>, ApiError> {
-    state.engine.model(&name, Some(&version))?;
+    state.service.engine.model(&name, Some(&version))?;
     Ok(swagger(
         &format!("Data Plane for Model {name}"),
         &format!("/v2/models/{name}/versions/{version}/docs/dataplane.json"),

@@ -13,7 +13,7 @@ pub async fn live() -> StatusCode {
 
 /// Ready when every registered model is loaded and the server is not draining.
 pub async fn ready(State(state): State<SharedState>) -> StatusCode {
-    if state.engine.is_ready() {
+    if state.service.engine.is_ready() {
         StatusCode::OK
     } else {
         StatusCode::BAD_REQUEST
@@ -32,9 +32,9 @@ pub async fn model_version_ready(
 }
 
 fn ready_for(state: &SharedState, name: &str, version: Option<&str>) -> Response {
-    match state.engine.model(name, version) {
-        Ok(m) if m.is_ready() && !state.engine.is_draining() => StatusCode::OK.into_response(),
-        Ok(_) => StatusCode::BAD_REQUEST.into_response(),
+    match state.service.model_ready(name, version) {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => StatusCode::BAD_REQUEST.into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }

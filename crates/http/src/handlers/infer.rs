@@ -2,8 +2,9 @@
 //! `infer_stream`/`generate_stream` (server-sent events: one progress event per scheduler step,
 //! then the response).
 //!
-//! Each handler does four things: admit (before the body is read), decode and validate,
-//! hand the job to the engine, encode the answer.
+//! What is REST's own happens here: the token from the header, the body (size limit, gzip),
+//! JSON or binary framing, and the answer's encoding. Admission, the contract, validation,
+//! running and streaming are the transport-neutral service's.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -15,16 +16,20 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use http_body::Frame;
-use sdserve_engine::{InferObserver, InferOutcome, Prepared, Progress};
+use sdserve_engine::Progress;
 use sdserve_protocol::{InferenceResponse, Parameters};
+use sdserve_serving::{Accepted, Generated, Mode, ServeError, cloud_events, run_streaming};
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::binary;
 use crate::body;
-use crate::convert;
 use crate::error::ApiError;
+use crate::response;
 use crate::state::SharedState;
+
+/// Where `preview_every` is accepted, for the message of a unary call that asks for it.
+const STREAMING_ROUTE: &str = "a streaming route (infer_stream, generate_stream)";
 
 /// Model name and version label from either route shape.
 fn target(params: &HashMap<String, String>) -> (String, Option<String>) {
@@ -34,146 +39,59 @@ fn target(params: &HashMap<String, String>) -> (String, Option<String>) {
     )
 }
 
+/// The bearer-token check of inference and repository routes.
 pub(crate) fn check_auth(state: &SharedState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if authorized(state.config.auth_token.as_deref(), given) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized())
-    }
+    Ok(state.service.authorize(given)?)
 }
 
-/// Whether an `authorization` value (REST header or gRPC metadata) carries the configured
-/// bearer token; anything does when none is configured.
-pub fn authorized(token: Option<&str>, authorization: Option<&str>) -> bool {
-    let Some(token) = token else {
-        return true;
-    };
-    let given = authorization.and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-    });
-    given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), token.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// What [`accept`] hands on: the request id, the queued-to-be job, and whether the image goes
-/// back as binary data.
-struct Accepted {
-    id: Option<String>,
-    prepared: Prepared,
-    binary_output: bool,
-}
-
-/// Everything up to the point where the request would be queued. Errors here are plain
-/// JSON answers with their status code, for streaming requests too.
+/// Everything up to the point where the request would be queued; also whether the image goes
+/// back as binary data. Errors here are plain JSON answers with their status code, for
+/// streaming requests too.
 async fn accept(
     state: &SharedState,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-    observer: &mut Option<InferObserver>,
-    streaming: bool,
-) -> Result<Accepted, ApiError> {
-    let fail = |observer: &mut Option<InferObserver>, reason: &'static str| {
-        if let Some(o) = observer.take() {
-            o.fail(reason);
-        }
-    };
-    let admission = match state.engine.admit() {
-        Ok(a) => a,
+    mode: Mode,
+) -> Result<(Accepted, bool), ApiError> {
+    let pending = match state.service.admit(name, version) {
+        Ok(p) => p,
         Err(e) => {
-            fail(observer, e.reason());
             body::drain(headers, body).await;
-            return Err(ApiError::from(e));
+            return Err(e.into());
         }
     };
-    let bytes = body::read(headers, body, state.config.max_request_body_bytes)
+    let read = body::read(headers, body, state.config.max_request_body_bytes)
         .await
-        .inspect_err(|e| {
-            fail(
-                observer,
-                if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too_large"
-                } else {
-                    "invalid"
-                },
-            );
-        })?;
-    let decoded = binary::header_length(headers)
-        .and_then(|n| binary::decode(n, &bytes))
-        .inspect_err(|e| {
-            fail(
-                observer,
-                if e.status == StatusCode::UNPROCESSABLE_ENTITY {
-                    "unprocessable"
-                } else {
-                    "invalid"
-                },
-            );
-        })?;
-    if streaming && decoded.binary_output {
-        fail(observer, "invalid");
-        return Err(ApiError::bad_request(
-            "binary outputs (binary_data, binary_data_output, raw binary requests) cannot travel in an event stream; use /infer, or ask for JSON",
-        ));
-    }
-    let request = decoded.request;
-    let (generation, options) =
-        convert::to_generation_request(&request).inspect_err(|_| fail(observer, "invalid"))?;
-    if !streaming && options.preview_every.is_some() {
-        fail(observer, "invalid");
-        return Err(ApiError::bad_request(
-            "parameter 'preview_every' needs a streaming route (infer_stream, generate_stream)",
-        ));
-    }
-    let prepared = state
-        .engine
-        .prepare(admission, name, version, &generation, options.timeout)
-        .and_then(|p| p.with_preview_every(options.preview_every))
-        .map_err(|e| {
-            fail(observer, e.reason());
-            ApiError::from(e)
-        })?;
-    Ok(Accepted {
-        id: request.id,
-        prepared,
-        binary_output: decoded.binary_output,
-    })
-}
-
-fn response_id(id: Option<String>) -> String {
-    id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
-
-/// MLServer's CloudEvents headers on every infer response (over gRPC, its trailing metadata).
-pub fn cloud_events(state: &SharedState, model: &str, id: &str, headers: &mut HeaderMap) {
-    let server = &state.config.server_name;
-    let source = match &state.config.namespace {
-        Some(ns) => format!("io.seldon.serving.deployment.{server}.{ns}"),
-        None => format!("io.seldon.serving.deployment.{server}"),
+        .and_then(|bytes| binary::header_length(headers).and_then(|n| binary::decode(n, &bytes)));
+    let decoded = match read {
+        Ok(d) => d,
+        Err(e) => {
+            pending.reject(e.kind());
+            return Err(e);
+        }
     };
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
+    if mode == Mode::Streaming && decoded.binary_output {
+        let e = ApiError::bad_request(
+            "binary outputs (binary_data, binary_data_output, raw binary requests) cannot travel in an event stream; use /infer, or ask for JSON",
+        );
+        pending.reject(e.kind());
+        return Err(e);
+    }
+    let accepted = pending.accept(decoded.request, mode, None)?;
+    Ok((accepted, decoded.binary_output))
+}
+
+/// MLServer's CloudEvents headers on every infer response.
+fn add_cloud_events(state: &SharedState, generated: &Generated, headers: &mut HeaderMap) {
+    for (name, value) in cloud_events(&state.service.info, &generated.model, &generated.id) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(name, v);
         }
-    };
-    put("ce-specversion", "0.3");
-    put("ce-source", &source);
-    put("ce-type", "io.seldon.serving.inference.response");
-    put("ce-modelid", model);
-    put("ce-inferenceservicename", server);
-    put("ce-endpoint", model);
-    put("ce-id", id);
-    put("ce-requestid", id);
-    if let Some(ns) = &state.config.namespace {
-        put("ce-namespace", ns);
     }
 }
 
@@ -183,84 +101,67 @@ pub async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(e) = check_auth(&state, &headers) {
-        return e.into_response();
-    }
     let (name, version) = target(&params);
-    let mut observer = Some(
-        state
-            .engine
-            .observer(&name, version.as_deref().unwrap_or("None")),
-    );
-    let accepted = match accept(
-        &state,
-        &name,
-        version.as_deref(),
-        &headers,
-        body,
-        &mut observer,
-        false,
-    )
-    .await
-    {
-        Ok(ok) => ok,
-        Err(e) => return e.into_response(),
+    infer_once(&state, &name, version.as_deref(), &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_once(
+    state: &SharedState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_auth(state, headers)?;
+    let unary = Mode::Unary {
+        streaming_route: STREAMING_ROUTE,
     };
-    let mut observer = observer.expect("observer is only taken on failure");
-    let result = state
-        .engine
-        .run(accepted.prepared, &mut observer, None)
-        .await;
-    observer.finish(result.as_ref().map(|o| o.images.len()));
-    match result {
-        Ok(outcome) => {
-            let id = response_id(accepted.id);
-            let mut response = if accepted.binary_output {
-                binary_response(&name, id.clone(), &outcome)
-            } else {
-                json_response(
-                    StatusCode::OK,
-                    &convert::to_response(&name, id.clone(), &outcome),
-                )
-            };
-            cloud_events(&state, &name, &id, response.headers_mut());
-            response
-        }
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    let (accepted, binary_output) = accept(state, name, version, headers, body, unary).await?;
+    let generated = accepted.run(None).await?;
+    let encoded = if binary_output {
+        binary_response(&generated)
+    } else {
+        json_response(&response::to_response(&generated))
+    };
+    let mut response = encoded.map_err(|e| {
+        e.log(&generated.id, &generated.model);
+        ApiError::from(e)
+    })?;
+    add_cloud_events(state, &generated, response.headers_mut());
+    Ok(response)
 }
 
 /// Triton's binary form: the JSON header, then the PNGs as one serialised BYTES tensor.
-fn binary_response(name: &str, id: String, outcome: &InferOutcome) -> Response {
-    match binary::encode_response(name, id, outcome) {
-        Ok(body) => (
-            StatusCode::OK,
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(binary::CONTENT_TYPE),
-                ),
-                (
-                    HeaderName::from_static(binary::HEADER_LENGTH),
-                    HeaderValue::from(body.header_length),
-                ),
-            ],
-            body.bytes,
-        )
-            .into_response(),
-        Err(e) => e.into_response(),
-    }
+fn binary_response(generated: &Generated) -> Result<Response, ServeError> {
+    let body = binary::encode_response(generated)?;
+    Ok((
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(binary::CONTENT_TYPE),
+            ),
+            (
+                HeaderName::from_static(binary::HEADER_LENGTH),
+                HeaderValue::from(body.header_length),
+            ),
+        ],
+        body.bytes,
+    )
+        .into_response())
 }
 
-fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("response encoding failed: {e}"),
-        )
-        .into_response(),
-    }
+fn json_response<T: serde::Serialize>(value: &T) -> Result<Response, ServeError> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|e| ServeError::internal("response", format!("response encoding failed: {e}")))?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+        .into_response())
 }
 
 pub async fn infer_stream(
@@ -273,74 +174,33 @@ pub async fn infer_stream(
         return e.into_response();
     }
     let (name, version) = target(&params);
-    let mut observer = Some(
-        state
-            .engine
-            .observer(&name, version.as_deref().unwrap_or("None")),
-    );
-    let Accepted { id, prepared, .. } = match accept(
+    let accepted = match accept(
         &state,
         &name,
         version.as_deref(),
         &headers,
         body,
-        &mut observer,
-        true,
+        Mode::Streaming,
     )
     .await
     {
-        Ok(ok) => ok,
+        Ok((accepted, _)) => accepted,
         Err(e) => return e.into_response(),
     };
-    let mut observer = observer.expect("observer is only taken on failure");
-    let id = response_id(id);
-    let mut steps = convert::StepProgress::new(prepared.job().num_inference_steps);
     let (events, receiver) = mpsc::channel::<Bytes>(16);
-    let task_state = state.clone();
-    let task_name = name.clone();
-    let task_id = id.clone();
     tokio::spawn(async move {
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
+        let (model, id) = (accepted.model.clone(), accepted.id.clone());
         // Ends when the generation ends, or when the client goes away (the receiver is
-        // dropped), which drops `run` and so cancels the generation.
-        let result: Option<Result<InferOutcome, sdserve_engine::EngineError>> = {
-            let run = task_state
-                .engine
-                .run(prepared, &mut observer, Some(progress_tx));
-            tokio::pin!(run);
-            loop {
-                tokio::select! {
-                    biased;
-                    Some(p) = progress_rx.recv() => {
-                        let Some(p) = steps.step(&p) else { continue };
-                        if events.send(progress_event(&task_name, &task_id, &p)).await.is_err() { break None; }
-                    }
-                    r = &mut run => break Some(r),
-                    _ = events.closed() => break None,
-                }
-            }
-        };
-        // Progress sent just before the end still goes out, in order, before the result.
-        while let Ok(p) = progress_rx.try_recv() {
-            let Some(p) = steps.step(&p) else { continue };
-            if result.is_some()
-                && events
-                    .send(progress_event(&task_name, &task_id, &p))
-                    .await
-                    .is_err()
-            {
-                break;
-            }
-        }
-        let Some(result) = result else {
-            observer.finish(Err(&sdserve_engine::EngineError::Disconnected));
+        // dropped), which cancels the generation.
+        let Some(result) =
+            run_streaming(accepted, &events, |p| progress_event(&model, &id, p)).await
+        else {
             return;
         };
-        observer.finish(result.as_ref().map(|o| o.images.len()));
         let final_event = match result {
-            Ok(outcome) => {
-                let mut response = convert::to_response(&task_name, task_id.clone(), &outcome);
-                add_stream_headers(&task_state, &task_name, &task_id, &mut response);
+            Ok(generated) => {
+                let mut response = response::to_response(&generated);
+                add_stream_headers(&state, &generated, &mut response);
                 sse(&serde_json::to_value(&response).unwrap_or_default())
             }
             Err(e) => {
@@ -363,15 +223,12 @@ pub async fn infer_stream(
 /// MLServer leaves the CloudEvents headers inside `parameters.headers` in streams.
 fn add_stream_headers(
     state: &SharedState,
-    model: &str,
-    id: &str,
+    generated: &Generated,
     response: &mut InferenceResponse,
 ) {
-    let mut headers = HeaderMap::new();
-    cloud_events(state, model, id, &mut headers);
-    let map: Parameters = headers
-        .iter()
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), json!(v))))
+    let map: Parameters = cloud_events(&state.service.info, &generated.model, &generated.id)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), json!(v)))
         .collect();
     response
         .parameters

@@ -1,10 +1,12 @@
 //! The one synchronous seam between the engine and a model implementation.
 //!
-//! The engine never sees tensors: it hands a fully validated [`GenerationJob`] to a
-//! [`Generator`] on a worker thread and gets PNG bytes back. The candle pipeline implements
-//! this trait; tests may implement it with anything that honours the contract.
+//! The engine never sees tensors: it hands a fully validated [`Job`] to a [`Generator`] on a
+//! worker thread and gets PNG bytes back. The candle pipeline implements this trait; tests may
+//! implement it with anything that honours the contract.
 
 use std::ops::ControlFlow;
+
+use crate::job::Job;
 
 /// What a loaded model tells the engine about itself, used to fill defaults and to
 /// validate requests before anything is queued.
@@ -29,40 +31,6 @@ pub struct ModelDescription {
     pub device: String,
 }
 
-/// Exact initial latents for one image, `(channels, height / f, width / f)` row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Latents {
-    pub shape: [usize; 3],
-    pub data: Vec<f32>,
-}
-
-/// One image to produce. Images of one job share every setting except these.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageSpec {
-    pub prompt: String,
-    pub negative_prompt: String,
-    /// Seeds this image's own host-side RNG: initial latents (unless given) and any
-    /// per-step noise of ancestral schedulers.
-    pub seed: u64,
-    pub latents: Option<Latents>,
-}
-
-/// A validated generation: every field is within the model's bounds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationJob {
-    /// In output order: prompt 0 image 0, prompt 0 image 1, ..., prompt 1 image 0, ...
-    pub images: Vec<ImageSpec>,
-    pub num_inference_steps: usize,
-    /// Classifier-free guidance is off when `<= 1`.
-    pub guidance_scale: f64,
-    pub height: usize,
-    pub width: usize,
-    /// One of [`ModelDescription::schedulers`].
-    pub scheduler: String,
-    /// DDIM's eta (0 = deterministic DDIM); ignored by other schedulers.
-    pub eta: f64,
-}
-
 /// One generated image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedImage {
@@ -81,9 +49,9 @@ pub enum StopReason {
     Shutdown,
 }
 
-/// Called by the generator between denoising steps; also the progress feed for streaming.
+/// Called by the generator between denoising passes; also the progress feed for streaming.
 pub trait StepControl {
-    /// `done` steps of `total` are complete. Return `Break` to stop at once.
+    /// `done` passes of `total` are complete. Return `Break` to stop at once.
     fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason>;
 
     /// Whether the generator should make previews after pass `done` of `total`; if so it
@@ -124,7 +92,7 @@ pub trait Generator: Send + Sync {
     fn description(&self) -> &ModelDescription;
     fn generate(
         &self,
-        job: &GenerationJob,
+        job: &Job,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError>;
 }

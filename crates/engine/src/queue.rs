@@ -1,0 +1,531 @@
+//! The queue and the batcher as plain state: no locks, no threads, no clock of its own. The
+//! engine keeps one [`Queue`] behind a mutex and its workers call it with the current time;
+//! tests call it with whatever times they like.
+//!
+//! Entries leave in arrival order. A worker that takes an entry of a model with adaptive
+//! batching keeps a [`Gathering`]: later entries with an equal key join it until it holds
+//! `max_images` images or its window (opened when the first entry was taken) closes.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// What the queue needs to know about an entry.
+pub trait Entry {
+    type Key: PartialEq;
+    /// Entries with equal keys may share a batch.
+    fn key(&self) -> &Self::Key;
+    /// Images the entry adds to a batch.
+    fn images(&self) -> usize;
+    /// Whether the entry is done waiting at `now` (deadline passed, client gone).
+    fn stopped(&self, now: Instant) -> bool;
+    /// The entry's model's adaptive batching, if it has any.
+    fn batching(&self) -> Option<Batching>;
+}
+
+/// Adaptive batching: up to `max_images` images, gathered for at most `window`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batching {
+    pub max_images: usize,
+    pub window: Duration,
+}
+
+/// A batch a worker is gathering.
+#[derive(Debug)]
+pub struct Gathering<T> {
+    members: Vec<T>,
+    images: usize,
+    max_images: usize,
+    closes: Instant,
+}
+
+impl<T: Entry> Gathering<T> {
+    fn open(first: T, batching: Batching, now: Instant) -> Self {
+        Self {
+            images: first.images(),
+            members: vec![first],
+            max_images: batching.max_images,
+            closes: now + batching.window,
+        }
+    }
+
+    fn admits(&self, entry: &T, now: Instant) -> bool {
+        entry.key() == self.members[0].key()
+            && self.images + entry.images() <= self.max_images
+            && !entry.stopped(now)
+    }
+
+    fn is_full(&self) -> bool {
+        self.images >= self.max_images
+    }
+}
+
+/// What a worker should do next.
+#[derive(Debug, PartialEq)]
+pub enum Take<T> {
+    /// Run these entries as one batch now.
+    Batch(Vec<T>),
+    /// Nothing to run yet: look again at this time, or (`None`) when something is admitted.
+    Wait(Option<Instant>),
+    /// The queue is closed and this worker holds nothing.
+    Closed,
+}
+
+/// Entries waiting for a worker, in arrival order, each with the id [`Queue::admit`] gave it.
+#[derive(Debug)]
+pub struct Queue<T> {
+    waiting: VecDeque<(u64, T)>,
+    next_id: u64,
+    closed: bool,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self {
+            waiting: VecDeque::new(),
+            next_id: 1,
+            closed: false,
+        }
+    }
+}
+
+impl<T: Entry> Queue<T> {
+    /// Appends an entry; refused (and handed back) once the queue is closed.
+    pub fn admit(&mut self, entry: T) -> Result<u64, T> {
+        if self.closed {
+            return Err(entry);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back((id, entry));
+        Ok(id)
+    }
+
+    /// Takes an entry out before a worker does (its client gave up).
+    pub fn remove(&mut self, id: u64) -> Option<T> {
+        let at = self.waiting.iter().position(|(i, _)| *i == id)?;
+        self.waiting.remove(at).map(|(_, e)| e)
+    }
+
+    /// Takes out every entry that stopped waiting by `now`, oldest first.
+    pub fn expire(&mut self, now: Instant) -> Vec<T> {
+        let (stopped, waiting) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(_, e)| e.stopped(now));
+        self.waiting = waiting;
+        stopped.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// The next batch for a worker whose batch in progress is `gathering` (kept between calls,
+    /// `None` when it holds nothing).
+    pub fn take(&mut self, gathering: &mut Option<Gathering<T>>, now: Instant) -> Take<T> {
+        let g = match gathering {
+            Some(g) => g,
+            None => {
+                let Some((_, first)) = self.waiting.pop_front() else {
+                    return if self.closed {
+                        Take::Closed
+                    } else {
+                        Take::Wait(None)
+                    };
+                };
+                match first.batching() {
+                    None => return Take::Batch(vec![first]),
+                    Some(b) => gathering.insert(Gathering::open(first, b, now)),
+                }
+            }
+        };
+        let mut i = 0;
+        while i < self.waiting.len() && !g.is_full() {
+            if g.admits(&self.waiting[i].1, now) {
+                let (_, entry) = self.waiting.remove(i).expect("index checked");
+                g.images += entry.images();
+                g.members.push(entry);
+            } else {
+                i += 1;
+            }
+        }
+        if g.is_full() || now >= g.closes || self.closed {
+            let done = gathering.take().map(|g| g.members).unwrap_or_default();
+            return Take::Batch(done);
+        }
+        Take::Wait(Some(g.closes))
+    }
+
+    /// Closes the queue (nothing more is admitted) and hands back every waiting entry.
+    pub fn close(&mut self) -> Vec<T> {
+        self.closed = true;
+        self.drain()
+    }
+
+    /// Hands back every waiting entry; the queue stays open.
+    pub fn drain(&mut self) -> Vec<T> {
+        self.waiting.drain(..).map(|(_, e)| e).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch_key::BatchKey;
+    use sdserve_generation::{ImageSpec, Job, JobSettings, Latents};
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct E {
+        name: &'static str,
+        key: BatchKey,
+        images: usize,
+        deadline: Option<Instant>,
+        cancelled: bool,
+        batching: Option<Batching>,
+    }
+
+    impl Entry for E {
+        type Key = BatchKey;
+        fn key(&self) -> &BatchKey {
+            &self.key
+        }
+        fn images(&self) -> usize {
+            self.images
+        }
+        fn stopped(&self, now: Instant) -> bool {
+            self.cancelled || self.deadline.is_some_and(|d| now >= d)
+        }
+        fn batching(&self) -> Option<Batching> {
+            self.batching
+        }
+    }
+
+    fn settings() -> JobSettings {
+        JobSettings {
+            num_inference_steps: 20,
+            guidance_scale: 7.5,
+            height: 64,
+            width: 64,
+            scheduler: "pndm".into(),
+            eta: 0.0,
+        }
+    }
+
+    fn image(prompt: &str) -> ImageSpec {
+        ImageSpec {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            seed: 1,
+            latents: None,
+        }
+    }
+
+    const BATCH4: Option<Batching> = Some(Batching {
+        max_images: 4,
+        window: Duration::from_millis(100),
+    });
+
+    /// An entry for `job` on model 1, one per image, batched by [`BATCH4`].
+    fn entry(name: &'static str, job: &Job) -> E {
+        E {
+            name,
+            key: BatchKey::new(1, job),
+            images: job.images.len(),
+            deadline: None,
+            cancelled: false,
+            batching: BATCH4,
+        }
+    }
+
+    fn plain(name: &'static str) -> E {
+        E {
+            batching: None,
+            ..entry(
+                name,
+                &Job {
+                    settings: settings(),
+                    images: vec![image(name)],
+                },
+            )
+        }
+    }
+
+    fn names(t: Take<E>) -> Vec<&'static str> {
+        match t {
+            Take::Batch(b) => b.iter().map(|e| e.name).collect(),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_batching_entries_leave_one_by_one_in_order() {
+        let t0 = Instant::now();
+        let mut q = Queue::default();
+        let mut g = None;
+        assert_eq!(q.take(&mut g, t0), Take::Wait(None));
+        for n in ["a", "b", "c"] {
+            q.admit(plain(n)).unwrap();
+        }
+        assert_eq!(q.len(), 3);
+        for n in ["a", "b", "c"] {
+            assert_eq!(names(q.take(&mut g, t0)), [n]);
+        }
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_batch_gathers_equal_keys_until_full_or_its_window_closes() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let job = |n: usize| Job {
+            settings: settings(),
+            images: vec![image("x"); n],
+        };
+        let other = Job {
+            settings: JobSettings {
+                num_inference_steps: 21,
+                ..settings()
+            },
+            images: vec![image("x")],
+        };
+        let mut q = Queue::default();
+        let mut g = None;
+        q.admit(entry("a", &job(1))).unwrap();
+        q.admit(entry("odd", &other)).unwrap();
+        // The window opens when the first entry is taken, and closes 100 ms later.
+        assert_eq!(q.take(&mut g, t0), Take::Wait(Some(t0 + ms(100))));
+        q.admit(entry("b", &job(2))).unwrap();
+        q.admit(entry("too-big", &job(2))).unwrap();
+        assert_eq!(q.take(&mut g, t0 + ms(50)), Take::Wait(Some(t0 + ms(100))));
+        assert_eq!(names(q.take(&mut g, t0 + ms(100))), ["a", "b"]);
+        // The next batch starts with the oldest waiting entry, whatever its key.
+        assert_eq!(q.take(&mut g, t0 + ms(100)), Take::Wait(Some(t0 + ms(200))));
+        assert_eq!(names(q.take(&mut g, t0 + ms(200))), ["odd"]);
+        assert_eq!(q.take(&mut g, t0 + ms(200)), Take::Wait(Some(t0 + ms(300))));
+        // An entry that does not fit waits for the next batch; a full batch leaves at once.
+        q.admit(entry("c", &job(3))).unwrap();
+        q.admit(entry("d", &job(2))).unwrap();
+        assert_eq!(names(q.take(&mut g, t0 + ms(201))), ["too-big", "d"]);
+        assert_eq!(q.take(&mut g, t0 + ms(201)), Take::Wait(Some(t0 + ms(301))));
+        assert_eq!(names(q.take(&mut g, t0 + ms(301))), ["c"]);
+    }
+
+    #[test]
+    fn stopped_entries_expire_and_never_join_a_batch() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let job = Job {
+            settings: settings(),
+            images: vec![image("x")],
+        };
+        let mut q = Queue::default();
+        let mut g = None;
+        q.admit(entry("a", &job)).unwrap();
+        assert_eq!(q.take(&mut g, t0), Take::Wait(Some(t0 + ms(100))));
+        let late = E {
+            deadline: Some(t0 + ms(20)),
+            ..entry("late", &job)
+        };
+        let gone = E {
+            cancelled: true,
+            ..entry("gone", &job)
+        };
+        q.admit(late).unwrap();
+        q.admit(gone).unwrap();
+        let gone_too = q.admit(entry("gone too", &job)).unwrap();
+        assert_eq!(q.remove(gone_too).map(|e| e.name), Some("gone too"));
+        let expired: Vec<_> = q.expire(t0 + ms(30)).iter().map(|e| e.name).collect();
+        assert_eq!(expired, ["late", "gone"]);
+        assert_eq!(names(q.take(&mut g, t0 + ms(100))), ["a"]);
+        assert_eq!(q.remove(gone_too), None);
+    }
+
+    #[test]
+    fn closing_hands_back_the_waiting_and_refuses_the_rest() {
+        let t0 = Instant::now();
+        let mut q = Queue::default();
+        let mut g = None;
+        q.admit(plain("a")).unwrap();
+        q.admit(plain("b")).unwrap();
+        let left: Vec<_> = q.close().iter().map(|e| e.name).collect();
+        assert_eq!(left, ["a", "b"]);
+        assert!(q.is_closed());
+        assert_eq!(q.admit(plain("c")).map_err(|e| e.name), Err("c"));
+        assert_eq!(q.take(&mut g, t0), Take::Closed);
+    }
+
+    #[test]
+    fn a_closing_queue_releases_a_gathering_batch_at_once() {
+        let t0 = Instant::now();
+        let job = Job {
+            settings: settings(),
+            images: vec![image("x")],
+        };
+        let mut q = Queue::default();
+        let mut g = None;
+        q.admit(entry("a", &job)).unwrap();
+        assert!(matches!(q.take(&mut g, t0), Take::Wait(Some(_))));
+        q.close();
+        assert_eq!(names(q.take(&mut g, t0)), ["a"]);
+        assert_eq!(q.take(&mut g, t0), Take::Closed);
+    }
+
+    /// Every shared setting, each changed on its own. The destructuring lists every field of
+    /// `JobSettings`: a new one does not compile here until it has its case.
+    fn each_shared_setting_changed(base: &JobSettings) -> Vec<(&'static str, JobSettings)> {
+        let JobSettings {
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            scheduler,
+            eta,
+        } = base.clone();
+        vec![
+            (
+                "num_inference_steps",
+                JobSettings {
+                    num_inference_steps: num_inference_steps + 1,
+                    ..base.clone()
+                },
+            ),
+            (
+                "guidance_scale",
+                JobSettings {
+                    guidance_scale: guidance_scale + 0.5,
+                    ..base.clone()
+                },
+            ),
+            (
+                "height",
+                JobSettings {
+                    height: height + 8,
+                    ..base.clone()
+                },
+            ),
+            (
+                "width",
+                JobSettings {
+                    width: width + 8,
+                    ..base.clone()
+                },
+            ),
+            (
+                "scheduler",
+                JobSettings {
+                    scheduler: format!("{scheduler}-other"),
+                    ..base.clone()
+                },
+            ),
+            (
+                "eta",
+                JobSettings {
+                    eta: eta + 0.5,
+                    ..base.clone()
+                },
+            ),
+        ]
+    }
+
+    /// Every per-image field, each changed on its own (same rule for `ImageSpec`).
+    fn each_image_field_changed(base: &ImageSpec) -> Vec<(&'static str, ImageSpec)> {
+        let ImageSpec {
+            prompt,
+            negative_prompt,
+            seed,
+            latents,
+        } = base.clone();
+        vec![
+            (
+                "prompt",
+                ImageSpec {
+                    prompt: format!("{prompt} and more"),
+                    ..base.clone()
+                },
+            ),
+            (
+                "negative_prompt",
+                ImageSpec {
+                    negative_prompt: format!("{negative_prompt}blurry"),
+                    ..base.clone()
+                },
+            ),
+            (
+                "seed",
+                ImageSpec {
+                    seed: seed + 1,
+                    ..base.clone()
+                },
+            ),
+            (
+                "latents",
+                ImageSpec {
+                    latents: match latents {
+                        None => Some(Latents {
+                            shape: [4, 8, 8],
+                            data: vec![0.5; 256],
+                        }),
+                        Some(_) => None,
+                    },
+                    ..base.clone()
+                },
+            ),
+        ]
+    }
+
+    /// Whether two jobs, queued one after the other, leave in one batch.
+    fn merged(a: &Job, b: &Job) -> bool {
+        let t0 = Instant::now();
+        let mut q = Queue::default();
+        let mut g = None;
+        q.admit(entry("a", a)).unwrap();
+        q.admit(entry("b", b)).unwrap();
+        assert!(matches!(q.take(&mut g, t0), Take::Wait(Some(_))));
+        names(q.take(&mut g, t0 + Duration::from_secs(1))).len() == 2
+    }
+
+    #[test]
+    fn jobs_that_differ_in_a_shared_setting_never_share_a_batch() {
+        // `Job` is settings and images, nothing else: a third field does not compile here.
+        let Job { settings, images } = Job {
+            settings: settings(),
+            images: vec![image("a red circle")],
+        };
+        let base = Job {
+            settings: settings.clone(),
+            images: images.clone(),
+        };
+        assert!(merged(&base, &base.clone()), "equal jobs batch together");
+        for (field, changed) in each_shared_setting_changed(&settings) {
+            let other = Job {
+                settings: changed,
+                images: images.clone(),
+            };
+            assert!(
+                !merged(&base, &other),
+                "'{field}' differs, yet the jobs merged"
+            );
+        }
+        for (field, changed) in each_image_field_changed(&images[0]) {
+            let other = Job {
+                settings: settings.clone(),
+                images: vec![changed],
+            };
+            assert!(
+                merged(&base, &other),
+                "'{field}' is per image, yet the jobs did not merge"
+            );
+        }
+        // Another model (or another load of it) never shares a batch either.
+        let mut elsewhere = entry("elsewhere", &base);
+        elsewhere.key.model = 2;
+        assert_ne!(entry("a", &base).key, elsewhere.key);
+    }
+}

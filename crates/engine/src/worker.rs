@@ -1,0 +1,179 @@
+//! The worker threads: each takes the next batch from the queue, runs it on its model's
+//! generator, and answers every member. Model work never runs on a tokio thread.
+
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sdserve_generation::{GenerateError, GeneratedImage, Job};
+
+use crate::batch_control::BatchControl;
+use crate::control::{GENERATING, JobControl, QUEUED, stop_error};
+use crate::engine::{Inner, Shared};
+use crate::error::EngineError;
+use crate::queue::Take;
+use crate::queued::Queued;
+
+pub(crate) fn worker_loop(inner: &Inner) {
+    let mut gathering = None;
+    loop {
+        let mut shared = inner.lock();
+        let batch = loop {
+            let now = Instant::now();
+            for stopped in shared.queue.expire(now) {
+                stopped.answer_stopped(QUEUED);
+            }
+            let next = shared.queue.take(&mut gathering, now);
+            inner.publish_queue_depth(&shared);
+            match next {
+                Take::Batch(batch) => break batch,
+                Take::Closed => return,
+                Take::Wait(None) => shared = inner.wait(shared, None),
+                Take::Wait(Some(at)) => shared = inner.wait(shared, Some(at - now)),
+            }
+        };
+        start(inner, &mut shared, &batch);
+        drop(shared);
+        run_batch(inner, batch);
+    }
+}
+
+/// Marks the batch's members as generating (a deadline now expires "while generating").
+fn start(inner: &Inner, shared: &mut MutexGuard<'_, Shared>, batch: &[Queued]) {
+    for job in batch {
+        job.control
+            .started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        shared.running.push(job.control.clone());
+    }
+    inner.publish_running(shared);
+}
+
+fn finish(inner: &Inner, batch: &[Queued]) {
+    let mut shared = inner.lock();
+    shared
+        .running
+        .retain(|c| !batch.iter().any(|j| Arc::ptr_eq(c, &j.control)));
+    inner.publish_running(&shared);
+}
+
+fn run_batch(inner: &Inner, batch: Vec<Queued>) {
+    let batch = leave_if_stopped(inner, batch);
+    if batch.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let name = batch[0].model.spec.name.clone();
+    for job in &batch {
+        let wait = (started - job.enqueued).as_secs_f64();
+        inner.metrics.queue_wait.observe(&[], wait);
+        inner.metrics.queue_wait_long.observe(&[], wait);
+    }
+    let merged = Job::merge(&batch[0].key.settings, batch.iter().map(|q| &q.job));
+    inner
+        .metrics
+        .batch_images
+        .observe(&[&name], merged.images.len() as f64);
+    let result = generate(inner, &batch, &merged, &name);
+    let generation = started.elapsed();
+    inner
+        .metrics
+        .generation_seconds
+        .observe(&[&name], generation.as_secs_f64());
+    finish(inner, &batch);
+    fan_out(batch, result, merged.images.len(), started, generation);
+}
+
+/// Members that stopped while the batch gathered (deadline, client gone) leave before it
+/// starts, so that their slots are free at once.
+fn leave_if_stopped(inner: &Inner, batch: Vec<Queued>) -> Vec<Queued> {
+    let (live, stopped): (Vec<Queued>, Vec<Queued>) = batch
+        .into_iter()
+        .partition(|j| j.control.stopped().is_none());
+    if !stopped.is_empty() {
+        finish(inner, &stopped);
+        for job in stopped {
+            job.answer_stopped(QUEUED);
+        }
+    }
+    live
+}
+
+/// Runs the merged job; a panic inside model code fails this batch, not the worker.
+fn generate(
+    inner: &Inner,
+    batch: &[Queued],
+    merged: &Job,
+    name: &str,
+) -> Result<Vec<GeneratedImage>, GenerateError> {
+    let controls: Vec<Arc<JobControl>> = batch.iter().map(|j| j.control.clone()).collect();
+    let mut control = BatchControl::new(
+        &controls,
+        batch.iter().map(|j| j.job.images.len()),
+        &inner.metrics.step_seconds,
+        name,
+    );
+    let model = &batch[0].model;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.generator.generate(merged, &mut control)
+    }))
+    .unwrap_or_else(|p| {
+        let message = panic_message(p.as_ref());
+        tracing::error!(model = name, stage = "generation", cause = %message, "the model panicked; the batch fails");
+        Err(GenerateError::Internal {
+            stage: "generation".into(),
+            message,
+        })
+    })
+}
+
+/// Gives every member its own images, or its error.
+fn fan_out(
+    batch: Vec<Queued>,
+    result: Result<Vec<GeneratedImage>, GenerateError>,
+    expected: usize,
+    started: Instant,
+    generation: Duration,
+) {
+    match result {
+        Ok(images) if images.len() == expected => {
+            let mut images = images.into_iter();
+            for job in batch {
+                let mine: Vec<GeneratedImage> =
+                    images.by_ref().take(job.job.images.len()).collect();
+                // Sent even if the job was cancelled meanwhile: a finished image is never
+                // thrown away while someone still waits for it.
+                let waited = started - job.enqueued;
+                job.answer(Ok((mine, waited, generation)));
+            }
+        }
+        Ok(images) => {
+            let err = EngineError::Internal {
+                stage: "generation".into(),
+                message: format!(
+                    "model returned {} images for {expected} requested",
+                    images.len()
+                ),
+            };
+            for job in batch {
+                job.answer(Err(err.clone()));
+            }
+        }
+        Err(e) => {
+            for job in batch {
+                let err = match job.control.stopped() {
+                    Some(r) => stop_error(r, job.timeout_ms, GENERATING),
+                    None => EngineError::from_generate(e.clone(), job.timeout_ms),
+                };
+                job.answer(Err(err));
+            }
+        }
+    }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panic".into())
+}

@@ -1,0 +1,73 @@
+//! A validated generation, split into what its images must share and what each image owns.
+//!
+//! The split is the batching rule: jobs whose [`JobSettings`] are equal may run as one batch
+//! (the engine's batch key is the model plus these settings), and nothing else may differ
+//! between the images of a batch but their [`ImageSpec`]s. A new setting therefore has to be
+//! put on one side or the other; the engine's batch-key tests list both sides exhaustively,
+//! so a field added to either struct does not compile there until its test case is written.
+
+/// The scheduler whose `eta` a request may set (others are deterministic or draw their own
+/// noise).
+pub const ETA_SCHEDULER: &str = "ddim";
+
+/// Settings every image of a job (and of a batch) shares: they shape the denoising loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSettings {
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance is off when `<= 1`.
+    pub guidance_scale: f64,
+    pub height: usize,
+    pub width: usize,
+    /// One of the model's [`crate::ModelDescription::schedulers`].
+    pub scheduler: String,
+    /// DDIM's eta (0 = deterministic DDIM); always 0 for other schedulers.
+    pub eta: f64,
+}
+
+impl JobSettings {
+    /// Whether `eta` means anything for this job's scheduler (and is reported back).
+    pub fn uses_eta(&self) -> bool {
+        self.scheduler == ETA_SCHEDULER
+    }
+}
+
+/// Exact initial latents for one image, `(channels, height / f, width / f)` row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latents {
+    pub shape: [usize; 3],
+    pub data: Vec<f32>,
+}
+
+/// One image to produce: everything in which images of one batch may differ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// Seeds this image's own host-side RNG: initial latents (unless given) and any
+    /// per-step noise of ancestral schedulers.
+    pub seed: u64,
+    pub latents: Option<Latents>,
+}
+
+/// A validated generation: every field is within the model's bounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub settings: JobSettings,
+    /// In output order: prompt 0 image 0, prompt 0 image 1, ..., prompt 1 image 0, ...
+    pub images: Vec<ImageSpec>,
+}
+
+impl Job {
+    /// One job made of several with the same settings, images in the order given.
+    pub fn merge<'a>(settings: &JobSettings, jobs: impl IntoIterator<Item = &'a Job>) -> Job {
+        let images = jobs
+            .into_iter()
+            .inspect(|j| debug_assert_eq!(&j.settings, settings, "merged jobs share settings"))
+            .flat_map(|j| j.images.iter().cloned())
+            .collect();
+        Job {
+            settings: settings.clone(),
+            images,
+        }
+    }
+}

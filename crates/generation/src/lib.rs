@@ -1,0 +1,24 @@
+//! What a generation is, independent of transports, queues and tensors: the request every
+//! transport decodes into, its validation against a model into a [`Job`], and the
+//! [`Generator`] seam a model implements.
+//!
+//! # Layout
+//! - [`request`]: [`GenerationRequest`], what the client asked for (`None` = default).
+//! - [`limits`]: a model's [`GenerationDefaults`] and [`Limits`].
+//! - [`resolve`]: request + model → [`Job`], or a [`ValidationError`] naming the field.
+//! - [`job`]: [`Job`] = [`JobSettings`] (shared by a batch) + one [`ImageSpec`] per image.
+//! - [`generator`]: the synchronous [`Generator`] trait, [`ModelDescription`], [`StepControl`].
+
+pub mod generator;
+pub mod job;
+pub mod limits;
+pub mod request;
+pub mod resolve;
+
+pub use generator::{
+    GenerateError, GeneratedImage, Generator, ModelDescription, RunToEnd, StepControl, StopReason,
+};
+pub use job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents};
+pub use limits::{GenerationDefaults, Limits};
+pub use request::{GenerationRequest, LatentsInput};
+pub use resolve::{ValidationError, random_seed};

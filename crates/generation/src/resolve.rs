@@ -1,0 +1,572 @@
+//! Validation: a [`GenerationRequest`] plus the model's description, defaults and limits
+//! become a [`Job`], or a [`ValidationError`] naming the field, before anything is queued.
+//! Defaults are held to the limits too: a model whose defaults exceed them must not serve
+//! such requests quietly.
+
+use crate::generator::ModelDescription;
+use crate::job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents};
+use crate::limits::{GenerationDefaults, Limits};
+use crate::request::{GenerationRequest, LatentsInput};
+
+/// A request that is out of bounds for this model: a 400 naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+fn invalid(msg: impl Into<String>) -> ValidationError {
+    ValidationError(msg.into())
+}
+
+/// Said of a value the request did not give.
+const DEFAULT: &str = " (the model's default)";
+
+/// Seeds for requests that give none: different per request, not reproducible.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// What the model and its settings allow, in one place for the checks below.
+struct Bounds<'a> {
+    model: &'a ModelDescription,
+    defaults: &'a GenerationDefaults,
+    limits: &'a Limits,
+}
+
+impl GenerationRequest {
+    /// Applies defaults and checks every field against the model and its limits.
+    pub fn resolve(
+        &self,
+        model: &ModelDescription,
+        defaults: &GenerationDefaults,
+        limits: &Limits,
+        random_seed: impl FnMut() -> u64,
+    ) -> Result<Job, ValidationError> {
+        let b = Bounds {
+            model,
+            defaults,
+            limits,
+        };
+        let negatives = self.prompts_and_negatives(limits)?;
+        let num_inference_steps = self.steps(&b)?;
+        let guidance_scale = self.guidance(&b)?;
+        let (height, width) = self.size(&b)?;
+        let per_prompt = self.images_per_prompt(limits)?;
+        let (scheduler, eta) = self.scheduler_and_eta(&b)?;
+        self.check_output_format()?;
+        let settings = JobSettings {
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            scheduler,
+            eta,
+        };
+        let n_images = self.prompts.len() * per_prompt;
+        let seeds = self.seeds(n_images, random_seed)?;
+        let latents = self.latents(model, &settings, n_images)?;
+
+        let mut images = Vec::with_capacity(n_images);
+        let per_image = seeds.into_iter().zip(latents);
+        let mut per_image = per_image.into_iter();
+        for (prompt, negative) in self.prompts.iter().zip(&negatives) {
+            for (seed, latents) in per_image.by_ref().take(per_prompt) {
+                images.push(ImageSpec {
+                    prompt: prompt.clone(),
+                    negative_prompt: negative.clone(),
+                    seed,
+                    latents,
+                });
+            }
+        }
+        Ok(Job { settings, images })
+    }
+
+    /// Checks the prompts; returns the negative prompt of each prompt.
+    fn prompts_and_negatives(&self, limits: &Limits) -> Result<Vec<String>, ValidationError> {
+        let n = self.prompts.len();
+        if n == 0 {
+            return Err(invalid("'prompt' must hold at least one prompt"));
+        }
+        if n > limits.max_prompts {
+            return Err(invalid(format!(
+                "'prompt' holds {n} prompts; at most {} are allowed per request",
+                limits.max_prompts
+            )));
+        }
+        check_lengths("prompt", &self.prompts, limits)?;
+        let negatives: Vec<String> = match &self.negative_prompts {
+            None => vec![String::new(); n],
+            Some(v) if v.len() == 1 => vec![v[0].clone(); n],
+            Some(v) if v.len() == n => v.clone(),
+            Some(v) => {
+                return Err(invalid(format!(
+                    "'negative_prompt' has {} elements; give one for all prompts or one per prompt ({n})",
+                    v.len()
+                )));
+            }
+        };
+        check_lengths("negative_prompt", &negatives, limits)?;
+        Ok(negatives)
+    }
+
+    fn steps(&self, b: &Bounds) -> Result<usize, ValidationError> {
+        let (steps, source) = match self.num_inference_steps {
+            None => (i128::from(b.defaults.num_inference_steps as u64), DEFAULT),
+            Some(n) => (i128::from(n), ""),
+        };
+        let max = b.limits.max_num_inference_steps;
+        if steps < 1 || steps > max as i128 {
+            return Err(invalid(format!(
+                "'num_inference_steps' is {steps}{source}; it must be between 1 and {max}"
+            )));
+        }
+        Ok(steps as usize)
+    }
+
+    fn guidance(&self, b: &Bounds) -> Result<f64, ValidationError> {
+        let g = self.guidance_scale.unwrap_or(b.defaults.guidance_scale);
+        let max = b.limits.max_guidance_scale;
+        if !g.is_finite() || g < 0.0 || g > max {
+            return Err(invalid(format!(
+                "'guidance_scale' is {g}; it must be a finite number between 0 and {max}"
+            )));
+        }
+        Ok(g)
+    }
+
+    /// `(height, width)`: multiples of 8 and of the VAE factor, within the size limits.
+    fn size(&self, b: &Bounds) -> Result<(usize, usize), ValidationError> {
+        let (model, limits) = (b.model, b.limits);
+        let height = side(
+            "height",
+            self.height,
+            b.defaults.height.unwrap_or(model.native_height),
+            limits.max_height,
+        )?;
+        let width = side(
+            "width",
+            self.width,
+            b.defaults.width.unwrap_or(model.native_width),
+            limits.max_width,
+        )?;
+        if height
+            .checked_mul(width)
+            .is_none_or(|pixels| pixels > limits.max_pixels)
+        {
+            return Err(invalid(format!(
+                "'height' × 'width' is {height}×{width} = {} pixels; at most {} are allowed",
+                height as u128 * width as u128,
+                limits.max_pixels
+            )));
+        }
+        let f = model.vae_scale_factor;
+        if height % f != 0 || width % f != 0 {
+            return Err(invalid(format!(
+                "'height' and 'width' must be multiples of {f} for this model"
+            )));
+        }
+        Ok((height, width))
+    }
+
+    /// Images per prompt; the total is at most `max_prompts` × `max_images`, both bounded by
+    /// u32, so it cannot overflow.
+    fn images_per_prompt(&self, limits: &Limits) -> Result<usize, ValidationError> {
+        let per_prompt = match self.num_images_per_prompt {
+            None => 1,
+            Some(n) if n >= 1 && (n as u64) <= limits.max_images as u64 => n as usize,
+            Some(n) => {
+                return Err(invalid(format!(
+                    "'num_images_per_prompt' is {n}; it must be between 1 and {}",
+                    limits.max_images
+                )));
+            }
+        };
+        let n_prompts = self.prompts.len();
+        let n_images = n_prompts * per_prompt;
+        if n_images > limits.max_images {
+            return Err(invalid(format!(
+                "the request asks for {n_images} images ({n_prompts} prompts × {per_prompt}); at most {} are allowed",
+                limits.max_images
+            )));
+        }
+        Ok(per_prompt)
+    }
+
+    fn scheduler_and_eta(&self, b: &Bounds) -> Result<(String, f64), ValidationError> {
+        let scheduler = self
+            .scheduler
+            .clone()
+            .or_else(|| b.defaults.scheduler.clone())
+            .unwrap_or_else(|| b.model.default_scheduler.clone());
+        if !b.model.schedulers.contains(&scheduler) {
+            return Err(invalid(format!(
+                "unknown scheduler '{scheduler}'; available: {}",
+                b.model.schedulers.join(", ")
+            )));
+        }
+        let eta = self.eta.unwrap_or(0.0);
+        if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
+            return Err(invalid(format!(
+                "'eta' is {eta}; it must be between 0 and 1"
+            )));
+        }
+        if eta != 0.0 && scheduler != ETA_SCHEDULER {
+            return Err(invalid(format!(
+                "'eta' only applies to the {ETA_SCHEDULER} scheduler, not '{scheduler}'"
+            )));
+        }
+        Ok((scheduler, eta))
+    }
+
+    fn check_output_format(&self) -> Result<(), ValidationError> {
+        match &self.output_format {
+            Some(fmt) if !fmt.eq_ignore_ascii_case("png") => Err(invalid(format!(
+                "'output_format' is '{fmt}'; only 'png' is supported"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// One seed per image: as given, or consecutive from one seed (given or random).
+    fn seeds(
+        &self,
+        n_images: usize,
+        mut random_seed: impl FnMut() -> u64,
+    ) -> Result<Vec<u64>, ValidationError> {
+        let consecutive = |first: u64| {
+            (0..n_images as u64)
+                .map(|i| first.wrapping_add(i))
+                .collect()
+        };
+        match &self.seeds {
+            None => Ok(consecutive(random_seed())),
+            Some(s) if s.len() == 1 => Ok(consecutive(s[0])),
+            Some(s) if s.len() == n_images => Ok(s.clone()),
+            Some(s) => Err(invalid(format!(
+                "'seed' has {} elements; give one seed or one per image ({n_images})",
+                s.len()
+            ))),
+        }
+    }
+
+    /// Each image's explicit latents, if the request gave them.
+    fn latents(
+        &self,
+        model: &ModelDescription,
+        settings: &JobSettings,
+        n_images: usize,
+    ) -> Result<Vec<Option<Latents>>, ValidationError> {
+        let Some(LatentsInput { shape, data }) = &self.latents else {
+            return Ok(vec![None; n_images]);
+        };
+        let f = model.vae_scale_factor;
+        let latent_shape = [
+            model.latent_channels,
+            settings.height / f,
+            settings.width / f,
+        ];
+        let expected = [n_images, latent_shape[0], latent_shape[1], latent_shape[2]];
+        if shape.as_slice() != expected {
+            return Err(invalid(format!(
+                "input 'latents' has shape {shape:?}; this request needs {expected:?} (images, channels, height/{f}, width/{f})"
+            )));
+        }
+        let per = latent_shape.iter().product::<usize>();
+        Ok(data
+            .chunks(per)
+            .map(|c| {
+                Some(Latents {
+                    shape: latent_shape,
+                    data: c.to_vec(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// `'name' element i` of `texts` must fit `max_prompt_bytes`.
+fn check_lengths(name: &str, texts: &[String], limits: &Limits) -> Result<(), ValidationError> {
+    match texts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() > limits.max_prompt_bytes)
+    {
+        Some((i, p)) => Err(invalid(format!(
+            "'{name}' element {i} is {} bytes; at most {} bytes are allowed",
+            p.len(),
+            limits.max_prompt_bytes
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// One side of the image: the request's value or the default, a multiple of 8 up to `max`.
+fn side(
+    name: &str,
+    given: Option<i64>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ValidationError> {
+    let (v, source) = match given {
+        None => (default as i128, DEFAULT),
+        Some(v) => (i128::from(v), ""),
+    };
+    if v < 8 || v % 8 != 0 || v > max as i128 {
+        return Err(invalid(format!(
+            "'{name}' is {v}{source}; it must be a multiple of 8 between 8 and {max}"
+        )));
+    }
+    Ok(v as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelDescription {
+        ModelDescription {
+            native_height: 64,
+            native_width: 64,
+            vae_scale_factor: 8,
+            latent_channels: 4,
+            default_scheduler: "pndm".into(),
+            schedulers: vec!["pndm".into(), "ddim".into(), "euler".into()],
+            family: "sd1".into(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        }
+    }
+
+    fn req(prompts: &[&str]) -> GenerationRequest {
+        GenerationRequest {
+            prompts: prompts.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn resolve(r: &GenerationRequest) -> Result<Job, ValidationError> {
+        r.resolve(
+            &model(),
+            &GenerationDefaults::default(),
+            &Limits::default(),
+            || 100,
+        )
+    }
+
+    #[test]
+    fn defaults_fill_everything() {
+        let job = resolve(&req(&["a", "b"])).unwrap();
+        let s = &job.settings;
+        assert_eq!((s.height, s.width, s.num_inference_steps), (64, 64, 30));
+        assert_eq!(s.scheduler, "pndm");
+        assert_eq!(s.guidance_scale, 7.5);
+        let seeds: Vec<u64> = job.images.iter().map(|i| i.seed).collect();
+        assert_eq!(seeds, [100, 101]);
+        assert_eq!(job.images[1].negative_prompt, "");
+    }
+
+    #[test]
+    fn images_come_in_prompt_order_with_consecutive_seeds() {
+        let mut r = req(&["a", "b"]);
+        r.num_images_per_prompt = Some(2);
+        r.seeds = Some(vec![7]);
+        r.negative_prompts = Some(vec!["x".into(), "y".into()]);
+        let job = resolve(&r).unwrap();
+        let got: Vec<(&str, &str, u64)> = job
+            .images
+            .iter()
+            .map(|i| (i.prompt.as_str(), i.negative_prompt.as_str(), i.seed))
+            .collect();
+        assert_eq!(
+            got,
+            [("a", "x", 7), ("a", "x", 8), ("b", "y", 9), ("b", "y", 10)]
+        );
+    }
+
+    #[test]
+    fn every_bound_is_enforced_with_a_named_field() {
+        let cases: Vec<(GenerationRequest, &str)> = vec![
+            (
+                GenerationRequest {
+                    num_inference_steps: Some(0),
+                    ..req(&["a"])
+                },
+                "'num_inference_steps' is 0",
+            ),
+            (
+                GenerationRequest {
+                    num_inference_steps: Some(151),
+                    ..req(&["a"])
+                },
+                "between 1 and 150",
+            ),
+            (
+                GenerationRequest {
+                    height: Some(60),
+                    ..req(&["a"])
+                },
+                "'height' is 60",
+            ),
+            (
+                GenerationRequest {
+                    width: Some(0),
+                    ..req(&["a"])
+                },
+                "'width' is 0",
+            ),
+            (
+                GenerationRequest {
+                    width: Some(-8),
+                    ..req(&["a"])
+                },
+                "'width' is -8",
+            ),
+            (
+                GenerationRequest {
+                    height: Some(2048),
+                    width: Some(2048),
+                    ..req(&["a"])
+                },
+                "pixels",
+            ),
+            (
+                GenerationRequest {
+                    guidance_scale: Some(-1.0),
+                    ..req(&["a"])
+                },
+                "'guidance_scale'",
+            ),
+            (
+                GenerationRequest {
+                    scheduler: Some("heun".into()),
+                    ..req(&["a"])
+                },
+                "unknown scheduler 'heun'",
+            ),
+            (
+                GenerationRequest {
+                    eta: Some(0.5),
+                    ..req(&["a"])
+                },
+                "only applies to the ddim",
+            ),
+            (
+                GenerationRequest {
+                    num_images_per_prompt: Some(17),
+                    ..req(&["a"])
+                },
+                "'num_images_per_prompt'",
+            ),
+            (
+                GenerationRequest {
+                    num_images_per_prompt: Some(9),
+                    ..req(&["a", "b"])
+                },
+                "18 images",
+            ),
+            (
+                GenerationRequest {
+                    seeds: Some(vec![1, 2, 3]),
+                    ..req(&["a", "b"])
+                },
+                "'seed' has 3",
+            ),
+            (
+                GenerationRequest {
+                    output_format: Some("jpeg".into()),
+                    ..req(&["a"])
+                },
+                "'output_format'",
+            ),
+            (req(&vec!["a"; 17]), "17 prompts"),
+            (req(&["x".repeat(5000).as_str()]), "5000 bytes"),
+            (
+                GenerationRequest {
+                    latents: Some(LatentsInput {
+                        shape: vec![1, 4, 4, 4],
+                        data: vec![0.0; 64],
+                    }),
+                    ..req(&["a"])
+                },
+                "needs [1, 4, 8, 8]",
+            ),
+        ];
+        for (r, expected) in cases {
+            let err = resolve(&r).unwrap_err();
+            assert!(err.0.contains(expected), "{err} (expected '{expected}')");
+        }
+    }
+
+    #[test]
+    fn defaults_outside_the_limits_are_refused_and_sizes_never_overflow() {
+        let limits = Limits {
+            max_num_inference_steps: 20,
+            max_height: 512,
+            ..Limits::default()
+        };
+        let defaults = GenerationDefaults {
+            num_inference_steps: 30,
+            ..Default::default()
+        };
+        let err = req(&["a"])
+            .resolve(&model(), &defaults, &limits, || 1)
+            .unwrap_err();
+        assert!(
+            err.0
+                .contains("'num_inference_steps' is 30 (the model's default)"),
+            "{err}"
+        );
+
+        // A model whose native size is absurd: its default size is refused, not multiplied.
+        let huge = ModelDescription {
+            native_height: 1 << 40,
+            native_width: 1 << 40,
+            ..model()
+        };
+        let err = req(&["a"])
+            .resolve(
+                &huge,
+                &GenerationDefaults::default(),
+                &Limits::default(),
+                || 1,
+            )
+            .unwrap_err();
+        assert!(err.0.contains("(the model's default)"), "{err}");
+        let wide = Limits {
+            max_height: usize::MAX,
+            max_width: usize::MAX,
+            ..Limits::default()
+        };
+        let r = GenerationRequest {
+            height: Some(1 << 40),
+            width: Some(1 << 40),
+            ..req(&["a"])
+        };
+        let err = r
+            .resolve(&model(), &GenerationDefaults::default(), &wide, || 1)
+            .unwrap_err();
+        assert!(err.0.contains("pixels"), "{err}");
+    }
+
+    #[test]
+    fn latents_are_split_per_image() {
+        let data: Vec<f32> = (0..512).map(|i| i as f32).collect();
+        let r = GenerationRequest {
+            latents: Some(LatentsInput {
+                shape: vec![2, 4, 8, 8],
+                data,
+            }),
+            ..req(&["a", "b"])
+        };
+        let job = resolve(&r).unwrap();
+        assert_eq!(job.images[1].latents.as_ref().unwrap().data[0], 256.0);
+    }
+}
