@@ -209,9 +209,18 @@ mod tests {
     #[test]
     fn paths_go_to_the_service_they_name() {
         let dataplane = "inference.GRPCInferenceService";
-        assert!(belongs_to("/inference.GRPCInferenceService/ModelInfer", dataplane));
-        assert!(!belongs_to("/inference.GRPCInferenceServiceX/ModelInfer", dataplane));
-        assert!(!belongs_to("inference.GRPCInferenceService/ModelInfer", dataplane));
+        assert!(belongs_to(
+            "/inference.GRPCInferenceService/ModelInfer",
+            dataplane
+        ));
+        assert!(!belongs_to(
+            "/inference.GRPCInferenceServiceX/ModelInfer",
+            dataplane
+        ));
+        assert!(!belongs_to(
+            "inference.GRPCInferenceService/ModelInfer",
+            dataplane
+        ));
         assert!(!belongs_to(
             "/inference.model_repository.ModelRepositoryService/RepositoryIndex",
             dataplane

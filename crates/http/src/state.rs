@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use sdserve_serving::Service;
+/// MLServer's `cors_settings`, as the settings file gives them.
+pub use sdserve_settings::CorsSettings as Cors;
 
 /// Settings only the REST face has.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,18 +14,6 @@ pub struct HttpConfig {
     pub gzip_enabled: bool,
     /// `cors_settings`: no CORS headers at all when `None`, as in MLServer.
     pub cors: Option<Cors>,
-}
-
-/// MLServer's `cors_settings`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Cors {
-    pub allow_origins: Vec<String>,
-    pub allow_origin_regex: Option<String>,
-    pub allow_credentials: bool,
-    pub allow_methods: Vec<String>,
-    pub allow_headers: Vec<String>,
-    pub expose_headers: Vec<String>,
-    pub max_age: u64,
 }
 
 pub struct AppState {

@@ -89,6 +89,7 @@ fn materialised(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::tests::max_diff;
     use candle_core::Device;
 
     /// The textbook formula, with candle's own ops.
@@ -100,19 +101,6 @@ mod tests {
         candle_nn::ops::softmax_last_dim(&scores)
             .unwrap()
             .matmul(v)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 

@@ -329,200 +329,14 @@ impl UNetConfig {
                 format!("{class} is not a UNet2DConditionModel"),
             ));
         }
-        // Keys whose non-default values add layers or change the computation; none is used by
-        // SD 1.x / 2.x checkpoints.
-        let not_modelled = "this layer is not implemented";
-        f.require_null(
-            "addition_embed_type",
-            "SDXL-style added conditioning; SDXL is not supported yet",
-        )?;
-        f.require_null("class_embed_type", not_modelled)?;
-        f.require_null("num_class_embeds", not_modelled)?;
-        f.require_null(
-            "time_cond_proj_dim",
-            "timestep conditioning (LCM) is not implemented",
-        )?;
-        f.require_null("encoder_hid_dim", not_modelled)?;
-        f.require_null("encoder_hid_dim_type", not_modelled)?;
-        f.require_null("time_embedding_dim", not_modelled)?;
-        f.require_null("time_embedding_act_fn", not_modelled)?;
-        f.require_null("timestep_post_act", not_modelled)?;
-        f.require_null("reverse_transformer_layers_per_block", not_modelled)?;
-        f.require("time_embedding_type", "positional".into(), not_modelled)?;
-        f.require("resnet_time_scale_shift", "default".into(), not_modelled)?;
-        f.require(
-            "mid_block_type",
-            "UNetMidBlock2DCrossAttn".into(),
-            "only the cross-attention mid block is implemented",
-        )?;
-        f.require("attention_type", "default".into(), not_modelled)?;
-        f.require("dual_cross_attention", false.into(), not_modelled)?;
-        f.require("class_embeddings_concat", false.into(), not_modelled)?;
-        if !matches!(f.string("act_fn", "silu")?.as_str(), "silu" | "swish") {
-            return Err(f.err("act_fn", "only silu is supported"));
-        }
-        if let Some(Value::Null) = f.map.get("mid_block_type") {
-            return Err(f.err(
-                "mid_block_type",
-                "a UNet without a mid block is not supported",
-            ));
-        }
-        match f.get("only_cross_attention") {
-            None | Some(Value::Bool(false)) => {}
-            Some(Value::Array(list)) if list.iter().all(|v| *v == Value::Bool(false)) => {}
-            Some(v) => {
-                return Err(f.err(
-                    "only_cross_attention",
-                    format!(
-                        "value {v} is not supported (transformer blocks always self-attend here)"
-                    ),
-                ));
-            }
-        }
-        let kernel = |key: &str| -> Result<usize> {
-            let k = f.usize(key, 3)?;
-            if k % 2 == 0 {
-                return Err(f.err(key, format!("{k} is not supported, only odd kernel sizes")));
-            }
-            Ok(k)
-        };
-        let conv_in_kernel = kernel("conv_in_kernel")?;
-        let conv_out_kernel = kernel("conv_out_kernel")?;
-
-        let down = f.strings("down_block_types")?;
-        let up = f.strings("up_block_types")?;
-        let channels = f.usizes("block_out_channels")?;
-        let n = down.len();
-        if n == 0 {
-            return Err(f.err("down_block_types", "is empty"));
-        }
-        f.at_most("down_block_types", n, MAX_UNET_BLOCKS)?;
-        if up.len() != n {
-            return Err(f.err(
-                "up_block_types",
-                format!("has {} entries, down_block_types has {n}", up.len()),
-            ));
-        }
-        if channels.len() != n {
-            return Err(f.err(
-                "block_out_channels",
-                format!("has {} entries, down_block_types has {n}", channels.len()),
-            ));
-        }
-        if channels.contains(&0) {
-            return Err(f.err(
-                "block_out_channels",
-                "channel counts must be greater than 0",
-            ));
-        }
-        let norm_num_groups = match f.map.get("norm_num_groups") {
-            Some(Value::Null) => {
-                return Err(f.err("norm_num_groups", "null (no output norm) is not supported"));
-            }
-            _ => f.positive("norm_num_groups", 32)?,
-        };
-        for (i, c) in channels.iter().enumerate() {
-            if c % norm_num_groups != 0 {
-                return Err(f.err(
-                    "block_out_channels",
-                    format!("block {i} has {c} channels, not a multiple of norm_num_groups {norm_num_groups}"),
-                ));
-            }
-        }
-
-        let heads_key = if f.get("num_attention_heads").is_some() {
-            "num_attention_heads"
-        } else {
-            "attention_head_dim"
-        };
-        let heads = f.per_block(heads_key, n, Some(8))?;
-        let layers = f.per_block("layers_per_block", n, Some(2))?;
-        let transformer_layers = f.per_block("transformer_layers_per_block", n, Some(1))?;
-        let cross_dims = f.per_block("cross_attention_dim", n, Some(1280))?;
-
-        let mut blocks = Vec::with_capacity(n);
-        for i in 0..n {
-            let down_cross_attn = match down[i].as_str() {
-                "CrossAttnDownBlock2D" => true,
-                "DownBlock2D" => false,
-                other => {
-                    return Err(f.err(
-                        "down_block_types",
-                        format!("block type {other} is not supported"),
-                    ));
-                }
-            };
-            let up_cross_attn = match up[n - 1 - i].as_str() {
-                "CrossAttnUpBlock2D" => true,
-                "UpBlock2D" => false,
-                other => {
-                    return Err(f.err(
-                        "up_block_types",
-                        format!("block type {other} is not supported"),
-                    ));
-                }
-            };
-            if layers[i] == 0 {
-                return Err(f.err("layers_per_block", "must be greater than 0"));
-            }
-            f.at_most("layers_per_block", layers[i], MAX_BLOCK_LAYERS)?;
-            f.at_most(
-                "transformer_layers_per_block",
-                transformer_layers[i],
-                MAX_BLOCK_LAYERS,
-            )?;
-            // The last level's attention settings also configure the mid block.
-            let attends = down_cross_attn || up_cross_attn || i == n - 1;
-            if attends {
-                if heads[i] == 0 || channels[i] % heads[i] != 0 {
-                    return Err(f.err(
-                        heads_key,
-                        format!(
-                            "{} heads do not divide the {} channels of block {i}",
-                            heads[i], channels[i]
-                        ),
-                    ));
-                }
-                if transformer_layers[i] == 0 {
-                    return Err(f.err("transformer_layers_per_block", "must be greater than 0"));
-                }
-                if cross_dims[i] == 0 {
-                    return Err(f.err("cross_attention_dim", "must be greater than 0"));
-                }
-            }
-            blocks.push(UNetBlock {
-                out_channels: channels[i],
-                layers: layers[i],
-                down_cross_attn,
-                up_cross_attn,
-                transformer_layers: transformer_layers[i],
-                heads: heads[i],
-                cross_attention_dim: cross_dims[i],
-            });
-        }
-
-        let sample_size = match f.get("sample_size") {
-            None => return Err(f.err("sample_size", "missing")),
-            Some(Value::Array(list)) if list.len() == 2 => (
-                f.usize_of("sample_size", &list[0])?,
-                f.usize_of("sample_size", &list[1])?,
-            ),
-            Some(v) => {
-                let s = f.usize_of("sample_size", v)?;
-                (s, s)
-            }
-        };
-        if sample_size.0 == 0 || sample_size.1 == 0 {
-            return Err(f.err("sample_size", "must be greater than 0"));
-        }
-        f.at_most(
-            "sample_size",
-            sample_size.0.max(sample_size.1),
-            MAX_SAMPLE_SIZE,
-        )?;
-
+        refuse_unmodelled(f)?;
+        let conv_in_kernel = odd_kernel(f, "conv_in_kernel")?;
+        let conv_out_kernel = odd_kernel(f, "conv_out_kernel")?;
+        let (down, up, channels) = block_lists(f)?;
+        let norm_num_groups = norm_groups(f, &channels)?;
+        let blocks = unet_blocks(f, &down, &up, &channels)?;
         Ok(Self {
-            sample_size,
+            sample_size: sample_size(f)?,
             in_channels: f.positive("in_channels", 4)?,
             out_channels: f.positive("out_channels", 4)?,
             center_input_sample: f.bool("center_input_sample", false)?,
@@ -548,6 +362,280 @@ impl UNetConfig {
             .chain(std::iter::once(self.mid_block()))
             .map(|b| b.cross_attention_dim)
     }
+}
+
+const NOT_MODELLED: &str = "this layer is not implemented";
+
+/// UNet keys whose values add layers or change the computation, and which must therefore be
+/// absent (or null); none is used by SD 1.x / 2.x checkpoints.
+const UNET_ABSENT: &[(&str, &str)] = &[
+    (
+        "addition_embed_type",
+        "SDXL-style added conditioning; SDXL is not supported yet",
+    ),
+    ("class_embed_type", NOT_MODELLED),
+    ("num_class_embeds", NOT_MODELLED),
+    (
+        "time_cond_proj_dim",
+        "timestep conditioning (LCM) is not implemented",
+    ),
+    ("encoder_hid_dim", NOT_MODELLED),
+    ("encoder_hid_dim_type", NOT_MODELLED),
+    ("time_embedding_dim", NOT_MODELLED),
+    ("time_embedding_act_fn", NOT_MODELLED),
+    ("timestep_post_act", NOT_MODELLED),
+    ("reverse_transformer_layers_per_block", NOT_MODELLED),
+];
+
+/// UNet keys that may only hold the value implemented here: `(key, value, why)`.
+const UNET_FIXED: &[(&str, Fixed, &str)] = &[
+    (
+        "time_embedding_type",
+        Fixed::Str("positional"),
+        NOT_MODELLED,
+    ),
+    (
+        "resnet_time_scale_shift",
+        Fixed::Str("default"),
+        NOT_MODELLED,
+    ),
+    (
+        "mid_block_type",
+        Fixed::Str("UNetMidBlock2DCrossAttn"),
+        "only the cross-attention mid block is implemented",
+    ),
+    ("attention_type", Fixed::Str("default"), NOT_MODELLED),
+    ("dual_cross_attention", Fixed::Bool(false), NOT_MODELLED),
+    ("class_embeddings_concat", Fixed::Bool(false), NOT_MODELLED),
+];
+
+/// A config value written in a table.
+#[derive(Debug, Clone, Copy)]
+enum Fixed {
+    Str(&'static str),
+    Bool(bool),
+}
+
+impl From<Fixed> for Value {
+    fn from(f: Fixed) -> Value {
+        match f {
+            Fixed::Str(s) => s.into(),
+            Fixed::Bool(b) => b.into(),
+        }
+    }
+}
+
+/// Refuses every UNet setting this implementation does not compute as diffusers would.
+fn refuse_unmodelled(f: &JsonFile) -> Result<()> {
+    for (key, why) in UNET_ABSENT {
+        f.require_null(key, why)?;
+    }
+    for (key, value, why) in UNET_FIXED {
+        f.require(key, (*value).into(), why)?;
+    }
+    if !matches!(f.string("act_fn", "silu")?.as_str(), "silu" | "swish") {
+        return Err(f.err("act_fn", "only silu is supported"));
+    }
+    if let Some(Value::Null) = f.map.get("mid_block_type") {
+        return Err(f.err(
+            "mid_block_type",
+            "a UNet without a mid block is not supported",
+        ));
+    }
+    match f.get("only_cross_attention") {
+        None | Some(Value::Bool(false)) => Ok(()),
+        Some(Value::Array(list)) if list.iter().all(|v| *v == Value::Bool(false)) => Ok(()),
+        Some(v) => Err(f.err(
+            "only_cross_attention",
+            format!("value {v} is not supported (transformer blocks always self-attend here)"),
+        )),
+    }
+}
+
+fn odd_kernel(f: &JsonFile, key: &str) -> Result<usize> {
+    let k = f.usize(key, 3)?;
+    if k % 2 == 0 {
+        return Err(f.err(key, format!("{k} is not supported, only odd kernel sizes")));
+    }
+    Ok(k)
+}
+
+/// `down_block_types`, `up_block_types` and `block_out_channels`, one entry per level each.
+fn block_lists(f: &JsonFile) -> Result<(Vec<String>, Vec<String>, Vec<usize>)> {
+    let down = f.strings("down_block_types")?;
+    let up = f.strings("up_block_types")?;
+    let channels = f.usizes("block_out_channels")?;
+    let n = down.len();
+    if n == 0 {
+        return Err(f.err("down_block_types", "is empty"));
+    }
+    f.at_most("down_block_types", n, MAX_UNET_BLOCKS)?;
+    if up.len() != n {
+        return Err(f.err(
+            "up_block_types",
+            format!("has {} entries, down_block_types has {n}", up.len()),
+        ));
+    }
+    if channels.len() != n {
+        return Err(f.err(
+            "block_out_channels",
+            format!("has {} entries, down_block_types has {n}", channels.len()),
+        ));
+    }
+    if channels.contains(&0) {
+        return Err(f.err(
+            "block_out_channels",
+            "channel counts must be greater than 0",
+        ));
+    }
+    Ok((down, up, channels))
+}
+
+/// `norm_num_groups`, which must divide every level's channels.
+fn norm_groups(f: &JsonFile, channels: &[usize]) -> Result<usize> {
+    let groups = match f.map.get("norm_num_groups") {
+        Some(Value::Null) => {
+            return Err(f.err("norm_num_groups", "null (no output norm) is not supported"));
+        }
+        _ => f.positive("norm_num_groups", 32)?,
+    };
+    match channels.iter().enumerate().find(|(_, c)| *c % groups != 0) {
+        Some((i, c)) => Err(f.err(
+            "block_out_channels",
+            format!("block {i} has {c} channels, not a multiple of norm_num_groups {groups}"),
+        )),
+        None => Ok(groups),
+    }
+}
+
+/// The per-level lists of a UNet config, read for `n` levels.
+struct PerBlock {
+    heads_key: &'static str,
+    heads: Vec<usize>,
+    layers: Vec<usize>,
+    transformer_layers: Vec<usize>,
+    cross_dims: Vec<usize>,
+}
+
+fn unet_blocks(
+    f: &JsonFile,
+    down: &[String],
+    up: &[String],
+    channels: &[usize],
+) -> Result<Vec<UNetBlock>> {
+    let n = down.len();
+    let heads_key = if f.get("num_attention_heads").is_some() {
+        "num_attention_heads"
+    } else {
+        "attention_head_dim"
+    };
+    let per = PerBlock {
+        heads_key,
+        heads: f.per_block(heads_key, n, Some(8))?,
+        layers: f.per_block("layers_per_block", n, Some(2))?,
+        transformer_layers: f.per_block("transformer_layers_per_block", n, Some(1))?,
+        cross_dims: f.per_block("cross_attention_dim", n, Some(1280))?,
+    };
+    (0..n)
+        .map(|i| {
+            unet_block(
+                f,
+                i,
+                &down[i],
+                &up[n - 1 - i],
+                channels[i],
+                i == n - 1,
+                &per,
+            )
+        })
+        .collect()
+}
+
+/// Level `i`: its down block type, the type of the up block that mirrors it, its channels.
+fn unet_block(
+    f: &JsonFile,
+    i: usize,
+    down: &str,
+    up: &str,
+    channels: usize,
+    last: bool,
+    per: &PerBlock,
+) -> Result<UNetBlock> {
+    let down_cross_attn = match down {
+        "CrossAttnDownBlock2D" => true,
+        "DownBlock2D" => false,
+        other => {
+            return Err(f.err(
+                "down_block_types",
+                format!("block type {other} is not supported"),
+            ));
+        }
+    };
+    let up_cross_attn = match up {
+        "CrossAttnUpBlock2D" => true,
+        "UpBlock2D" => false,
+        other => {
+            return Err(f.err(
+                "up_block_types",
+                format!("block type {other} is not supported"),
+            ));
+        }
+    };
+    let (heads, layers) = (per.heads[i], per.layers[i]);
+    let (transformer_layers, cross_dim) = (per.transformer_layers[i], per.cross_dims[i]);
+    if layers == 0 {
+        return Err(f.err("layers_per_block", "must be greater than 0"));
+    }
+    f.at_most("layers_per_block", layers, MAX_BLOCK_LAYERS)?;
+    f.at_most(
+        "transformer_layers_per_block",
+        transformer_layers,
+        MAX_BLOCK_LAYERS,
+    )?;
+    // The last level's attention settings also configure the mid block.
+    if down_cross_attn || up_cross_attn || last {
+        if heads == 0 || !channels.is_multiple_of(heads) {
+            return Err(f.err(
+                per.heads_key,
+                format!("{heads} heads do not divide the {channels} channels of block {i}"),
+            ));
+        }
+        if transformer_layers == 0 {
+            return Err(f.err("transformer_layers_per_block", "must be greater than 0"));
+        }
+        if cross_dim == 0 {
+            return Err(f.err("cross_attention_dim", "must be greater than 0"));
+        }
+    }
+    Ok(UNetBlock {
+        out_channels: channels,
+        layers,
+        down_cross_attn,
+        up_cross_attn,
+        transformer_layers,
+        heads,
+        cross_attention_dim: cross_dim,
+    })
+}
+
+/// `sample_size`: one number, or `[height, width]`.
+fn sample_size(f: &JsonFile) -> Result<(usize, usize)> {
+    let size = match f.get("sample_size") {
+        None => return Err(f.err("sample_size", "missing")),
+        Some(Value::Array(list)) if list.len() == 2 => (
+            f.usize_of("sample_size", &list[0])?,
+            f.usize_of("sample_size", &list[1])?,
+        ),
+        Some(v) => {
+            let s = f.usize_of("sample_size", v)?;
+            (s, s)
+        }
+    };
+    if size.0 == 0 || size.1 == 0 {
+        return Err(f.err("sample_size", "must be greater than 0"));
+    }
+    f.at_most("sample_size", size.0.max(size.1), MAX_SAMPLE_SIZE)?;
+    Ok(size)
 }
 
 /// `vae/config.json` (`AutoencoderKL`).

@@ -701,12 +701,13 @@ fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// Largest |a - b| over every element (also used by the attention tests).
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()

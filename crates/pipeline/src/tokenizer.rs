@@ -1238,16 +1238,7 @@ impl Config {
         let mut declared = Declared::default();
         match init.get("added_tokens_decoder") {
             Some(InitVal::Json(Value::Object(map))) => {
-                for (idx, tok) in map {
-                    let what = format!("added_tokens_decoder[{idx}]");
-                    let id: u32 = idx.parse().map_err(|_| {
-                        invalid(&config_path, format!("{what}: key must be an integer id"))
-                    })?;
-                    let obj = tok.as_object().ok_or_else(|| {
-                        invalid(&config_path, format!("{what} must be an object"))
-                    })?;
-                    declared.insert(id, AddedTok::from_json(obj, false, &config_path, &what)?);
-                }
+                declared = Self::added_tokens_decoder(map, &config_path)?;
             }
             Some(_) => {
                 return Err(invalid(
@@ -1260,30 +1251,7 @@ impl Config {
         init.rename_additional(true);
         init.convert_added_tokens()?;
 
-        // Named special tokens refer to the declared AddedToken of the same content.
-        if !declared.by_content.is_empty() {
-            for key in NAMED_SPECIAL {
-                let tok = init
-                    .get(key)
-                    .and_then(InitVal::as_token_str)
-                    .and_then(|s| declared.by_content.get(s))
-                    .cloned();
-                if let Some(tok) = tok {
-                    init.values.insert(key.to_owned(), InitVal::Tok(tok));
-                }
-            }
-        }
-        // CLIPTokenizer's defaults.
-        for (key, default) in [
-            ("unk_token", "<|endoftext|>"),
-            ("bos_token", "<|startoftext|>"),
-            ("eos_token", "<|endoftext|>"),
-            ("pad_token", "<|endoftext|>"),
-        ] {
-            init.values
-                .entry(key.to_owned())
-                .or_insert_with(|| InitVal::Json(Value::String(default.to_owned())));
-        }
+        Self::resolve_named_tokens(&mut init, &declared);
 
         let (named, extra) = Self::special_tokens(&init)?;
         let tokens_to_add = Self::tokens_to_add(&declared, &named, &extra);
@@ -1298,19 +1266,67 @@ impl Config {
             max_length: Self::max_length(&init)?,
             truncate_left: Self::left_side(&init, "truncation_side")?,
             pad_left: Self::left_side(&init, "padding_side")?,
-            split_special_tokens: match init.get("split_special_tokens") {
-                None | Some(InitVal::Json(Value::Null)) => false,
-                Some(InitVal::Json(Value::Bool(b))) => *b,
-                Some(other) => {
-                    return Err(invalid(
-                        &init.origin("split_special_tokens"),
-                        format!("split_special_tokens must be a boolean, got {other:?}"),
-                    ));
-                }
-            },
+            split_special_tokens: Self::split_special_tokens(&init)?,
             origins: init.origins,
             path: config_path,
         })
+    }
+
+    /// `added_tokens_decoder`: id → AddedToken.
+    fn added_tokens_decoder(
+        map: &serde_json::Map<String, Value>,
+        config_path: &Path,
+    ) -> Result<Declared, TokenizerError> {
+        let mut declared = Declared::default();
+        for (idx, tok) in map {
+            let what = format!("added_tokens_decoder[{idx}]");
+            let id: u32 = idx
+                .parse()
+                .map_err(|_| invalid(config_path, format!("{what}: key must be an integer id")))?;
+            let obj = tok
+                .as_object()
+                .ok_or_else(|| invalid(config_path, format!("{what} must be an object")))?;
+            declared.insert(id, AddedTok::from_json(obj, false, config_path, &what)?);
+        }
+        Ok(declared)
+    }
+
+    /// Named special tokens refer to the declared AddedToken of the same content; those not
+    /// given take CLIPTokenizer's defaults.
+    fn resolve_named_tokens(init: &mut InitKwargs, declared: &Declared) {
+        if !declared.by_content.is_empty() {
+            for key in NAMED_SPECIAL {
+                let tok = init
+                    .get(key)
+                    .and_then(InitVal::as_token_str)
+                    .and_then(|s| declared.by_content.get(s))
+                    .cloned();
+                if let Some(tok) = tok {
+                    init.values.insert(key.to_owned(), InitVal::Tok(tok));
+                }
+            }
+        }
+        for (key, default) in [
+            ("unk_token", "<|endoftext|>"),
+            ("bos_token", "<|startoftext|>"),
+            ("eos_token", "<|endoftext|>"),
+            ("pad_token", "<|endoftext|>"),
+        ] {
+            init.values
+                .entry(key.to_owned())
+                .or_insert_with(|| InitVal::Json(Value::String(default.to_owned())));
+        }
+    }
+
+    fn split_special_tokens(init: &InitKwargs) -> Result<bool, TokenizerError> {
+        match init.get("split_special_tokens") {
+            None | Some(InitVal::Json(Value::Null)) => Ok(false),
+            Some(InitVal::Json(Value::Bool(b))) => Ok(*b),
+            Some(other) => Err(invalid(
+                &init.origin("split_special_tokens"),
+                format!("split_special_tokens must be a boolean, got {other:?}"),
+            )),
+        }
     }
 
     /// Folders without `added_tokens_decoder`: `special_tokens_map.json` overrides the

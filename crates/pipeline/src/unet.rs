@@ -325,6 +325,93 @@ impl UpBlock {
     }
 }
 
+/// `down_blocks.{i}`: resnets (and attentions), then a downsampler on all but the last level.
+fn down_blocks(vb: &VarBuilder, temb: usize, c: &UNetConfig) -> Result<Vec<DownBlock>> {
+    let n = c.blocks.len();
+    let mut out_ch = c.blocks[0].out_channels;
+    let mut down = Vec::with_capacity(n);
+    for (i, level) in c.blocks.iter().enumerate() {
+        let in_ch = out_ch;
+        out_ch = level.out_channels;
+        let vb = vb.pp(format!("down_blocks.{i}"));
+        let resnets = (0..level.layers)
+            .map(|j| {
+                let res_in = if j == 0 { in_ch } else { out_ch };
+                resnet(vb.pp(format!("resnets.{j}")), res_in, out_ch, temb, c, 1.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions =
+            SpatialTransformer::stack(&vb, level.layers, level.down_cross_attn, out_ch, level, c)?;
+        let downsample = (i + 1 < n)
+            .then(|| Downsample::new(vb.pp("downsamplers.0"), out_ch, c.downsample_padding))
+            .transpose()?;
+        down.push(DownBlock {
+            resnets,
+            attentions,
+            downsample,
+        });
+    }
+    Ok(down)
+}
+
+/// `mid_block`: resnet, attention, resnet at the last level's width.
+fn mid_block(
+    vb: &VarBuilder,
+    temb: usize,
+    c: &UNetConfig,
+) -> Result<([ResnetBlock; 2], SpatialTransformer)> {
+    let mid = c.mid_block();
+    let ch = mid.out_channels;
+    let scale = c.mid_block_scale_factor;
+    let resnets = [
+        resnet(vb.pp("resnets.0"), ch, ch, temb, c, scale)?,
+        resnet(vb.pp("resnets.1"), ch, ch, temb, c, scale)?,
+    ];
+    let attention = SpatialTransformer::new(vb.pp("attentions.0"), ch, mid, c)?;
+    Ok((resnets, attention))
+}
+
+/// `up_blocks.{i}`, mirroring the down blocks: one more resnet per level, each taking a skip
+/// connection, then an upsampler on all but the last.
+fn up_blocks(vb: &VarBuilder, temb: usize, c: &UNetConfig) -> Result<Vec<UpBlock>> {
+    let n = c.blocks.len();
+    let mut out_ch = c.mid_block().out_channels;
+    let mut up = Vec::with_capacity(n);
+    for i in 0..n {
+        let level = &c.blocks[n - 1 - i];
+        let prev_ch = out_ch;
+        out_ch = level.out_channels;
+        let skip_in_ch = c.blocks[(n - 1 - i).saturating_sub(1)].out_channels;
+        let vb = vb.pp(format!("up_blocks.{i}"));
+        let layers = level.layers + 1;
+        let resnets = (0..layers)
+            .map(|j| {
+                let res_skip = if j == layers - 1 { skip_in_ch } else { out_ch };
+                let res_in = if j == 0 { prev_ch } else { out_ch };
+                resnet(
+                    vb.pp(format!("resnets.{j}")),
+                    res_in + res_skip,
+                    out_ch,
+                    temb,
+                    c,
+                    1.0,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions =
+            SpatialTransformer::stack(&vb, layers, level.up_cross_attn, out_ch, level, c)?;
+        let upsample = (i + 1 < n)
+            .then(|| Upsample::new(vb.pp("upsamplers.0"), out_ch))
+            .transpose()?;
+        up.push(UpBlock {
+            resnets,
+            attentions,
+            upsample,
+        });
+    }
+    Ok(up)
+}
+
 pub struct UNet {
     conv_in: Conv2d,
     time_proj: Timesteps,
@@ -340,145 +427,30 @@ pub struct UNet {
 
 impl UNet {
     pub fn new(vb: VarBuilder, c: &UNetConfig) -> Result<Self> {
-        let n = c.blocks.len();
         let ch0 = c.blocks[0].out_channels;
         let temb = ch0 * 4;
-        let conv_in = conv2d(
-            c.in_channels,
-            ch0,
-            c.conv_in_kernel,
-            Conv2dConfig {
-                padding: c.conv_in_kernel / 2,
+        let conv = |cin, cout, kernel: usize, name| {
+            let cfg = Conv2dConfig {
+                padding: kernel / 2,
                 ..Default::default()
-            },
-            vb.pp("conv_in"),
-        )?;
-        let time_proj = Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift);
+            };
+            conv2d(cin, cout, kernel, cfg, vb.pp(name))
+        };
+        // In the order of the weights, so that a mismatch names the first tensor that differs.
+        let conv_in = conv(c.in_channels, ch0, c.conv_in_kernel, "conv_in")?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, temb)?;
-
-        let mut down = Vec::with_capacity(n);
-        let mut out_ch = ch0;
-        for (i, level) in c.blocks.iter().enumerate() {
-            let in_ch = out_ch;
-            out_ch = level.out_channels;
-            let vb = vb.pp(format!("down_blocks.{i}"));
-            let resnets = (0..level.layers)
-                .map(|j| {
-                    resnet(
-                        vb.pp(format!("resnets.{j}")),
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        temb,
-                        c,
-                        1.0,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let attentions = SpatialTransformer::stack(
-                &vb,
-                level.layers,
-                level.down_cross_attn,
-                out_ch,
-                level,
-                c,
-            )?;
-            let downsample = if i + 1 < n {
-                Some(Downsample::new(
-                    vb.pp("downsamplers.0"),
-                    out_ch,
-                    c.downsample_padding,
-                )?)
-            } else {
-                None
-            };
-            down.push(DownBlock {
-                resnets,
-                attentions,
-                downsample,
-            });
-        }
-
-        let mid = c.mid_block();
-        let mid_ch = mid.out_channels;
-        let vb_mid = vb.pp("mid_block");
-        let mid_resnets = [
-            resnet(
-                vb_mid.pp("resnets.0"),
-                mid_ch,
-                mid_ch,
-                temb,
-                c,
-                c.mid_block_scale_factor,
-            )?,
-            resnet(
-                vb_mid.pp("resnets.1"),
-                mid_ch,
-                mid_ch,
-                temb,
-                c,
-                c.mid_block_scale_factor,
-            )?,
-        ];
-        let mid_attention = SpatialTransformer::new(vb_mid.pp("attentions.0"), mid_ch, mid, c)?;
-
-        let mut up = Vec::with_capacity(n);
-        let mut out_ch = mid_ch;
-        for i in 0..n {
-            let level = &c.blocks[n - 1 - i];
-            let prev_ch = out_ch;
-            out_ch = level.out_channels;
-            let skip_in_ch = c.blocks[(n - 1 - i).saturating_sub(1)].out_channels;
-            let vb = vb.pp(format!("up_blocks.{i}"));
-            let layers = level.layers + 1;
-            let resnets = (0..layers)
-                .map(|j| {
-                    let res_skip = if j == layers - 1 { skip_in_ch } else { out_ch };
-                    let res_in = if j == 0 { prev_ch } else { out_ch };
-                    resnet(
-                        vb.pp(format!("resnets.{j}")),
-                        res_in + res_skip,
-                        out_ch,
-                        temb,
-                        c,
-                        1.0,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let attentions =
-                SpatialTransformer::stack(&vb, layers, level.up_cross_attn, out_ch, level, c)?;
-            let upsample = if i + 1 < n {
-                Some(Upsample::new(vb.pp("upsamplers.0"), out_ch)?)
-            } else {
-                None
-            };
-            up.push(UpBlock {
-                resnets,
-                attentions,
-                upsample,
-            });
-        }
-
-        let conv_norm_out = group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = conv2d(
-            ch0,
-            c.out_channels,
-            c.conv_out_kernel,
-            Conv2dConfig {
-                padding: c.conv_out_kernel / 2,
-                ..Default::default()
-            },
-            vb.pp("conv_out"),
-        )?;
+        let down = down_blocks(&vb, temb, c)?;
+        let (mid_resnets, mid_attention) = mid_block(&vb.pp("mid_block"), temb, c)?;
         Ok(Self {
             conv_in,
-            time_proj,
+            time_proj: Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift),
             time_embedding,
             down,
             mid_resnets,
             mid_attention,
-            up,
-            conv_norm_out,
-            conv_out,
+            up: up_blocks(&vb, temb, c)?,
+            conv_norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv(ch0, c.out_channels, c.conv_out_kernel, "conv_out")?,
             config: c.clone(),
         })
     }

@@ -220,7 +220,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
         ));
     }
     let data_start = 8 + header_len as usize;
-    let data_len = bytes.len() - data_start;
+    let data_len = (bytes.len() - data_start) as u64;
     let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
         .map_err(|e| PipelineError::weights(path, format!("corrupt safetensors header: {e}")))?;
     let mut tensors = HashMap::with_capacity(header.len());
@@ -231,68 +231,90 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
             continue;
         }
         let bad = |what: String| PipelineError::weights(path, format!("tensor `{name}`: {what}"));
+        let entry = HeaderEntry::read(&entry, data_len).map_err(bad)?;
+        if entry.end > entry.start {
+            ranges.push((entry.start, entry.end, name.clone()));
+        }
+        let info = match entry.dtype {
+            Some(dtype) => TensorInfo {
+                dtype,
+                shape: entry.shape,
+                start: data_start + entry.start as usize,
+                end: data_start + entry.end as usize,
+            },
+            // Present but not loadable by candle; only an error if a model asks for it.
+            None => TensorInfo {
+                dtype: DType::U8,
+                shape: Vec::new(),
+                start: 0,
+                end: 0,
+            },
+        };
+        tensors.insert(name, info);
+    }
+    check_no_overlap(path, ranges)?;
+    Ok(tensors)
+}
+
+/// One tensor's header entry, checked against itself and the data section's length.
+struct HeaderEntry {
+    /// `None`: a dtype candle cannot load.
+    dtype: Option<DType>,
+    shape: Vec<usize>,
+    /// Byte offsets in the data section.
+    start: u64,
+    end: u64,
+}
+
+impl HeaderEntry {
+    /// The problem is returned as text, for the caller to put the tensor's name in front.
+    fn read(entry: &Value, data_len: u64) -> std::result::Result<Self, String> {
         let dtype_name = entry
             .get("dtype")
             .and_then(Value::as_str)
-            .ok_or_else(|| bad("no dtype".into()))?;
+            .ok_or("no dtype")?;
         let (dtype, elem_size) =
-            dtype_of(dtype_name).ok_or_else(|| bad(format!("unknown dtype {dtype_name:?}")))?;
+            dtype_of(dtype_name).ok_or_else(|| format!("unknown dtype {dtype_name:?}"))?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)
-            .ok_or_else(|| bad("no shape".into()))?
+            .ok_or("no shape")?
             .iter()
             .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
-        let offsets = entry
+            .ok_or("shape is not a list of non-negative integers")?;
+        let (start, end) = entry
             .get("data_offsets")
             .and_then(Value::as_array)
             .filter(|o| o.len() == 2)
             .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
-            .ok_or_else(|| bad("data_offsets is not a pair of integers".into()))?;
-        let (start, end) = offsets;
-        if start > end || end > data_len as u64 {
-            return Err(bad(format!(
+            .ok_or("data_offsets is not a pair of integers")?;
+        if start > end || end > data_len {
+            return Err(format!(
                 "data_offsets [{start}, {end}] lie outside the {data_len}-byte data section; the file is truncated or corrupt"
-            )));
+            ));
         }
         let bytes_needed = shape
             .iter()
             .try_fold(elem_size as u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+            .ok_or_else(|| format!("shape {shape:?} overflows"))?;
         if bytes_needed != end - start {
-            return Err(bad(format!(
+            return Err(format!(
                 "shape {shape:?} of {dtype_name} needs {bytes_needed} bytes but data_offsets span {}",
                 end - start
-            )));
+            ));
         }
-        if end > start {
-            ranges.push((start, end, name.clone()));
-        }
-        let Some(dtype) = dtype else {
-            // Present but not loadable by candle; only an error if a model asks for it.
-            tensors.insert(
-                name,
-                TensorInfo {
-                    dtype: DType::U8,
-                    shape: Vec::new(),
-                    start: 0,
-                    end: 0,
-                },
-            );
-            continue;
-        };
-        tensors.insert(
-            name,
-            TensorInfo {
-                dtype,
-                shape,
-                start: data_start + start as usize,
-                end: data_start + end as usize,
-            },
-        );
+        Ok(Self {
+            dtype,
+            shape,
+            start,
+            end,
+        })
     }
+}
+
+/// No two tensors may share bytes.
+fn check_no_overlap(path: &Path, mut ranges: Vec<(u64, u64, String)>) -> Result<()> {
     ranges.sort();
     for pair in ranges.windows(2) {
         let ((a_start, a_end, a), (b_start, b_end, b)) = (&pair[0], &pair[1]);
@@ -305,7 +327,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
             ));
         }
     }
-    Ok(tensors)
+    Ok(())
 }
 
 /// All tensors of one component (one file or every shard), served to candle's `VarBuilder`.

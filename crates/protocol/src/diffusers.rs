@@ -47,36 +47,49 @@ pub struct Decoded {
     pub options: RequestOptions,
 }
 
-/// Input names a request may use.
-pub const INPUT_NAMES: &[&str] = &[
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "seed",
-    "num_images_per_prompt",
-    "scheduler",
-    "eta",
-    "latents",
+/// Where a field of the contract may be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Input,
+    Parameter,
+    /// As an input or as a request parameter (both must agree when both are given).
+    Either,
+}
+
+/// Every field of the contract, and where it may be given.
+const FIELDS: &[(&str, Place)] = &[
+    ("prompt", Place::Input),
+    ("negative_prompt", Place::Either),
+    ("num_inference_steps", Place::Either),
+    ("guidance_scale", Place::Either),
+    ("height", Place::Either),
+    ("width", Place::Either),
+    ("seed", Place::Either),
+    ("num_images_per_prompt", Place::Either),
+    ("scheduler", Place::Either),
+    ("eta", Place::Either),
+    ("latents", Place::Input),
+    ("output_format", Place::Parameter),
+    ("timeout", Place::Parameter),
+    ("preview_every", Place::Parameter),
 ];
 
+fn names_at(place: Place) -> impl Iterator<Item = &'static str> {
+    FIELDS
+        .iter()
+        .filter(move |(_, p)| *p == place || *p == Place::Either)
+        .map(|(name, _)| *name)
+}
+
+/// Input names a request may use.
+pub fn input_names() -> Vec<&'static str> {
+    names_at(Place::Input).collect()
+}
+
 /// Request-level `parameters` keys with a meaning for generation.
-pub const PARAMETER_NAMES: &[&str] = &[
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "seed",
-    "num_images_per_prompt",
-    "scheduler",
-    "eta",
-    "output_format",
-    "timeout",
-    "preview_every",
-];
+pub fn parameter_names() -> Vec<&'static str> {
+    names_at(Place::Parameter).collect()
+}
 
 /// Keys clients and libraries send that carry no generation meaning; accepted and ignored.
 /// (`content_type`/`headers`: MLServer codecs; the rest: Triton's reserved parameters.)
@@ -127,10 +140,10 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
     let seeds = f.seeds()?;
     let scheduler = f.text("scheduler")?;
     let latents = f.latents()?;
-    let output_format = f.text_param("output_format")?;
+    let output_format = f.param_as("output_format", json_text)?;
     let options = RequestOptions {
         timeout: f.timeout()?,
-        preview_every: f.int_param("preview_every")?,
+        preview_every: f.param_as("preview_every", json_integer)?,
     };
     let generation = GenerationRequest {
         prompts,
@@ -170,12 +183,13 @@ fn check_outputs(req: &InferenceRequest) -> Result<(), ContractError> {
 /// Every input and parameter name is known, and no input is given twice.
 fn check_names(req: &InferenceRequest) -> Result<(), ContractError> {
     let mut seen = HashSet::new();
+    let inputs = input_names();
     for input in &req.inputs {
-        if !INPUT_NAMES.contains(&input.name.as_str()) {
+        if !inputs.contains(&input.name.as_str()) {
             return Err(bad(format!(
                 "unknown input '{}'; allowed inputs: {}",
                 input.name,
-                INPUT_NAMES.join(", ")
+                inputs.join(", ")
             )));
         }
         if !seen.insert(input.name.as_str()) {
@@ -185,11 +199,12 @@ fn check_names(req: &InferenceRequest) -> Result<(), ContractError> {
             )));
         }
     }
-    let known = |k: &str| PARAMETER_NAMES.contains(&k) || PASSTHROUGH_PARAMETERS.contains(&k);
+    let parameters = parameter_names();
+    let known = |k: &str| parameters.contains(&k) || PASSTHROUGH_PARAMETERS.contains(&k);
     match req.parameters.keys().find(|k| !known(k)) {
         Some(key) => Err(bad(format!(
             "unknown parameter '{key}'; allowed parameters: {}",
-            PARAMETER_NAMES.join(", ")
+            parameters.join(", ")
         ))),
         None => Ok(()),
     }
@@ -235,68 +250,45 @@ impl Fields<'_> {
         }
     }
 
-    /// An integer given as an input (`[1]`) or a parameter.
+    /// One value given as an input (shape `[1]`, of an `allowed` datatype, its element read by
+    /// `element`) or as a parameter (read by `param`); both must agree.
+    fn scalar<T: PartialEq + std::fmt::Debug>(
+        &self,
+        name: &str,
+        allowed: &[Datatype],
+        element: impl Fn(&RequestInput, usize) -> Result<T, ContractError>,
+        param: impl Fn(&Value, &str) -> Result<T, ContractError>,
+    ) -> Result<Option<T>, ContractError> {
+        let from_input = self
+            .input(name)
+            .map(|i| {
+                check_datatype(i, allowed)?;
+                element(i, single(i)?)
+            })
+            .transpose()?;
+        merge(name, from_input, self.param_as(name, param)?)
+    }
+
     fn int(&self, name: &str) -> Result<Option<i64>, ContractError> {
-        let from_input = self
-            .input(name)
-            .map(|i| {
-                check_datatype(i, INTEGERS)?;
-                let TensorData::Int(v) = &i.data else {
-                    return Err(wrong_kind(i));
-                };
-                let v = v[single(i)?];
-                i64::try_from(v)
-                    .map_err(|_| bad(format!("input '{name}' is {v}, which is out of range")))
-            })
-            .transpose()?;
-        merge(name, from_input, self.int_param(name)?)
+        self.scalar(name, INTEGERS, int_element, json_integer)
     }
 
-    /// A finite number given as an input (`[1]`) or a parameter.
     fn float(&self, name: &str) -> Result<Option<f64>, ContractError> {
-        let from_input = self
-            .input(name)
-            .map(|i| {
-                check_datatype(i, FLOATS)?;
-                let TensorData::Float(v) = &i.data else {
-                    return Err(wrong_kind(i));
-                };
-                let k = single(i)?;
-                finite(i, k, v[k])
-            })
-            .transpose()?;
-        let from_param = self
-            .param(name)
-            .map(|v| json_float(v, &format!("parameter '{name}'")))
-            .transpose()?;
-        merge(name, from_input, from_param)
+        self.scalar(name, FLOATS, float_element, json_float)
     }
 
-    /// A string given as an input (BYTES `[1]`) or a parameter.
     fn text(&self, name: &str) -> Result<Option<String>, ContractError> {
-        let from_input = self
-            .input(name)
-            .map(|i| {
-                check_datatype(i, &[Datatype::Bytes])?;
-                let TensorData::Bytes(elements) = &i.data else {
-                    return Err(wrong_kind(i));
-                };
-                let k = single(i)?;
-                utf8(&elements[k], &format!("input '{name}'"))
-            })
-            .transpose()?;
-        merge(name, from_input, self.text_param(name)?)
+        self.scalar(name, &[Datatype::Bytes], text_element, json_text)
     }
 
-    fn int_param(&self, name: &str) -> Result<Option<i64>, ContractError> {
+    /// Parameter `name`, if given, read by `read`.
+    fn param_as<T>(
+        &self,
+        name: &str,
+        read: impl Fn(&Value, &str) -> Result<T, ContractError>,
+    ) -> Result<Option<T>, ContractError> {
         self.param(name)
-            .map(|v| json_integer(v, &format!("parameter '{name}'")))
-            .transpose()
-    }
-
-    fn text_param(&self, name: &str) -> Result<Option<String>, ContractError> {
-        self.param(name)
-            .map(|v| json_text(v, &format!("parameter '{name}'")))
+            .map(|v| read(v, &format!("parameter '{name}'")))
             .transpose()
     }
 
@@ -382,6 +374,32 @@ fn check_datatype(input: &RequestInput, allowed: &[Datatype]) -> Result<(), Cont
         input.datatype.as_str(),
         names.join(" or ")
     )))
+}
+
+fn int_element(input: &RequestInput, k: usize) -> Result<i64, ContractError> {
+    let TensorData::Int(v) = &input.data else {
+        return Err(wrong_kind(input));
+    };
+    i64::try_from(v[k]).map_err(|_| {
+        bad(format!(
+            "input '{}' is {}, which is out of range",
+            input.name, v[k]
+        ))
+    })
+}
+
+fn float_element(input: &RequestInput, k: usize) -> Result<f64, ContractError> {
+    let TensorData::Float(v) = &input.data else {
+        return Err(wrong_kind(input));
+    };
+    finite(input, k, v[k])
+}
+
+fn text_element(input: &RequestInput, k: usize) -> Result<String, ContractError> {
+    let TensorData::Bytes(v) = &input.data else {
+        return Err(wrong_kind(input));
+    };
+    utf8(&v[k], &format!("input '{}'", input.name))
 }
 
 /// Data of another kind than the datatype holds: only a transport bug can make one.

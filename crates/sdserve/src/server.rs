@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use sdserve_engine::metrics::Registry;
-use sdserve_engine::{Engine, EngineConfig};
+use sdserve_engine::{Engine, EngineConfig, ModelSpec};
 use sdserve_http::{AppState, HttpConfig, RestMetrics};
 use sdserve_serving::{ServerInfo, Service};
-use sdserve_settings::{Env, ServerOverrides, ServerSettings, discover};
+use sdserve_settings::{Env, ModelSettings, ServerOverrides, ServerSettings, discover};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::loader::PipelineLoader;
 use crate::repository::FsRepository;
@@ -31,7 +32,7 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
     for n in &loaded.notes {
         tracing::info!("{n}");
     }
-    let server = loaded.server;
+    let server = &loaded.server;
     tracing::info!(settings = %server.to_json(), "starting sdserve {}", env!("CARGO_PKG_VERSION"));
     let specs = loaded
         .models
@@ -50,54 +51,87 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         Arc::new(PipelineLoader),
         &registry,
     );
-    let rest_metrics = server.metrics_enabled().then(|| {
-        Arc::new(RestMetrics::register(
-            &registry,
-            &server.metrics_rest_server_prefix,
-        ))
-    });
     let service = Arc::new(Service {
         engine: engine.clone(),
-        info: server_info(&server),
+        info: server_info(server),
         repository: Arc::new(FsRepository {
             root: server.model_repository_root.clone(),
             env,
         }),
     });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = spawn_listeners(server, &registry, service, stop_rx).await?;
+
+    // Models load while the servers already answer: live is 200, ready is 400 until done.
+    let signal = tokio::spawn(shutdown_signal());
+    match load_models(&engine, specs, &loaded.models, &signal).await {
+        Loading::Failed(reason) => {
+            // The engine has logged the failure (model, stage, cause); this is the exit reason.
+            let _ = stop_tx.send(true);
+            engine.shutdown();
+            join(tasks).await;
+            bail!("Some of the models failed to load during startup! {reason}");
+        }
+        Loading::Done => {
+            let _ = signal.await;
+        }
+        Loading::Interrupted => {}
+    }
+    tracing::info!(
+        "shutdown signal received: no longer ready, draining for up to {:.0} s",
+        server.drain_timeout_duration().as_secs_f64()
+    );
+    if !engine.drain(server.drain_timeout_duration()).await {
+        tracing::warn!("drain timeout reached; requests still running were cancelled");
+    }
+    let _ = stop_tx.send(true);
+    join(tasks).await;
+    engine.shutdown();
+    tracing::info!("sdserve stopped");
+    Ok(())
+}
+
+/// The REST, gRPC and (when enabled) metrics listeners, each serving until `stop` turns true.
+async fn spawn_listeners(
+    server: &ServerSettings,
+    registry: &Arc<Registry>,
+    service: Arc<Service>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let metrics = server.metrics_enabled();
+    let rest_metrics = metrics.then(|| {
+        Arc::new(RestMetrics::register(
+            registry,
+            &server.metrics_rest_server_prefix,
+        ))
+    });
     let state = Arc::new(AppState {
         service: service.clone(),
-        config: http_config(&server),
+        config: http_config(server),
     });
-
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
     let http_listener = bind(&server.host, server.http_port, "HTTP").await?;
     tracing::info!(
         "HTTP server running on http://{}",
         http_listener.local_addr()?
     );
-    let mut tasks = Vec::new();
     tasks.push(tokio::spawn(sdserve_http::serve(
         http_listener,
-        sdserve_http::router(state.clone(), rest_metrics),
-        stopped(stop_rx.clone()),
+        sdserve_http::router(state, rest_metrics),
+        stopped(stop.clone()),
     )));
     let grpc_listener = bind(&server.host, server.grpc_port, "gRPC").await?;
     tracing::info!(
         "gRPC server running on http://{}",
         grpc_listener.local_addr()?
     );
-    let grpc_metrics = server
-        .metrics_enabled()
-        .then(|| Arc::new(sdserve_grpc::GrpcMetrics::register(&registry)));
-    let mut grpc_stop = stop_rx.clone();
+    let grpc_metrics = metrics.then(|| Arc::new(sdserve_grpc::GrpcMetrics::register(registry)));
     tasks.push(tokio::spawn(sdserve_grpc::serve(
         grpc_listener,
         service,
         sdserve_grpc::GrpcConfig::from_settings(server.grpc_max_message_length),
         grpc_metrics,
-        async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        },
+        stopped(stop.clone()),
     )));
     if let Some(endpoint) = &server.metrics_endpoint {
         let listener = bind(&server.host, server.metrics_port, "metrics").await?;
@@ -107,15 +141,34 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
         tasks.push(tokio::spawn(sdserve_http::serve(
             listener,
             sdserve_http::metrics_router(registry.clone(), endpoint),
-            stopped(stop_rx.clone()),
+            stopped(stop),
         )));
     }
+    Ok(tasks)
+}
 
-    // Models load while the servers already answer: live is 200, ready is 400 until done.
-    let signal = tokio::spawn(shutdown_signal());
-    let mut failed = None;
-    // A signal while models load stops the server like one while serving: it is not a failure.
-    let mut interrupted = false;
+async fn join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// How loading the configured models ended.
+enum Loading {
+    Done,
+    /// A shutdown signal came first: the server stops as it would while serving.
+    Interrupted,
+    /// This model failed (the reason names its settings file and uri).
+    Failed(String),
+}
+
+/// Loads the models one after the other, unless a shutdown signal comes first.
+async fn load_models(
+    engine: &Engine,
+    specs: Vec<ModelSpec>,
+    settings: &[ModelSettings],
+    signal: &JoinHandle<()>,
+) -> Loading {
     for spec in specs {
         let name = spec.name.clone();
         let uri = spec.uri.clone();
@@ -127,50 +180,21 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
             r = &mut load => match r {
                 Ok(()) => tracing::info!("Loaded model {name} successfully in {:.2} s", started.elapsed().as_secs_f64()),
                 Err(e) => {
-                    let file = loaded.models.iter().find(|m| m.name == name).and_then(|m| m.settings_file.clone());
+                    let file = settings.iter().find(|m| m.name == name).and_then(|m| m.settings_file.clone());
                     let origin = file.map(|f| f.display().to_string()).unwrap_or_else(|| "MLSERVER_MODEL_* variables".into());
-                    failed = Some(format!("model {name} ({origin}, uri {}) failed to load: {e}", uri.display()));
-                    break;
+                    return Loading::Failed(format!("model {name} ({origin}, uri {}) failed to load: {e}", uri.display()));
                 }
             },
-            _ = signal_finished(&signal) => {
+            _ = signal_finished(signal) => {
                 tracing::info!("shutdown signal received while loading model {name}; not waiting for it");
-                interrupted = true;
-                break;
+                return Loading::Interrupted;
             }
         }
     }
-    if let Some(reason) = failed {
-        // The engine has logged the failure (model, stage, cause); this is the exit reason.
-        let _ = stop_tx.send(true);
-        engine.shutdown();
-        for t in tasks {
-            let _ = t.await;
-        }
-        bail!("Some of the models failed to load during startup! {reason}");
-    }
-
-    if !interrupted {
-        let _ = signal.await;
-    }
-    tracing::info!(
-        "shutdown signal received: no longer ready, draining for up to {:.0} s",
-        server.drain_timeout_duration().as_secs_f64()
-    );
-    let clean = engine.drain(server.drain_timeout_duration()).await;
-    if !clean {
-        tracing::warn!("drain timeout reached; requests still running were cancelled");
-    }
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-    engine.shutdown();
-    tracing::info!("sdserve stopped");
-    Ok(())
+    Loading::Done
 }
 
-async fn signal_finished(signal: &tokio::task::JoinHandle<()>) {
+async fn signal_finished(signal: &JoinHandle<()>) {
     while !signal.is_finished() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -193,15 +217,7 @@ fn http_config(s: &ServerSettings) -> HttpConfig {
     HttpConfig {
         max_request_body_bytes: usize::try_from(s.max_request_body_bytes).unwrap_or(usize::MAX),
         gzip_enabled: s.gzip_enabled,
-        cors: s.cors_settings.as_ref().map(|c| sdserve_http::Cors {
-            allow_origins: c.allow_origins.clone(),
-            allow_origin_regex: c.allow_origin_regex.clone(),
-            allow_credentials: c.allow_credentials,
-            allow_methods: c.allow_methods.clone(),
-            allow_headers: c.allow_headers.clone(),
-            expose_headers: c.expose_headers.clone(),
-            max_age: c.max_age,
-        }),
+        cors: s.cors_settings.clone(),
     }
 }
 

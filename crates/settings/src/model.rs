@@ -510,45 +510,33 @@ fn resolve_uri(uri: &str, base: &Path) -> Result<PathBuf, String> {
     Ok(absolute(base, Path::new(path)))
 }
 
-fn parse(
-    obj: Option<&Map<String, Value>>,
-    ctx: &Context,
-    env: &Env,
-    warnings: &mut Vec<String>,
-    notes: &mut Vec<String>,
-) -> Result<ModelSettings, SettingsError> {
-    let origin = &ctx.origin;
-    if let Some(obj) = obj {
-        unknown_key_warnings(obj, &known_keys(false), origin, "", warnings);
-    }
-    let src = Sources {
-        obj,
-        origin,
-        key_prefix: "",
-        env,
-        env_prefix: MODEL_ENV_PREFIX,
-    };
-
-    let implementation_text: String =
+/// `implementation`: required, and one sdserve serves.
+fn implementation(src: &Sources<'_>, origin: &Origin) -> Result<Implementation, SettingsError> {
+    let text: String =
         src.get("implementation")?
             .ok_or_else(|| SettingsError::MissingImplementation {
                 origin: origin.clone(),
             })?;
-    let implementation = Implementation::parse(&implementation_text).map_err(|reason| {
-        SettingsError::UnsupportedImplementation {
-            origin: origin.clone(),
-            value: implementation_text.clone(),
-            reason,
-        }
-    })?;
+    Implementation::parse(&text).map_err(|reason| SettingsError::UnsupportedImplementation {
+        origin: origin.clone(),
+        value: text.clone(),
+        reason,
+    })
+}
 
-    let explicit_name = src.get::<String>("name")?.filter(|n| !n.is_empty());
-    let parameters = parse_parameters(&src, ctx, warnings)?;
-
-    let name = match explicit_name {
+/// The model's name: as given (a warning when it is not its folder's name or version), else
+/// its folder's name.
+fn model_name(
+    explicit: Option<String>,
+    version: Option<&str>,
+    ctx: &Context,
+    warnings: &mut Vec<String>,
+) -> Result<String, SettingsError> {
+    let origin = &ctx.origin;
+    let name = match explicit {
         Some(name) => {
-            let matches_folder = name == ctx.folder_name
-                || parameters.version.as_deref() == Some(ctx.folder_name.as_str());
+            let matches_folder =
+                name == ctx.folder_name || version == Some(ctx.folder_name.as_str());
             if !matches_folder && matches!(origin, Origin::File(_)) {
                 warnings.push(format!(
                     "{origin}: model name {name:?} is different from its folder's name {:?}",
@@ -571,6 +559,32 @@ fn parse(
             "{origin}: model name {name:?} contains '/', so its routes cannot be addressed"
         ));
     }
+    Ok(name)
+}
+
+fn parse(
+    obj: Option<&Map<String, Value>>,
+    ctx: &Context,
+    env: &Env,
+    warnings: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<ModelSettings, SettingsError> {
+    let origin = &ctx.origin;
+    if let Some(obj) = obj {
+        unknown_key_warnings(obj, &known_keys(false), origin, "", warnings);
+    }
+    let src = Sources {
+        obj,
+        origin,
+        key_prefix: "",
+        env,
+        env_prefix: MODEL_ENV_PREFIX,
+    };
+
+    let implementation = implementation(&src, origin)?;
+    let explicit_name = src.get::<String>("name")?.filter(|n| !n.is_empty());
+    let parameters = parse_parameters(&src, ctx, warnings)?;
+    let name = model_name(explicit_name, parameters.version.as_deref(), ctx, warnings)?;
 
     if let Implementation::PythonClass(class) = &implementation {
         notes.push(format!(

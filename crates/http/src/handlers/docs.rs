@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::Html;
-use sdserve_protocol::diffusers::{INPUT_NAMES, PARAMETER_NAMES, input_metadata};
+use sdserve_protocol::diffusers::{input_metadata, input_names, parameter_names};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -159,8 +159,8 @@ pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]
         })
         .collect();
     let mut parameter_props = serde_json::Map::new();
-    for p in PARAMETER_NAMES {
-        let schema = match *p {
+    for p in parameter_names() {
+        let schema = match p {
             "negative_prompt" | "output_format" => json!({"type": "string"}),
             "scheduler" => json!({"type": "string", "enum": schedulers}),
             "guidance_scale" | "eta" => json!({"type": "number"}),
@@ -177,7 +177,7 @@ pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]
     let request = json!({"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"},
         "parameters": {"type": "object", "properties": parameter_props, "additionalProperties": true},
-        "inputs": {"type": "array", "items": {"oneOf": inputs}, "description": format!("allowed names: {}", INPUT_NAMES.join(", "))},
+        "inputs": {"type": "array", "items": {"oneOf": inputs}, "description": format!("allowed names: {}", input_names().join(", "))},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "enum": ["image"]}}}}}});
     let base = match version {
         Some(v) => format!("/v2/models/{model}/versions/{v}"),

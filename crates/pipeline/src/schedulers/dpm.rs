@@ -47,33 +47,40 @@ pub struct Dpm {
     next: usize,
 }
 
+impl Algorithm {
+    fn read(p: &Params) -> std::result::Result<Self, SchedulerError> {
+        Ok(
+            match p.choice(
+                "algorithm_type",
+                "dpmsolver++",
+                &[
+                    "dpmsolver++",
+                    "dpmsolver",
+                    "sde-dpmsolver++",
+                    "sde-dpmsolver",
+                    "deis",
+                ],
+            )? {
+                "dpmsolver" => Algorithm::DpmSolver,
+                "sde-dpmsolver++" => Algorithm::SdeDpmSolverPP,
+                "sde-dpmsolver" => Algorithm::SdeDpmSolver,
+                // diffusers maps `deis` to `dpmsolver++`.
+                _ => Algorithm::DpmSolverPP,
+            },
+        )
+    }
+}
+
 impl Dpm {
     pub(super) fn new(p: &Params, steps: StepCount) -> std::result::Result<Self, SchedulerError> {
         let schedule = TrainSchedule::from_params(p, Rescale::BetasAndClampLast)?;
-        let t_train = schedule.num_train_timesteps;
         let solver_order = solver_order(p, 10)?;
         let prediction = Prediction::read(p)?;
         p.reject_true(
             "thresholding",
             "dynamic thresholding is not implemented (it does not suit latent diffusion)",
         )?;
-        let algorithm = match p.choice(
-            "algorithm_type",
-            "dpmsolver++",
-            &[
-                "dpmsolver++",
-                "dpmsolver",
-                "sde-dpmsolver++",
-                "sde-dpmsolver",
-                "deis",
-            ],
-        )? {
-            "dpmsolver" => Algorithm::DpmSolver,
-            "sde-dpmsolver++" => Algorithm::SdeDpmSolverPP,
-            "sde-dpmsolver" => Algorithm::SdeDpmSolver,
-            // diffusers maps `deis` to `dpmsolver++`.
-            _ => Algorithm::DpmSolverPP,
-        };
+        let algorithm = Algorithm::read(p)?;
         let heun = p.choice(
             "solver_type",
             "midpoint",
@@ -83,91 +90,15 @@ impl Dpm {
         let euler_at_final = p.bool("euler_at_final", false)?;
         let sigma_kind = SigmaKind::read(p)?;
         let lu = p.opt_bool("use_lu_lambdas", false)?;
-        p.reject_true(
-            "use_flow_sigmas",
-            "flow-matching sigmas are not implemented",
-        )?;
-        p.reject_true(
-            "use_dynamic_shifting",
-            "dynamic shifting (flow matching) is not implemented",
-        )?;
-        p.reject_non_null(
-            "variance_type",
-            "learned variance outputs are not supported",
-        )?;
+        reject_unmodelled(p)?;
         let final_zero = p.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "zero";
-        if !algorithm.predicts_data() && final_zero {
-            return Err(p.err(
-                "final_sigmas_type",
-                "`zero` needs algorithm_type dpmsolver++ or sde-dpmsolver++; use `sigma_min`",
-            ));
-        }
-        if algorithm == Algorithm::SdeDpmSolver && solver_order == 3 {
-            return Err(p.unsupported(
-                "solver_order",
-                "diffusers has no third-order sde-dpmsolver update",
-            ));
-        }
-        if prediction == Prediction::Flow && !algorithm.predicts_data() {
-            return Err(p.err(
-                "prediction_type",
-                "`flow_prediction` needs algorithm_type dpmsolver++ or sde-dpmsolver++",
-            ));
-        }
-        let lambda_min_clipped = p.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
-        let spacing = p.choice("timestep_spacing", "linspace", &SPACINGS)?;
-        let offset = p.int("steps_offset", 0)?;
-        let n = steps.0;
-
-        // torch.searchsorted(flip(lambda_t), lambda_min_clipped): how many lambdas lie below it.
-        let clip = lambda_min_clipped as f32;
-        let clipped_idx = schedule
-            .alphas_cumprod
-            .iter()
-            .filter(|&&a| {
-                let l = ((a.sqrt() as f64).ln() as f32) - (((1.0 - a).sqrt() as f64).ln() as f32);
-                l < clip
-            })
-            .count();
-        let last_timestep = t_train - clipped_idx;
-        let mut timesteps = multistep_timesteps(spacing, t_train, last_timestep, n, offset);
-        let full = schedule.sigmas();
-        let logs = log_sigmas(&full);
-        let (s_lo, s_hi) = (full[0] as f64, full[t_train - 1] as f64);
-        // Not parameters of this class: diffusers reads them only if the file carries them.
-        let cfg_min = p.opt_f64("sigma_min")?;
-        let cfg_max = p.opt_f64("sigma_max")?;
-        // Karras and Lu timesteps are rounded, except for this beta schedule.
-        let rounded = if schedule.beta_schedule == "squaredcos_cap_v2" {
-            TimestepCast::Truncate
+        check_combination(p, algorithm, solver_order, prediction, final_zero)?;
+        let (timesteps, sigmas) = schedule_sigmas(p, &schedule, steps.0, sigma_kind, lu)?;
+        let last = if final_zero {
+            0.0
         } else {
-            TimestepCast::Round
+            schedule.sigmas()[0]
         };
-        // Karras sigmas win over Lu's lambdas, which win over exponential sigmas.
-        let sigmas: Vec<f64> = if lu && sigma_kind != SigmaKind::Karras {
-            let (l_min, l_max) = (logs[0] as f64, logs[t_train - 1] as f64);
-            let s: Vec<f64> = np_linspace(0.0, 1.0, n)
-                .iter()
-                .map(|r| (l_max + r * (l_min - l_max)).exp())
-                .collect();
-            timesteps = sigmas_to_timesteps(&s, &logs, rounded);
-            s
-        } else if let Some(s) =
-            sigma_kind.sigmas(cfg_min.unwrap_or(s_lo), cfg_max.unwrap_or(s_hi), n)
-        {
-            let cast = match sigma_kind {
-                SigmaKind::Karras => rounded,
-                _ => TimestepCast::Truncate,
-            };
-            timesteps = sigmas_to_timesteps(&s, &logs, cast);
-            s
-        } else {
-            timesteps
-                .iter()
-                .map(|&t| np_interp_unit(t, &full))
-                .collect()
-        };
-        let last = if final_zero { 0.0 } else { full[0] };
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain([last]).collect();
         Ok(Self {
             timesteps,
@@ -184,6 +115,109 @@ impl Dpm {
             next: 0,
         })
     }
+}
+
+fn reject_unmodelled(p: &Params) -> std::result::Result<(), SchedulerError> {
+    p.reject_true(
+        "use_flow_sigmas",
+        "flow-matching sigmas are not implemented",
+    )?;
+    p.reject_true(
+        "use_dynamic_shifting",
+        "dynamic shifting (flow matching) is not implemented",
+    )?;
+    p.reject_non_null(
+        "variance_type",
+        "learned variance outputs are not supported",
+    )
+}
+
+/// Settings diffusers accepts one by one but cannot run together.
+fn check_combination(
+    p: &Params,
+    algorithm: Algorithm,
+    solver_order: usize,
+    prediction: Prediction,
+    final_zero: bool,
+) -> std::result::Result<(), SchedulerError> {
+    if !algorithm.predicts_data() && final_zero {
+        return Err(p.err(
+            "final_sigmas_type",
+            "`zero` needs algorithm_type dpmsolver++ or sde-dpmsolver++; use `sigma_min`",
+        ));
+    }
+    if algorithm == Algorithm::SdeDpmSolver && solver_order == 3 {
+        return Err(p.unsupported(
+            "solver_order",
+            "diffusers has no third-order sde-dpmsolver update",
+        ));
+    }
+    if prediction == Prediction::Flow && !algorithm.predicts_data() {
+        return Err(p.err(
+            "prediction_type",
+            "`flow_prediction` needs algorithm_type dpmsolver++ or sde-dpmsolver++",
+        ));
+    }
+    Ok(())
+}
+
+/// The `n` timesteps and their sigmas (without the final one), as `set_timesteps` makes them.
+fn schedule_sigmas(
+    p: &Params,
+    schedule: &TrainSchedule,
+    n: usize,
+    sigma_kind: SigmaKind,
+    lu: bool,
+) -> std::result::Result<(Vec<f64>, Vec<f64>), SchedulerError> {
+    let t_train = schedule.num_train_timesteps;
+    let lambda_min_clipped = p.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
+    let spacing = p.choice("timestep_spacing", "linspace", &SPACINGS)?;
+    let offset = p.int("steps_offset", 0)?;
+    // torch.searchsorted(flip(lambda_t), lambda_min_clipped): how many lambdas lie below it.
+    let clip = lambda_min_clipped as f32;
+    let clipped_idx = schedule
+        .alphas_cumprod
+        .iter()
+        .filter(|&&a| {
+            let l = ((a.sqrt() as f64).ln() as f32) - (((1.0 - a).sqrt() as f64).ln() as f32);
+            l < clip
+        })
+        .count();
+    let last_timestep = t_train - clipped_idx;
+    let timesteps = multistep_timesteps(spacing, t_train, last_timestep, n, offset);
+    let full = schedule.sigmas();
+    let logs = log_sigmas(&full);
+    let (s_lo, s_hi) = (full[0] as f64, full[t_train - 1] as f64);
+    // Not parameters of this class: diffusers reads them only if the file carries them.
+    let cfg_min = p.opt_f64("sigma_min")?;
+    let cfg_max = p.opt_f64("sigma_max")?;
+    // Karras and Lu timesteps are rounded, except for this beta schedule.
+    let rounded = if schedule.beta_schedule == "squaredcos_cap_v2" {
+        TimestepCast::Truncate
+    } else {
+        TimestepCast::Round
+    };
+    // Karras sigmas win over Lu's lambdas, which win over exponential sigmas.
+    if lu && sigma_kind != SigmaKind::Karras {
+        let (l_min, l_max) = (logs[0] as f64, logs[t_train - 1] as f64);
+        let s: Vec<f64> = np_linspace(0.0, 1.0, n)
+            .iter()
+            .map(|r| (l_max + r * (l_min - l_max)).exp())
+            .collect();
+        return Ok((sigmas_to_timesteps(&s, &logs, rounded), s));
+    }
+    if let Some(s) = sigma_kind.sigmas(cfg_min.unwrap_or(s_lo), cfg_max.unwrap_or(s_hi), n) {
+        let cast = match sigma_kind {
+            SigmaKind::Karras => rounded,
+            _ => TimestepCast::Truncate,
+        };
+        return Ok((sigmas_to_timesteps(&s, &logs, cast), s));
+    }
+    let s = timesteps
+        .iter()
+        .map(|&t| np_interp_unit(t, &full))
+        .collect();
+    Ok((timesteps, s))
 }
 
 impl Scheduler for Dpm {

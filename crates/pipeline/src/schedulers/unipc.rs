@@ -29,10 +29,94 @@ pub struct UniPc {
     next: usize,
 }
 
+/// Refuses what this class does not implement; reads the sigma kind among them.
+fn reject_unmodelled(p: &Params) -> std::result::Result<SigmaKind, SchedulerError> {
+    p.reject_non_null(
+        "solver_p",
+        "an external predictor scheduler is not supported",
+    )?;
+    let sigma_kind = SigmaKind::read(p)?;
+    p.reject_true(
+        "use_flow_sigmas",
+        "flow-matching sigmas are not implemented",
+    )?;
+    p.reject_true(
+        "use_dynamic_shifting",
+        "dynamic shifting (flow matching) is not implemented",
+    )?;
+    p.reject_non_null("shift_terminal", "it applies to flow-matching sigmas only")?;
+    Ok(sigma_kind)
+}
+
+/// With a zero final sigma these settings make diffusers compute 0 * inf at the last step.
+/// `lower_order_final_or_first_order`: `lower_order_final` holds, or the solver is first order.
+fn check_zero_final(
+    p: &Params,
+    predict_x0: bool,
+    bh2: bool,
+    lower_order_final_or_first_order: bool,
+) -> std::result::Result<(), SchedulerError> {
+    let nan = |why: &str| {
+        Err(p.err(
+            "final_sigmas_type",
+            format!("`zero` with {why} gives NaN in diffusers; use `sigma_min`"),
+        ))
+    };
+    if !predict_x0 {
+        return nan("predict_x0 false");
+    }
+    if !bh2 {
+        return nan("solver_type bh1");
+    }
+    if !lower_order_final_or_first_order {
+        return nan("lower_order_final false");
+    }
+    Ok(())
+}
+
+/// The timesteps (recomputed from the sigmas when a sigma kind sets them) and every sigma,
+/// the final one included.
+fn schedule_sigmas(
+    schedule: &TrainSchedule,
+    timesteps: Vec<f64>,
+    n: usize,
+    sigma_kind: SigmaKind,
+    (sigma_min, sigma_max): (Option<f64>, Option<f64>),
+    final_zero: bool,
+) -> (Vec<f64>, Vec<f32>) {
+    let t_train = schedule.num_train_timesteps;
+    let full = schedule.sigmas();
+    let logs = log_sigmas(&full);
+    let (s_lo, s_hi) = (full[0] as f64, full[t_train - 1] as f64);
+    let (smin, smax) = (sigma_min.unwrap_or(s_lo), sigma_max.unwrap_or(s_hi));
+    let (timesteps, sigmas, last) = match sigma_kind.sigmas(smin, smax, n) {
+        Some(s) => {
+            let cast = match sigma_kind {
+                SigmaKind::Karras => TimestepCast::Round,
+                _ => TimestepCast::Truncate,
+            };
+            let last = if final_zero {
+                0.0
+            } else {
+                s[s.len() - 1] as f32
+            };
+            (sigmas_to_timesteps(&s, &logs, cast), s, last)
+        }
+        None => {
+            let s = timesteps
+                .iter()
+                .map(|&t| np_interp_unit(t, &full))
+                .collect();
+            (timesteps, s, if final_zero { 0.0 } else { full[0] })
+        }
+    };
+    let sigmas = sigmas.iter().map(|&s| s as f32).chain([last]).collect();
+    (timesteps, sigmas)
+}
+
 impl UniPc {
     pub(super) fn new(p: &Params, steps: StepCount) -> std::result::Result<Self, SchedulerError> {
         let schedule = TrainSchedule::from_params(p, Rescale::BetasAndClampLast)?;
-        let t_train = schedule.num_train_timesteps;
         let solver_order = solver_order(p, 5)?;
         let prediction = Prediction::read(p)?;
         p.reject_true(
@@ -51,73 +135,24 @@ impl UniPc {
         )? != "bh1";
         let lower_order_final = p.bool("lower_order_final", true)?;
         let disable_corrector = p.int_list("disable_corrector")?;
-        p.reject_non_null(
-            "solver_p",
-            "an external predictor scheduler is not supported",
-        )?;
-        let sigma_kind = SigmaKind::read(p)?;
-        p.reject_true(
-            "use_flow_sigmas",
-            "flow-matching sigmas are not implemented",
-        )?;
-        p.reject_true(
-            "use_dynamic_shifting",
-            "dynamic shifting (flow matching) is not implemented",
-        )?;
-        p.reject_non_null("shift_terminal", "it applies to flow-matching sigmas only")?;
+        let sigma_kind = reject_unmodelled(p)?;
         let spacing = p.choice("timestep_spacing", "linspace", &SPACINGS)?;
         let offset = p.int("steps_offset", 0)?;
         let final_zero = p.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "zero";
         if final_zero {
-            // With a zero final sigma these make diffusers compute 0 * inf at the last step.
-            if !predict_x0 {
-                return Err(p.err(
-                    "final_sigmas_type",
-                    "`zero` with predict_x0 false gives NaN in diffusers; use `sigma_min`",
-                ));
-            }
-            if !bh2 {
-                return Err(p.err(
-                    "final_sigmas_type",
-                    "`zero` with solver_type bh1 gives NaN in diffusers; use `sigma_min`",
-                ));
-            }
-            if !lower_order_final && solver_order > 1 {
-                return Err(p.err(
-                    "final_sigmas_type",
-                    "`zero` with lower_order_final false gives NaN in diffusers; use `sigma_min`",
-                ));
-            }
+            check_zero_final(p, predict_x0, bh2, lower_order_final || solver_order <= 1)?;
         }
-        let sigma_min_cfg = p.opt_f64("sigma_min")?;
-        let sigma_max_cfg = p.opt_f64("sigma_max")?;
-        let n = steps.0;
-
-        let mut timesteps = multistep_timesteps(spacing, t_train, t_train, n, offset);
-        let full = schedule.sigmas();
-        let logs = log_sigmas(&full);
-        let (s_lo, s_hi) = (full[0] as f64, full[t_train - 1] as f64);
-        let (smin, smax) = (sigma_min_cfg.unwrap_or(s_lo), sigma_max_cfg.unwrap_or(s_hi));
-        let (sigmas, last) = if let Some(s) = sigma_kind.sigmas(smin, smax, n) {
-            let cast = match sigma_kind {
-                SigmaKind::Karras => TimestepCast::Round,
-                _ => TimestepCast::Truncate,
-            };
-            timesteps = sigmas_to_timesteps(&s, &logs, cast);
-            let last = if final_zero {
-                0.0
-            } else {
-                s[s.len() - 1] as f32
-            };
-            (s, last)
-        } else {
-            let s = timesteps
-                .iter()
-                .map(|&t| np_interp_unit(t, &full))
-                .collect();
-            (s, if final_zero { 0.0 } else { full[0] })
-        };
-        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain([last]).collect();
+        let sigma_range = (p.opt_f64("sigma_min")?, p.opt_f64("sigma_max")?);
+        let t_train = schedule.num_train_timesteps;
+        let timesteps = multistep_timesteps(spacing, t_train, t_train, steps.0, offset);
+        let (timesteps, sigmas) = schedule_sigmas(
+            &schedule,
+            timesteps,
+            steps.0,
+            sigma_kind,
+            sigma_range,
+            final_zero,
+        );
         Ok(Self {
             timesteps,
             sigmas,
