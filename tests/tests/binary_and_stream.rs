@@ -365,6 +365,22 @@ fn malformed_binary_bodies_are_400s_naming_the_input() {
         n.to_string(),
         &["input 'prompt' element 0 is not valid UTF-8"],
     ));
+    // Bytes that are not text travel as bytes to the validator, which names the input: here
+    // the start of a PNG file as an input the contract does not know.
+    let png = bytes_tensor(&[b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"]);
+    let (b, n) = binary_body(
+        &json!({"inputs": [
+            {"name": "prompt", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": abc.len()}},
+            {"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": png.len()}}
+        ]}),
+        &[&abc, &png],
+    );
+    cases.push((
+        "an image input",
+        b,
+        n.to_string(),
+        &["unknown input 'image'"],
+    ));
     let (b, n) = binary_body(
         &json!({"inputs": [
             {"name": "prompt", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": abc.len()}},

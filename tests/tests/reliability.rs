@@ -614,6 +614,20 @@ fn requests_still_running_at_the_drain_deadline_are_cancelled_with_a_clear_503()
         s.log()
     );
     assert!(s.log().contains("drain timeout reached"), "{}", s.log());
+    // Each 503 is logged once, with its request's id, the stage and the cause.
+    let log = s.log();
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request not served") && l.contains("status=503"))
+        .collect();
+    assert_eq!(logged.len(), 2, "{log}");
+    for line in logged {
+        assert!(line.contains("request_id="), "{line}");
+        assert!(
+            line.contains("server shut down before the request finished"),
+            "{line}"
+        );
+    }
 }
 
 // ---- limits -----------------------------------------------------------------------------------------

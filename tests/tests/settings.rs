@@ -169,6 +169,20 @@ fn a_model_that_cannot_load_stops_the_server() {
             exit.stderr
         );
     }
+    // The failure is logged once, with the model, the stage and the cause.
+    let logged: Vec<&str> = exit
+        .stderr
+        .lines()
+        .filter(|l| l.contains("model failed to load"))
+        .collect();
+    assert_eq!(logged.len(), 1, "{}", exit.stderr);
+    for needle in ["broken", "stage=load", "safetensors"] {
+        assert!(
+            logged[0].contains(needle),
+            "{needle:?} not in {:?}",
+            logged[0]
+        );
+    }
 
     // A uri that does not exist.
     let repo = Repo::new();

@@ -10,7 +10,7 @@
 //! - `lifecycle`: model load, reload and unload; [`models`]: specs, loader trait, registry.
 //! - [`observer`]: the model metrics of one request; [`telemetry`]: the engine's families;
 //!   [`metrics`]: a small Prometheus registry and text renderer.
-//! - [`error`]: why a request failed.
+//! - [`error`]: why a request failed; [`panics`]: model panics caught and reported once.
 //! - `control`, `queued`: one request's cancellation state, and its queue entry.
 
 pub mod admission;
@@ -23,6 +23,7 @@ mod lifecycle;
 pub mod metrics;
 pub mod models;
 pub mod observer;
+pub mod panics;
 pub mod progress;
 pub mod queue;
 mod queued;

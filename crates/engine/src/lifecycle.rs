@@ -10,12 +10,12 @@ use tokio::sync::oneshot;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::models::{LoadedModel, ModelSpec, ModelStatus};
-use crate::worker::panic_message;
+use crate::panics::catch;
 
 /// Why a model did not load: the stage that failed and its cause.
 fn load_failure(spec: &ModelSpec, stage: &str, cause: String) -> String {
     let label = spec.version.as_deref().unwrap_or("");
-    tracing::error!(model = %spec.name, version = label, stage, cause = %cause, "model failed to load");
+    tracing::error!(model = %spec.name, version = %label, stage = %stage, cause = %cause, "model failed to load");
     cause
 }
 
@@ -94,10 +94,7 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name(format!("sdserve-load-{}", spec.name))
             .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    loader.load(&spec_for_load)
-                }))
-                .map_err(|p| panic_message(p.as_ref()));
+                let result = catch(|| loader.load(&spec_for_load));
                 let _ = tx.send(result);
             });
         if let Err(e) = spawned {
@@ -110,7 +107,11 @@ impl Engine {
             Ok(Err(panic)) => Err(load_failure(
                 spec,
                 "load",
-                format!("model loading panicked: {panic}"),
+                format!(
+                    "model loading panicked: {} (at {})",
+                    panic.message,
+                    panic.location.as_deref().unwrap_or("an unknown place")
+                ),
             )),
             Err(_) => Err(load_failure(
                 spec,

@@ -10,6 +10,7 @@ use crate::batch_control::BatchControl;
 use crate::control::{GENERATING, JobControl, QUEUED, stop_error};
 use crate::engine::{Inner, Shared};
 use crate::error::EngineError;
+use crate::panics::catch;
 use crate::queue::Take;
 use crate::queued::Queued;
 
@@ -113,15 +114,12 @@ fn generate(
         name,
     );
     let model = &batch[0].model;
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model.generator.generate(merged, &mut control)
-    }))
-    .unwrap_or_else(|p| {
-        let message = panic_message(p.as_ref());
-        tracing::error!(model = name, stage = "generation", cause = %message, "the model panicked; the batch fails");
+    catch(|| model.generator.generate(merged, &mut control)).unwrap_or_else(|p| {
+        let at = p.location.as_deref().unwrap_or("unknown");
+        tracing::error!(model = %name, stage = %"generation", cause = %p.message, at = %at, "the model panicked; the batch fails");
         Err(GenerateError::Internal {
             stage: "generation".into(),
-            message,
+            message: p.message,
         })
     })
 }
@@ -168,12 +166,4 @@ fn fan_out(
             }
         }
     }
-}
-
-/// The text of a caught panic.
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "panic".into())
 }

@@ -29,6 +29,9 @@ impl Generator for SleepyModel {
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
         self.calls.lock().unwrap().push(job.images.len());
+        if job.images.iter().any(|i| i.prompt == "panic") {
+            panic!("the model broke on purpose");
+        }
         for i in 0..job.settings.num_inference_steps {
             std::thread::sleep(self.step);
             self.steps_run.fetch_add(1, Ordering::SeqCst);
@@ -481,4 +484,84 @@ async fn a_deadline_too_far_to_represent_is_no_deadline() {
     )
     .await;
     assert_eq!(r.unwrap().images.len(), 1);
+}
+
+/// Everything logged in this test process, once [`capture_logs`] has run.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+
+    fn make_writer(&'a self) -> LogBuffer {
+        self.clone()
+    }
+}
+
+/// Routes this process's logs (every thread's) into a buffer.
+fn capture_logs() -> LogBuffer {
+    let buffer = LogBuffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(buffer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("one log capture per process");
+    buffer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_model_fails_its_request_is_logged_once_and_the_worker_goes_on() {
+    let logs = capture_logs();
+    sdserve_engine::panics::install_hook();
+    let f = fixture(1, 2, 1, None, spec("m")).await;
+    let r = infer(&f.engine, request("panic"), None).await;
+    match r {
+        Err(EngineError::Internal { stage, message }) => {
+            assert_eq!(stage, "generation");
+            assert_eq!(message, "the model broke on purpose");
+        }
+        other => panic!("expected an internal error, got {other:?}"),
+    }
+    // The worker survived: the next request is served.
+    assert_eq!(
+        infer(&f.engine, request("fine"), None)
+            .await
+            .unwrap()
+            .images
+            .len(),
+        1
+    );
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logged: Vec<&str> = text.lines().filter(|l| l.contains("panicked")).collect();
+    assert_eq!(logged.len(), 1, "{text}");
+    for needle in [
+        "model=m",
+        "stage=generation",
+        "the model broke on purpose",
+        "at=crates/engine/tests/engine.rs:",
+    ] {
+        assert!(
+            logged[0].contains(needle),
+            "{needle:?} not in {:?}",
+            logged[0]
+        );
+    }
+    assert_eq!(
+        metric(
+            &f.registry,
+            "sdserve_request_failures_total{model=\"m\",reason=\"internal\"}"
+        ),
+        1.0
+    );
 }

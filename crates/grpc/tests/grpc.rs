@@ -575,6 +575,84 @@ async fn errors_map_to_codes_with_the_rest_messages() {
     );
 }
 
+/// The first bytes of a PNG file: not UTF-8 (0x89), as an image input would be.
+const PNG_BYTES: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_not_text_reach_the_validator_as_bytes() {
+    let server = start(&["tiny"], Options::default()).await;
+    let mut c = server.client().await;
+    let bytes_input = |name: &str, data: &[u8]| InferInputTensor {
+        name: name.into(),
+        datatype: "BYTES".into(),
+        shape: vec![1],
+        contents: Some(pb::InferTensorContents {
+            bytes_contents: vec![bytes::Bytes::copy_from_slice(data)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Typed contents: an input the contract does not know is refused by name, bytes and all;
+    // a prompt that is not text is refused by the contract, naming the element.
+    let mut req = infer_request("tiny", "a cat", 1, 2);
+    req.inputs.push(bytes_input("image", PNG_BYTES));
+    let err = c.model_infer(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("unknown input 'image'"),
+        "{}",
+        err.message()
+    );
+    let mut req = infer_request("tiny", "unused", 1, 2);
+    req.inputs = vec![bytes_input("prompt", PNG_BYTES)];
+    let err = c.model_infer(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::InvalidArgument,
+            "input 'prompt' element 0 is not valid UTF-8 text"
+        )
+    );
+    // Raw contents: the same answers.
+    let raw_bytes = |items: &[&[u8]]| {
+        let mut out = Vec::new();
+        for item in items {
+            out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            out.extend_from_slice(item);
+        }
+        bytes::Bytes::from(out)
+    };
+    let mut req = infer_request("tiny", "a cat", 1, 2);
+    req.inputs = vec![
+        InferInputTensor {
+            contents: None,
+            ..prompt_input(&["a cat"])
+        },
+        InferInputTensor {
+            contents: None,
+            ..bytes_input("image", PNG_BYTES)
+        },
+    ];
+    req.raw_input_contents = vec![raw_bytes(&[b"a cat"]), raw_bytes(&[PNG_BYTES])];
+    let err = c.model_infer(req).await.unwrap_err();
+    assert!(
+        err.message().starts_with("unknown input 'image'"),
+        "{}",
+        err.message()
+    );
+    let mut req = infer_request("tiny", "unused", 1, 2);
+    req.inputs = vec![InferInputTensor {
+        contents: None,
+        ..prompt_input(&["x"])
+    }];
+    req.raw_input_contents = vec![raw_bytes(&[PNG_BYTES])];
+    let err = c.model_infer(req).await.unwrap_err();
+    assert_eq!(
+        err.message(),
+        "input 'prompt' element 0 is not valid UTF-8 text"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_guards_inference_and_repository() {
     let server = start(

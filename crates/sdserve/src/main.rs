@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             out,
         } => make_random_model(&config, &dtype, seed, tokenizer, &out),
         cli::Invocation::Start { folder, overrides } => {
+            sdserve_engine::panics::install_hook();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("sdserve-io")

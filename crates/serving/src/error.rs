@@ -122,10 +122,12 @@ impl ServeError {
         let stage = self.stage.as_deref().unwrap_or("serving");
         match self.kind {
             ErrorKind::Internal => tracing::error!(
-                request_id, model, stage, status = 500, cause = %self.message, "request failed"
+                request_id = %request_id, model = %model, stage = %stage, status = 500,
+                cause = %self.message, "request failed"
             ),
             k if k.is_server_error() => tracing::warn!(
-                request_id, model, stage, status = k.status_code(), cause = %self.message, "request not served"
+                request_id = %request_id, model = %model, stage = %stage,
+                status = k.status_code(), cause = %self.message, "request not served"
             ),
             _ => {}
         }
