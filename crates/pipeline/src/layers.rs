@@ -18,7 +18,11 @@ fn fast_path(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{what}: expected f32 storage")
     };
@@ -45,7 +49,7 @@ pub fn matmul(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
 
 /// One thread for small products, and inside a parallel region (whose other threads are
 /// already busy); otherwise all of rayon's.
-fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
+pub(crate) fn gemm_parallelism(flops: usize) -> gemm::Parallelism {
     const PARALLEL_MIN_FLOPS: usize = 1 << 22;
     let threads = rayon::current_num_threads();
     if flops < PARALLEL_MIN_FLOPS || threads < 2 || rayon::current_thread_index().is_some() {
@@ -371,7 +375,7 @@ struct GroupNormOp {
 }
 
 /// Sum of `f(x)` with eight independent accumulators, so that it vectorises.
-fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
@@ -384,7 +388,7 @@ fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 /// Maximum with eight independent accumulators, so that it vectorises (NaNs are not kept).
-fn max_of(xs: &[f32]) -> f32 {
+pub(crate) fn max_of(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = xs.chunks_exact(8);
     let tail = chunks
@@ -676,7 +680,7 @@ fn gelu_erf(x: f32) -> f32 {
 /// `e^x` within about one ulp of libm's `expf`, in a form the compiler vectorises (libm's is a
 /// scalar call per element): `x = n ln2 + r`, a degree-6 polynomial for `e^r` (Cephes' `expf`)
 /// and `2^n` written into the exponent bits. Underflows to 0 below -87.3; saturates above 88.
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const MIN: f32 = -87.3;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;

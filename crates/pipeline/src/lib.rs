@@ -44,6 +44,8 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
+/// candle's tensor type, for tools that drive the stages directly (benchmarks).
+pub use candle_core::Tensor;
 pub use device::LoadOptions;
 pub use error::PipelineError;
 pub use pipeline::StableDiffusion;

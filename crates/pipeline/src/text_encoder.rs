@@ -2,9 +2,9 @@
 //! prefix), batched.
 //!
 //! Sizes, activation and LayerNorm epsilon all come from `text_encoder/config.json`, and a batch
-//! of prompts runs in one forward (the causal mask is `(1, S, S)`, broadcast over batch and
-//! heads). The output is the last hidden state after the final LayerNorm, which is what the SD
-//! 1.x and 2.x pipelines feed the UNet.
+//! of prompts runs in one forward (attention is causal: each token sees the tokens before it).
+//! The output is the last hidden state after the final LayerNorm, which is what the SD 1.x and
+//! 2.x pipelines feed the UNet.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder, embedding, layer_norm, linear};
@@ -35,11 +35,11 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let q = split_heads(&self.q.forward(xs)?, self.heads)?;
         let k = split_heads(&self.k.forward(xs)?, self.heads)?;
         let v = split_heads(&self.v.forward(xs)?, self.heads)?;
-        let out = attention(&q, &k, &v, self.scale, Some(mask))?;
+        let out = attention(&q, &k, &v, self.scale, true)?;
         self.out.forward(&merge_heads(&out, self.heads)?)
     }
 }
@@ -65,8 +65,8 @@ impl Layer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.ln1.forward(xs)?)?)?;
         let hidden = self.fc1.forward(&self.ln2.forward(&xs)?)?;
         let hidden = match self.act {
             Activation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
@@ -150,18 +150,9 @@ impl TextEncoder {
             .token_embedding
             .forward(ids)?
             .broadcast_add(&positions)?;
-        let mask = causal_mask(s, xs.dtype(), xs.device())?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs)?;
         }
         self.final_layer_norm.forward(&xs)
     }
-}
-
-/// `(1, S, S)`: 0 on and below the diagonal, the dtype's lowest value above it (as HF does).
-fn causal_mask(s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (1, s, s), device)?.to_dtype(dtype)
 }

@@ -69,7 +69,7 @@ impl CrossAttention {
         let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let out = attention(&q, &k, &v, self.scale, None)?;
+        let out = attention(&q, &k, &v, self.scale, false)?;
         self.to_out.forward(&merge_heads(&out, self.heads)?)
     }
 }

@@ -65,7 +65,7 @@ impl AttentionBlock {
         let q = self.query.forward(&tokens)?;
         let k = self.key.forward(&tokens)?;
         let v = self.value.forward(&tokens)?;
-        let attended = attention(&q, &k, &v, self.scale, None)?;
+        let attended = attention(&q, &k, &v, self.scale, false)?;
         let out = self.proj.forward(&attended)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }

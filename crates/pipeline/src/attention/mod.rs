@@ -1,0 +1,209 @@
+//! Scaled dot-product attention, the one implementation the UNet, the VAE and the text encoder
+//! share: `softmax(q kᵀ · scale) v`, optionally causal, computed in F32 whatever the model
+//! dtype (as diffusers' default processor upcasts, and as candle's blocks do).
+//!
+//! Each device and dtype may have its own kernel; [`attention`] picks it. The CPU in F32 runs
+//! [`tiled`] (no score matrix, parallel over heads and query blocks); every other device runs
+//! candle's ops on the materialised score matrix.
+
+mod tiled;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::layers::{matmul, softmax_scaled};
+
+/// Where attention runs, by the device and dtype of its operands.
+enum Kernel {
+    /// CPU, F32: the tiled kernel.
+    CpuF32,
+    /// Any other device or dtype: candle's ops, upcast to F32.
+    Generic,
+}
+
+impl Kernel {
+    fn for_operands(q: &Tensor) -> Self {
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            Kernel::CpuF32
+        } else {
+            Kernel::Generic
+        }
+    }
+}
+
+/// Attention over `(batch × heads, sequence, head dim)` operands: `q` `(N, Sq, D)`, `k` `(N, Sk,
+/// D)` and `v` `(N, Sk, Dv)`. `causal`: query `i` sees keys `0..=i` only (CLIP's text
+/// encoder; `Sq == Sk`). The result is `(N, Sq, Dv)` in `q`'s dtype.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let out = match Kernel::for_operands(q) {
+        Kernel::CpuF32 => q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &tiled::Tiled {
+                scale: scale as f32,
+                causal,
+            },
+        )?,
+        Kernel::Generic => {
+            let (q, k, v) = (
+                q.to_dtype(DType::F32)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?,
+            );
+            let mask = causal
+                .then(|| causal_mask(q.dim(1)?, k.dim(1)?, q.device()))
+                .transpose()?;
+            materialised(&q, &k, &v, scale, mask.as_ref())?
+        }
+    };
+    out.to_dtype(dtype)
+}
+
+/// `(1, Sq, Sk)`: 0 where a query may look, F32's lowest value above the diagonal (as HF's
+/// CLIP builds it).
+fn causal_mask(sq: usize, sk: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..sq)
+        .flat_map(|i| (0..sk).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (1, sq, sk), device)
+}
+
+/// `(B, S, H × D)` → `(B × H, S, D)`: one attention batch item per head.
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, s, dim) = xs.dims3()?;
+    xs.reshape((b, s, heads, dim / heads))?
+        .transpose(1, 2)?
+        .reshape((b * heads, s, dim / heads))
+}
+
+/// `(B × H, S, D)` → `(B, S, H × D)`, the inverse of [`split_heads`].
+pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (bh, s, d) = xs.dims3()?;
+    xs.reshape((bh / heads, heads, s, d))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, s, heads * d))
+}
+
+/// The whole `(N, Sq, Sk)` score matrix at once, `mask` added to the scaled scores.
+fn materialised(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scores = matmul(q, &k.t()?)?;
+    let probs = match mask {
+        None => softmax_scaled(&scores, scale)?,
+        Some(mask) => softmax_scaled(&(scores * scale)?.broadcast_add(mask)?, 1.0)?,
+    };
+    matmul(&probs, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook formula in F64, with candle's own ops.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Tensor {
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let (q, k, v) = (f64(q), f64(k), f64(v));
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if causal {
+            let mask = causal_mask(q.dim(1).unwrap(), k.dim(1).unwrap(), q.device()).unwrap();
+            scores = scores.broadcast_add(&f64(&mask)).unwrap();
+        }
+        candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap()
+    }
+
+    /// Largest |ours − reference| over the largest |reference|.
+    fn relative_error(ours: &Tensor, expected: &Tensor) -> f64 {
+        let ours = ours.to_dtype(DType::F64).unwrap();
+        let max = |t: &Tensor| -> f64 {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        max(&(&ours - expected).unwrap()) / max(expected)
+    }
+
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let data = crate::noise::NormalStream::new(seed).fill(shape.0 * shape.1 * shape.2);
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn tiled_matches_the_formula_for_the_models_sizes() {
+        // Head dims of the tiny models, SD 1.x (40, 80, 160), SD 2.x / SDXL / CLIP (64) and the
+        // VAE (one head over 512 channels); lengths around the query block (64), CLIP's 77,
+        // and key counts past one key block with a remainder.
+        let cases: &[(usize, usize, usize)] = &[
+            (8, 1, 77),
+            (8, 64, 64),
+            (40, 65, 77),
+            (40, 300, 300),
+            (64, 63, 1030),
+            (80, 130, 77),
+            (160, 129, 129),
+            (512, 70, 70),
+        ];
+        for (i, &(d, sq, sk)) in cases.iter().enumerate() {
+            let seed = i as u64;
+            let q = random((2, sq, d), 3 * seed);
+            let k = random((2, sk, d), 3 * seed + 1);
+            let v = random((2, sk, d), 3 * seed + 2);
+            let scale = (d as f64).powf(-0.5);
+            let ours = attention(&q, &k, &v, scale, false).unwrap();
+            assert_eq!(ours.dims(), [2, sq, d]);
+            let err = relative_error(&ours, &reference(&q, &k, &v, scale, false));
+            println!("d {d}, {sq} queries, {sk} keys: relative error {err:.1e}");
+            assert!(
+                err < 1e-5,
+                "d {d}, {sq} queries, {sk} keys: relative error {err:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn causal_attention_sees_only_earlier_keys() {
+        for (d, s) in [(8, 5), (64, 77), (16, 130)] {
+            let q = random((3, s, d), 11);
+            let k = random((3, s, d), 12);
+            let v = random((3, s, d), 13);
+            let scale = (d as f64).powf(-0.5);
+            let ours = attention(&q, &k, &v, scale, true).unwrap();
+            let err = relative_error(&ours, &reference(&q, &k, &v, scale, true));
+            assert!(err < 1e-5, "d {d}, {s} tokens: relative error {err:e}");
+            // The first query sees only the first key: its output is that value row.
+            let first = ours.narrow(1, 0, 1).unwrap();
+            let err = relative_error(
+                &first,
+                &v.narrow(1, 0, 1).unwrap().to_dtype(DType::F64).unwrap(),
+            );
+            assert!(err < 1e-6, "{err:e}");
+        }
+    }
+
+    #[test]
+    fn other_dtypes_run_the_generic_kernel_and_keep_their_dtype() {
+        let (q, k, v) = (
+            random((2, 9, 16), 1),
+            random((2, 7, 16), 2),
+            random((2, 7, 16), 3),
+        );
+        let scale = 0.25;
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let out = attention(&half(&q), &half(&k), &half(&v), scale, false).unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        let err = relative_error(&out, &reference(&q, &k, &v, scale, false));
+        assert!(err < 1e-2, "{err:e}");
+    }
+}
