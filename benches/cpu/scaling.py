@@ -9,7 +9,8 @@ own per row, so peak RSS (VmHWM) is that row's alone.
     .venv/bin/python benches/cpu/scaling.py                # every row, results in target/bench-cpu
     .venv/bin/python benches/cpu/scaling.py --rows tiny-64,sd15-256
 
-sdserve runs `target/release/time_generation` (build it first: benches/cpu/scaling.sh does);
+sdserve runs `target/release/time_generation` (build it first: `cargo build --release -p
+sdserve-benches`);
 diffusers runs this file with `--diffusers-row`, torch on as many threads as sdserve has cores.
 """
 

@@ -1,5 +1,5 @@
-//! Convolution, linear, group norm (optionally fused with SiLU), GEGLU, softmax and resnet
-//! blocks, with fused CPU kernels.
+//! Linear, group norm (optionally fused with SiLU), GEGLU, softmax, matrix products and resnet
+//! blocks, with fused CPU kernels (convolution: [`crate::conv`]).
 //!
 //! candle 0.11.1's CPU conv2d re-packs its kernel and copies the input to NHWC on every call,
 //! each of its matmuls probes the thread count by reading `/proc/cpuinfo`, and its group norm,
@@ -13,6 +13,11 @@ use candle_core::{
     bail,
 };
 use candle_nn::{Conv2dConfig, VarBuilder};
+
+use rayon::prelude::*;
+
+use crate::conv::{Conv2d, conv2d};
+use crate::simd::dispatch;
 
 fn fast_path(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -200,119 +205,6 @@ impl Module for Linear {
     }
 }
 
-/// A 2D convolution (groups 1, dilation 1 on the fast path).
-pub struct Conv2d {
-    inner: candle_nn::Conv2d,
-    /// The weight as the `(c_out, c_in * kh * kw)` matrix the im2col columns multiply.
-    weight_2d: Tensor,
-}
-
-pub fn conv2d(
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    config: Conv2dConfig,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let inner = candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?;
-    let weight_2d = inner.weight().flatten_from(1)?.contiguous()?;
-    Ok(Conv2d { inner, weight_2d })
-}
-
-impl Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let cfg = self.inner.config();
-        if !fast_path(xs) || cfg.groups != 1 || cfg.dilation != 1 {
-            return self.inner.forward(xs);
-        }
-        let (b, c, h, w) = xs.dims4()?;
-        let (c_out, _, kh, kw) = self.inner.weight().dims4()?;
-        let (stride, padding) = (cfg.stride, cfg.padding);
-        if h + 2 * padding < kh || w + 2 * padding < kw {
-            return self.inner.forward(xs);
-        }
-        let oh = (h + 2 * padding - kh) / stride + 1;
-        let ow = (w + 2 * padding - kw) / stride + 1;
-        let xs = xs.contiguous()?;
-        let cols = if (kh, kw, stride, padding) == (1, 1, 1, 0) {
-            xs.reshape((b, c, h * w))?
-        } else {
-            xs.apply_op1_no_bwd(&Im2Col {
-                kh,
-                kw,
-                stride,
-                padding,
-            })?
-        };
-        let k = self.weight_2d.dim(1)?;
-        let out = matmul(&self.weight_2d.broadcast_as((b, c_out, k))?, &cols)?;
-        let out = match self.inner.bias() {
-            Some(bias) => out.broadcast_add(&bias.reshape((c_out, 1))?)?,
-            None => out,
-        };
-        out.reshape((b, c_out, oh, ow))
-    }
-}
-
-/// `(B, C, H, W)` to the `(B, C * kh * kw, OH * OW)` patch matrix, rows ordered like the
-/// flattened `(C, kh, kw)` weight; padding reads as zeros.
-struct Im2Col {
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = f32_slice(storage, layout, "im2col")?;
-        let (b, c, h, w) = layout.shape().dims4()?;
-        let Self {
-            kh,
-            kw,
-            stride: s,
-            padding: p,
-        } = *self;
-        let oh = (h + 2 * p - kh) / s + 1;
-        let ow = (w + 2 * p - kw) / s + 1;
-        let n = oh * ow;
-        let mut dst = vec![0f32; b * c * kh * kw * n];
-        for (plane, rows) in src
-            .chunks_exact(h * w)
-            .zip(dst.chunks_exact_mut(kh * kw * n))
-        {
-            for i in 0..kh {
-                for j in 0..kw {
-                    let row = &mut rows[(i * kw + j) * n..][..n];
-                    // Output columns whose input column ox * s + j - p lies inside the image.
-                    let lo = p.saturating_sub(j).div_ceil(s).min(ow);
-                    let hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow).max(lo);
-                    for oy in 0..oh {
-                        let Some(iy) = (oy * s + i).checked_sub(p).filter(|&iy| iy < h) else {
-                            continue;
-                        };
-                        let src_row = &plane[iy * w..][..w];
-                        let dst_row = &mut row[oy * ow..][lo..hi];
-                        let x0 = lo * s + j - p;
-                        if s == 1 {
-                            dst_row.copy_from_slice(&src_row[x0..x0 + dst_row.len()]);
-                        } else {
-                            for (d, x) in dst_row.iter_mut().zip((x0..).step_by(s)) {
-                                *d = src_row[x];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Ok((CpuStorage::F32(dst), Shape::from((b, c * kh * kw, n))))
-    }
-}
-
 /// Group norm over `(B, C, ...)`, optionally followed by SiLU.
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -375,6 +267,7 @@ struct GroupNormOp {
 }
 
 /// Sum of `f(x)` with eight independent accumulators, so that it vectorises.
+#[inline(always)]
 pub(crate) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
@@ -388,6 +281,7 @@ pub(crate) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 /// Maximum with eight independent accumulators, so that it vectorises (NaNs are not kept).
+#[inline(always)]
 pub(crate) fn max_of(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = xs.chunks_exact(8);
@@ -438,33 +332,48 @@ impl CustomOp3 for GroupNormOp {
         let per_group = channels / self.groups;
         let group_len = per_group * spatial;
         let mut dst = vec![0f32; src.len()];
-        for (g, (xs, ys)) in src
-            .chunks_exact(group_len)
-            .zip(dst.chunks_exact_mut(group_len))
+        let (eps, silu) = (self.eps, self.silu);
+        src.par_chunks_exact(group_len)
+            .zip(dst.par_chunks_exact_mut(group_len))
             .enumerate()
-        {
-            let mean = sum_of(xs, |x| x) / group_len as f32;
-            let var = sum_of(xs, |x| (x - mean) * (x - mean)) / group_len as f32;
-            let inv_std = 1.0 / (var + self.eps).sqrt();
-            let first = (g % self.groups) * per_group;
-            for (c, (xs, ys)) in xs
-                .chunks_exact(spatial)
-                .zip(ys.chunks_exact_mut(spatial))
-                .enumerate()
-            {
-                let scale = weight[first + c] * inv_std;
-                let shift = bias[first + c];
-                for (y, &x) in ys.iter_mut().zip(xs) {
-                    *y = (x - mean) * scale + shift;
-                }
-                if self.silu {
-                    for y in ys.iter_mut() {
-                        *y /= 1.0 + exp(-*y);
-                    }
+            .for_each(|(g, (xs, ys))| {
+                let first = (g % self.groups) * per_group;
+                let channels = first..first + per_group;
+                let (weight, bias) = (&weight[channels.clone()], &bias[channels]);
+                normalize_group(xs, ys, weight, bias, spatial, eps, silu);
+            });
+        Ok((CpuStorage::F32(dst), xs_l.shape().clone()))
+    }
+}
+
+dispatch! {
+    /// One group of `weight.len()` channels of `spatial` values: normalised, scaled and
+    /// shifted per channel, then SiLU when `silu`.
+    fn normalize_group(
+        xs: &[f32],
+        ys: &mut [f32],
+        weight: &[f32],
+        bias: &[f32],
+        spatial: usize,
+        eps: f32,
+        silu: bool,
+    ) {
+        let n = xs.len() as f32;
+        let mean = sum_of(xs, |x| x) / n;
+        let var = sum_of(xs, |x| (x - mean) * (x - mean)) / n;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        for (c, (xs, ys)) in xs.chunks_exact(spatial).zip(ys.chunks_exact_mut(spatial)).enumerate() {
+            let scale = weight[c] * inv_std;
+            let shift = bias[c];
+            for (y, &x) in ys.iter_mut().zip(xs) {
+                *y = (x - mean) * scale + shift;
+            }
+            if silu {
+                for y in ys.iter_mut() {
+                    *y /= 1.0 + exp(-*y);
                 }
             }
         }
-        Ok((CpuStorage::F32(dst), xs_l.shape().clone()))
     }
 }
 
@@ -530,6 +439,19 @@ impl CustomOp2 for GegluOp {
         *last = half;
         let (bias_a, bias_b) = bias.split_at(half);
         let mut dst = vec![0f32; src.len() / 2];
+        // Rows in tasks of about 64 Ki outputs.
+        let rows = (65536 / half.max(1)).max(1);
+        src.par_chunks(2 * half * rows)
+            .zip(dst.par_chunks_mut(half * rows))
+            .for_each(|(src, dst)| geglu_rows(src, dst, bias_a, bias_b));
+        Ok((CpuStorage::F32(dst), Shape::from(dims)))
+    }
+}
+
+dispatch! {
+    /// `(a + bias_a) · gelu_erf(b + bias_b)` for rows `[a | b]` of `src`.
+    fn geglu_rows(src: &[f32], dst: &mut [f32], bias_a: &[f32], bias_b: &[f32]) {
+        let half = bias_a.len();
         for (row, out) in src.chunks_exact(2 * half).zip(dst.chunks_exact_mut(half)) {
             let (a, b) = row.split_at(half);
             // Two plain loops, so that both vectorise.
@@ -540,7 +462,6 @@ impl CustomOp2 for GegluOp {
                 *y *= a + bias;
             }
         }
-        Ok((CpuStorage::F32(dst), Shape::from(dims)))
     }
 }
 
@@ -654,6 +575,7 @@ impl CustomOp1 for SoftmaxScaled {
 /// (libm's `erff` is a scalar call per element): `erfc(z) = t e^(-z^2 + P(t))`,
 /// `t = 1 / (1 + z / 2)`, whose relative error is below 1.2e-7 for every `z >= 0`
 /// (Numerical Recipes' `erfcc`), so `1 + erf` is within a few ulp of the exact value.
+#[inline(always)]
 fn gelu_erf(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.5 * z);
@@ -680,6 +602,7 @@ fn gelu_erf(x: f32) -> f32 {
 /// `e^x` within about one ulp of libm's `expf`, in a form the compiler vectorises (libm's is a
 /// scalar call per element): `x = n ln2 + r`, a degree-6 polynomial for `e^r` (Cephes' `expf`)
 /// and `2^n` written into the exponent bits. Underflows to 0 below -87.3; saturates above 88.
+#[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const MIN: f32 = -87.3;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
@@ -757,30 +680,6 @@ pub(crate) mod tests {
     fn fused_layers_match_candle_ops() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        for (i, (c_in, c_out, k, stride, padding, h, w)) in [
-            (6, 5, 3, 1, 1, 9, 7),
-            (6, 5, 3, 2, 1, 9, 8),
-            (6, 5, 3, 2, 0, 10, 10),
-            (6, 5, 1, 1, 0, 4, 3),
-            (4, 3, 3, 1, 0, 5, 6),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let cfg = Conv2dConfig {
-                stride,
-                padding,
-                ..Default::default()
-            };
-            let conv = conv2d(c_in, c_out, k, cfg, vb.pp(format!("conv{i}"))).unwrap();
-            let xs = randn(&[2, c_in, h, w]);
-            let d = max_diff(
-                &conv.forward(&xs).unwrap(),
-                &conv.inner.forward(&xs).unwrap(),
-            );
-            assert!(d < 1e-5, "conv {i}: {d}");
-        }
-
         let xs = randn(&[2, 8, 5, 3]);
         let norm = group_norm(4, 8, 1e-5, vb.pp("norm")).unwrap();
         // Non-trivial affine parameters.

@@ -14,30 +14,36 @@
 //! - [`vae`]: the VAE decoder built from the parsed config.
 //! - [`attention`]: the one scaled dot-product attention of the UNet, VAE and text encoder,
 //!   with a kernel per device and dtype.
-//! - [`layers`]: convolution, linear, group norm (+SiLU), GEGLU, softmax and resnet blocks, with
+//! - [`conv`]: 2D convolution, chunked on the CPU.
+//! - [`layers`]: linear, group norm (+SiLU), GEGLU, softmax and resnet blocks, with
 //!   fused CPU kernels in F32 and candle's ops elsewhere.
 //! - [`image`]: diffusers' post-processing, 8-bit RGB and PNG.
 //! - [`device`]: device/dtype selection ([`LoadOptions`]); all CUDA-specific code.
+//! - [`memory`]: the allocator tuning the CPU pipeline wants.
 //! - [`error`]: [`PipelineError`], load-time errors naming the file and key or tensor.
 //! - [`noise`]: seeded per-image Gaussian noise (host side).
 //! - [`tokenizer`]: CLIP BPE tokenizer from `vocab.json` + `merges.txt`.
+//! - `simd`: the CPU kernels' inner loops compiled for AVX-512 / AVX2 and picked at run time.
 //! - [`schedulers`]: DDIM, PNDM, Euler, Euler Ancestral, DPM++ 2M (Karras), LMS, UniPC.
 //! - [`random_model`]: diffusers folders with seeded random weights at real sizes (benchmarks).
 
 pub mod attention;
 pub mod conditioning;
 pub mod config;
+pub mod conv;
 pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod image;
 pub mod layers;
 pub mod load;
+pub mod memory;
 pub mod noise;
 pub mod pipeline;
 pub mod prompt;
 pub mod random_model;
 pub mod schedulers;
+mod simd;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
@@ -45,7 +51,7 @@ pub mod vae;
 pub mod weights;
 
 /// candle's tensor type, for tools that drive the stages directly (benchmarks).
-pub use candle_core::Tensor;
+pub use candle_core::{Device, Tensor};
 pub use device::LoadOptions;
 pub use error::PipelineError;
 pub use pipeline::StableDiffusion;

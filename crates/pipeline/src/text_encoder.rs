@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder, embedding, layer_norm, linear};
 
-use crate::attention::{attention, merge_heads, split_heads};
+use crate::attention::attention;
 use crate::config::{Activation, TextEncoderConfig};
 
 struct Attention {
@@ -36,11 +36,11 @@ impl Attention {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward(xs)?, self.heads)?;
-        let k = split_heads(&self.k.forward(xs)?, self.heads)?;
-        let v = split_heads(&self.v.forward(xs)?, self.heads)?;
-        let out = attention(&q, &k, &v, self.scale, true)?;
-        self.out.forward(&merge_heads(&out, self.heads)?)
+        let q = self.q.forward(xs)?;
+        let k = self.k.forward(xs)?;
+        let v = self.v.forward(xs)?;
+        let out = attention(&q, &k, &v, self.heads, self.scale, true)?;
+        self.out.forward(&out)
     }
 }
 

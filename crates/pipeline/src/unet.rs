@@ -14,12 +14,12 @@ use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
-use crate::attention::{attention, merge_heads, split_heads};
+use crate::attention::attention;
 use crate::conditioning::Conditioning;
 use crate::config::{UNetBlock, UNetConfig};
+use crate::conv::{Conv2d, conv2d};
 use crate::layers::{
-    Conv2d, Geglu, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, geglu, group_norm, linear,
-    linear_no_bias,
+    Geglu, GroupNorm, Linear, ResnetBlock, ResnetConfig, geglu, group_norm, linear, linear_no_bias,
 };
 
 /// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
@@ -66,11 +66,11 @@ impl CrossAttention {
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let out = attention(&q, &k, &v, self.scale, false)?;
-        self.to_out.forward(&merge_heads(&out, self.heads)?)
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = attention(&q, &k, &v, self.heads, self.scale, false)?;
+        self.to_out.forward(&out)
     }
 }
 

@@ -7,9 +7,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::attention::attention;
 use crate::config::VaeConfig;
-use crate::layers::{
-    Conv2d, GroupNorm, Linear, ResnetBlock, ResnetConfig, conv2d, group_norm, linear,
-};
+use crate::conv::{Conv2d, conv2d};
+use crate::layers::{GroupNorm, Linear, ResnetBlock, ResnetConfig, group_norm, linear};
 
 /// diffusers' `Decoder` resnets and norms use eps 1e-6 whatever the config says.
 const EPS: f64 = 1e-6;
@@ -65,7 +64,7 @@ impl AttentionBlock {
         let q = self.query.forward(&tokens)?;
         let k = self.key.forward(&tokens)?;
         let v = self.value.forward(&tokens)?;
-        let attended = attention(&q, &k, &v, self.scale, false)?;
+        let attended = attention(&q, &k, &v, 1, self.scale, false)?;
         let out = self.proj.forward(&attended)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }

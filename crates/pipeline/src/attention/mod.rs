@@ -2,10 +2,14 @@
 //! share: `softmax(q kᵀ · scale) v`, optionally causal, computed in F32 whatever the model
 //! dtype (as diffusers' default processor upcasts, and as candle's blocks do).
 //!
-//! Each device and dtype may have its own kernel; [`attention`] picks it. The CPU in F32 runs
-//! [`tiled`] (no score matrix, parallel over heads and query blocks); every other device runs
-//! candle's ops on the materialised score matrix.
+//! Operands are `(B, S, H · D)`, as the projections make them: head `h` is columns
+//! `h·D .. (h+1)·D`. Each device and dtype may have its own kernel; [`attention`] picks it. The
+//! CPU in F32 runs [`tiled`] (no score matrix, heads read in place, parallel over items, heads
+//! and query blocks); every other device splits the heads out and runs candle's ops on the
+//! materialised score matrix.
 
+mod blocks;
+mod softmax;
 mod tiled;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -30,30 +34,35 @@ impl Kernel {
     }
 }
 
-/// Attention over `(batch × heads, sequence, head dim)` operands: `q` `(N, Sq, D)`, `k` `(N, Sk,
-/// D)` and `v` `(N, Sk, Dv)`. `causal`: query `i` sees keys `0..=i` only (CLIP's text
-/// encoder; `Sq == Sk`). The result is `(N, Sq, Dv)` in `q`'s dtype.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+/// Multi-head attention: `q` `(B, Sq, H·D)`, `k` `(B, Sk, H·D)` and `v` `(B, Sk, H·Dv)` with
+/// `heads` = H. `causal`: query `i` sees keys `0..=i` only (CLIP's text encoder; `Sq == Sk`).
+/// The result is `(B, Sq, H·Dv)` in `q`'s dtype.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let out = match Kernel::for_operands(q) {
         Kernel::CpuF32 => q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
             &tiled::Tiled {
+                heads,
                 scale: scale as f32,
                 causal,
             },
         )?,
         Kernel::Generic => {
-            let (q, k, v) = (
-                q.to_dtype(DType::F32)?,
-                k.to_dtype(DType::F32)?,
-                v.to_dtype(DType::F32)?,
-            );
+            let split = |t: &Tensor| split_heads(&t.to_dtype(DType::F32)?, heads);
+            let (q, k, v) = (split(q)?, split(k)?, split(v)?);
             let mask = causal
                 .then(|| causal_mask(q.dim(1)?, k.dim(1)?, q.device()))
                 .transpose()?;
-            materialised(&q, &k, &v, scale, mask.as_ref())?
+            merge_heads(&materialised(&q, &k, &v, scale, mask.as_ref())?, heads)?
         }
     };
     out.to_dtype(dtype)
@@ -69,7 +78,7 @@ fn causal_mask(sq: usize, sk: usize, device: &Device) -> Result<Tensor> {
 }
 
 /// `(B, S, H × D)` → `(B × H, S, D)`: one attention batch item per head.
-pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, s, dim) = xs.dims3()?;
     xs.reshape((b, s, heads, dim / heads))?
         .transpose(1, 2)?
@@ -77,7 +86,7 @@ pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// `(B × H, S, D)` → `(B, S, H × D)`, the inverse of [`split_heads`].
-pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (bh, s, d) = xs.dims3()?;
     xs.reshape((bh / heads, heads, s, d))?
         .transpose(1, 2)?
@@ -104,19 +113,29 @@ fn materialised(
 mod tests {
     use super::*;
 
-    /// The textbook formula in F64, with candle's own ops.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Tensor {
-        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    /// The textbook formula in F64, with candle's own ops, head by head.
+    fn reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+        causal: bool,
+    ) -> Tensor {
+        let f64 = |t: &Tensor| split_heads(&t.to_dtype(DType::F64).unwrap(), heads).unwrap();
         let (q, k, v) = (f64(q), f64(k), f64(v));
         let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         if causal {
             let mask = causal_mask(q.dim(1).unwrap(), k.dim(1).unwrap(), q.device()).unwrap();
-            scores = scores.broadcast_add(&f64(&mask)).unwrap();
+            scores = scores
+                .broadcast_add(&mask.to_dtype(DType::F64).unwrap())
+                .unwrap();
         }
-        candle_nn::ops::softmax_last_dim(&scores)
+        let out = candle_nn::ops::softmax_last_dim(&scores)
             .unwrap()
             .matmul(&v)
-            .unwrap()
+            .unwrap();
+        merge_heads(&out, heads).unwrap()
     }
 
     /// Largest |ours − reference| over the largest |reference|.
@@ -142,29 +161,30 @@ mod tests {
 
     #[test]
     fn tiled_matches_the_formula_for_the_models_sizes() {
-        // Head dims of the tiny models, SD 1.x (40, 80, 160), SD 2.x / SDXL / CLIP (64) and the
+        // Head dims of the tiny models (8, 16), SD 1.x (40, 80, 160), SD 2.x / SDXL / CLIP (64) and the
         // VAE (one head over 512 channels); lengths around the query block (64), CLIP's 77,
-        // and key counts past one key block with a remainder.
-        let cases: &[(usize, usize, usize)] = &[
-            (8, 1, 77),
-            (8, 64, 64),
-            (40, 65, 77),
-            (40, 300, 300),
-            (64, 63, 1030),
-            (80, 130, 77),
-            (160, 129, 129),
-            (512, 70, 70),
+        // and key counts past one key block with a remainder: (head dim, heads, queries, keys).
+        let cases: &[(usize, usize, usize, usize)] = &[
+            (8, 2, 1, 77),
+            (8, 4, 64, 64),
+            (16, 4, 100, 600),
+            (40, 8, 65, 77),
+            (40, 2, 300, 300),
+            (64, 3, 63, 1030),
+            (80, 2, 130, 77),
+            (160, 2, 129, 129),
+            (512, 1, 70, 70),
         ];
-        for (i, &(d, sq, sk)) in cases.iter().enumerate() {
+        for (i, &(d, heads, sq, sk)) in cases.iter().enumerate() {
             let seed = i as u64;
-            let q = random((2, sq, d), 3 * seed);
-            let k = random((2, sk, d), 3 * seed + 1);
-            let v = random((2, sk, d), 3 * seed + 2);
+            let q = random((2, sq, heads * d), 3 * seed);
+            let k = random((2, sk, heads * d), 3 * seed + 1);
+            let v = random((2, sk, heads * d), 3 * seed + 2);
             let scale = (d as f64).powf(-0.5);
-            let ours = attention(&q, &k, &v, scale, false).unwrap();
-            assert_eq!(ours.dims(), [2, sq, d]);
-            let err = relative_error(&ours, &reference(&q, &k, &v, scale, false));
-            println!("d {d}, {sq} queries, {sk} keys: relative error {err:.1e}");
+            let ours = attention(&q, &k, &v, heads, scale, false).unwrap();
+            assert_eq!(ours.dims(), [2, sq, heads * d]);
+            let err = relative_error(&ours, &reference(&q, &k, &v, heads, scale, false));
+            println!("d {d} x {heads} heads, {sq} queries, {sk} keys: relative error {err:.1e}");
             assert!(
                 err < 1e-5,
                 "d {d}, {sq} queries, {sk} keys: relative error {err:e}"
@@ -174,13 +194,13 @@ mod tests {
 
     #[test]
     fn causal_attention_sees_only_earlier_keys() {
-        for (d, s) in [(8, 5), (64, 77), (16, 130)] {
-            let q = random((3, s, d), 11);
-            let k = random((3, s, d), 12);
-            let v = random((3, s, d), 13);
+        for (d, heads, s) in [(8, 1, 5), (64, 12, 77), (16, 2, 130)] {
+            let q = random((3, s, heads * d), 11);
+            let k = random((3, s, heads * d), 12);
+            let v = random((3, s, heads * d), 13);
             let scale = (d as f64).powf(-0.5);
-            let ours = attention(&q, &k, &v, scale, true).unwrap();
-            let err = relative_error(&ours, &reference(&q, &k, &v, scale, true));
+            let ours = attention(&q, &k, &v, heads, scale, true).unwrap();
+            let err = relative_error(&ours, &reference(&q, &k, &v, heads, scale, true));
             assert!(err < 1e-5, "d {d}, {s} tokens: relative error {err:e}");
             // The first query sees only the first key: its output is that value row.
             let first = ours.narrow(1, 0, 1).unwrap();
@@ -201,9 +221,9 @@ mod tests {
         );
         let scale = 0.25;
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
-        let out = attention(&half(&q), &half(&k), &half(&v), scale, false).unwrap();
+        let out = attention(&half(&q), &half(&k), &half(&v), 2, scale, false).unwrap();
         assert_eq!(out.dtype(), DType::F16);
-        let err = relative_error(&out, &reference(&q, &k, &v, scale, false));
+        let err = relative_error(&out, &reference(&q, &k, &v, 2, scale, false));
         assert!(err < 1e-2, "{err:e}");
     }
 }

@@ -1,38 +1,68 @@
 //! Attention on the CPU in F32 without the score matrix: queries in blocks of [`BLOCK_Q`] rows,
 //! keys and values streamed in blocks sized to stay in cache, with an online softmax (a running
 //! maximum and sum per query row, the accumulated output rescaled when the maximum grows).
-//! Memory is `O(block)` per task instead of `O(q_len × k_len)`, every block product is one
-//! `gemm` call, and the (head, query block) tasks run in parallel.
+//! Memory is `O(block)` per task instead of `O(q_len × k_len)`, the block products are register-blocked
+//! kernels ([`blocks`](super::blocks)), and the (item, head, query block) tasks run in parallel.
+//!
+//! Heads are read in place from `(B, S, H · D)` operands (head `h` is columns
+//! `h·D .. (h+1)·D` of every row) and written in place to a `(B, Sq, H · Dv)` output, so no
+//! head is ever copied out.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, bail};
 use rayon::prelude::*;
 
-use crate::layers::{exp, f32_slice, max_of, sum_of};
+use super::blocks;
+use super::softmax::{fma_native, softmax_row};
+use crate::layers::f32_slice;
 
 /// Query rows per task.
 pub const BLOCK_Q: usize = 64;
 
-/// Keys per block: a key and a value block together about 256 KiB, between 64 and 512 keys.
+/// Keys per block: a key block of about 512 KiB (it stays in L2 while every query row of the
+/// block reads it), between 64 and 512 keys.
 fn block_k(dim: usize) -> usize {
-    let keys = 32 * 1024 / dim.max(1);
+    let keys = 128 * 1024 / dim.max(1);
     (keys.clamp(64, 512) / 16) * 16
 }
 
-/// `softmax(q kᵀ · scale) v` over `(N, Sq, D)` / `(N, Sk, D)` / `(N, Sk, Dv)` contiguous F32
-/// operands; `causal`: query `i` sees keys `0..=i` only (`Sq == Sk`).
+/// `softmax(q kᵀ · scale) v` for each of `heads` heads of `(B, Sq, H·D)` / `(B, Sk, H·D)` /
+/// `(B, Sk, H·Dv)` contiguous F32 operands; `causal`: query `i` sees keys `0..=i` only
+/// (`Sq == Sk`).
 pub struct Tiled {
+    pub heads: usize,
     pub scale: f32,
     pub causal: bool,
 }
 
-/// One head's operands, and the sizes they share.
+/// One head's operands: `q` rows `q_rs` floats apart, the keys packed transposed in blocks of
+/// `bk` and the values packed (`sk × dv`), see [`blocks`].
 struct Head<'a> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q_rs: usize,
+    /// Keys per block; the packed keys are `(d × bk)` blocks one after the other.
+    bk: usize,
+    kt: &'a [f32],
+    vb: &'a [f32],
     sk: usize,
     d: usize,
     dv: usize,
+}
+
+/// The output, written by several tasks at once, each in rows and columns of its own.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+
+// SAFETY: every task writes a distinct (item, head, query block): rows and columns no other
+// task touches; the buffer outlives the parallel loop.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// # Safety
+    /// `offset` lies inside the buffer.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
 }
 
 impl CustomOp3 for Tiled {
@@ -54,169 +84,122 @@ impl CustomOp3 for Tiled {
             f32_slice(k, k_l, "attention k")?,
             f32_slice(v, v_l, "attention v")?,
         );
-        let (n, sq, d) = q_l.shape().dims3()?;
-        let (nk, sk, dk) = k_l.shape().dims3()?;
-        let (nv, skv, dv) = v_l.shape().dims3()?;
-        if nk != n || nv != n || dk != d || skv != sk || (self.causal && sq != sk) {
+        let (b, sq, qd) = q_l.shape().dims3()?;
+        let (bk, sk, kd) = k_l.shape().dims3()?;
+        let (bv, skv, vd) = v_l.shape().dims3()?;
+        let h = self.heads.max(1);
+        let fits = bk == b && bv == b && kd == qd && skv == sk && qd % h == 0 && vd % h == 0;
+        if !fits || (self.causal && sq != sk) {
             bail!(
-                "attention: q {:?}, k {:?} and v {:?} do not fit together",
+                "attention: q {:?}, k {:?} and v {:?} do not fit together in {h} heads",
                 q_l.dims(),
                 k_l.dims(),
                 v_l.dims()
             )
         }
-        let mut out = vec![0f32; n * sq * dv];
-        if sq == 0 || dv == 0 {
-            return Ok((CpuStorage::F32(out), Shape::from((n, sq, dv))));
+        let (d, dv) = (qd / h, vd / h);
+        let mut out = vec![0f32; b * sq * vd];
+        if sq == 0 || dv == 0 || sk == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((b, sq, vd))));
         }
-        out.par_chunks_mut(sq * dv)
+        // Every query block of a head reads all its keys and values: packed once per head.
+        let bk = block_k(d.max(dv));
+        let kt_len = sk.div_ceil(bk) * d * bk;
+        let mut kt = vec![0f32; b * h * kt_len];
+        let mut vb = vec![0f32; b * h * sk * dv];
+        kt.par_chunks_mut(kt_len)
+            .zip(vb.par_chunks_mut(sk * dv))
             .enumerate()
-            .for_each(|(h, out)| {
-                let head = Head {
-                    q: &q[h * sq * d..][..sq * d],
-                    k: &k[h * sk * d..][..sk * d],
-                    v: &v[h * sk * dv..][..sk * dv],
-                    sk,
-                    d,
-                    dv,
-                };
-                out.par_chunks_mut(BLOCK_Q * dv)
-                    .enumerate()
-                    .for_each(|(b, out)| self.query_block(&head, b * BLOCK_Q, out));
+            .for_each(|(task, (kt, vb))| {
+                let (item, head) = (task / h, task % h);
+                blocks::pack_keys(&k[item * sk * qd + head * d..], qd, (d, sk, bk), kt);
+                let v = &v[item * sk * vd + head * dv..];
+                blocks::pack_values(v, vd, dv, vb);
             });
-        Ok((CpuStorage::F32(out), Shape::from((n, sq, dv))))
+        let q_blocks = sq.div_ceil(BLOCK_Q);
+        let dst = Output(out.as_mut_ptr());
+        (0..b * h * q_blocks).into_par_iter().for_each(|task| {
+            let (item, head, block) = (task / (h * q_blocks), task / q_blocks % h, task % q_blocks);
+            let packed = item * h + head;
+            let view = Head {
+                q: &q[item * sq * qd + head * d..],
+                q_rs: qd,
+                bk,
+                kt: &kt[packed * kt_len..][..kt_len],
+                vb: &vb[packed * sk * dv..][..sk * dv],
+                sk,
+                d,
+                dv,
+            };
+            let q0 = block * BLOCK_Q;
+            let rows = BLOCK_Q.min(sq - q0);
+            // SAFETY: this task alone writes rows `q0 .. q0 + rows`, columns
+            // `head·dv .. (head+1)·dv`, of item `item`'s output.
+            unsafe {
+                let out = dst.at(item * sq * vd + q0 * vd + head * dv);
+                self.query_block(&view, q0, rows, out, vd);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, sq, vd))))
     }
 }
 
 impl Tiled {
-    /// Rows `q0..q0 + out.len() / dv` of one head, written to `out`.
-    fn query_block(&self, h: &Head, q0: usize, out: &mut [f32]) {
-        let rows = out.len() / h.dv;
-        if h.sk == 0 {
-            return;
-        }
-        let q = &h.q[q0 * h.d..][..rows * h.d];
+    /// Rows `q0 .. q0 + rows` of one head, written to `out` (row stride `out_rs`).
+    ///
+    /// # Safety
+    /// `out` addresses `rows` rows of `h.dv` floats, `out_rs` apart, that no one else writes.
+    unsafe fn query_block(&self, h: &Head, q0: usize, rows: usize, out: *mut f32, out_rs: usize) {
+        let q = &h.q[q0 * h.q_rs..];
         // The last key the block's last row sees, plus one.
         let k_end = if self.causal {
             (q0 + rows).min(h.sk)
         } else {
             h.sk
         };
-        let bk = block_k(h.d.max(h.dv));
+        let (bk, dv) = (h.bk, h.dv);
+        let fused = fma_native();
+        // The block's queries times scale · log2(e), for the softmax in base 2.
+        let factor = self.scale * std::f32::consts::LOG2_E;
+        let mut qs = vec![0f32; rows * h.d];
+        for (r, row) in qs.chunks_exact_mut(h.d).enumerate() {
+            for (x, &y) in row.iter_mut().zip(&q[r * h.q_rs..][..h.d]) {
+                *x = y * factor;
+            }
+        }
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
         let mut scores = vec![0f32; rows * bk.min(k_end)];
+        // The block's output rows, accumulated here and written out at the end.
+        let mut acc = vec![0f32; rows * dv];
         for k0 in (0..k_end).step_by(bk) {
             let cols = bk.min(k_end - k0);
             let s = &mut scores[..rows * cols];
-            // s = q · k[k0..k0 + cols]ᵀ: the key block read as a (d × cols) matrix.
-            product(
-                rows,
-                cols,
-                h.d,
-                s,
-                (q, h.d, 1),
-                (&h.k[k0 * h.d..], 1, h.d),
-                false,
-            );
+            let kt = &h.kt[k0 / bk * h.d * bk..];
+            blocks::scores((&qs, h.d), (h.d, rows, cols), (kt, bk), s);
             for (r, row) in s.chunks_exact_mut(cols).enumerate() {
                 let seen = if self.causal {
                     (q0 + r + 1).saturating_sub(k0).min(cols)
                 } else {
                     cols
                 };
-                let corr = self.softmax_row(row, seen, &mut max[r], &mut sum[r]);
+                let corr = softmax_row(row, seen, &mut max[r], &mut sum[r], fused);
                 if corr != 1.0 {
-                    for o in &mut out[r * h.dv..][..h.dv] {
+                    for o in &mut acc[r * dv..][..dv] {
                         *o *= corr;
                     }
                 }
             }
-            // out += p · v[k0..k0 + cols]
-            let v = &h.v[k0 * h.dv..];
-            product(rows, h.dv, cols, out, (s, cols, 1), (v, h.dv, 1), true);
+            let vb = &h.vb[k0 * dv..][..cols * dv];
+            blocks::accumulate_values(s, (rows, cols), vb, dv, &mut acc);
         }
-        for (r, o) in out.chunks_exact_mut(h.dv).enumerate() {
+        for (r, o) in acc.chunks_exact(dv).enumerate() {
             let inv = 1.0 / sum[r];
-            for x in o {
-                *x *= inv;
+            // SAFETY: row `r` of the block's output, as the caller promises.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), h.dv) };
+            for (d, x) in dst.iter_mut().zip(o) {
+                *d = x * inv;
             }
         }
-    }
-
-    /// Turns one row of raw scores into unnormalised probabilities against the row's running
-    /// maximum (only the first `seen` keys count); updates the running maximum and sum and
-    /// returns the factor the row's accumulated output must be multiplied by.
-    fn softmax_row(&self, row: &mut [f32], seen: usize, max: &mut f32, sum: &mut f32) -> f32 {
-        let (live, hidden) = row.split_at_mut(seen);
-        hidden.fill(0.0);
-        for x in live.iter_mut() {
-            *x *= self.scale;
-        }
-        let new_max = max.max(max_of(live));
-        if new_max == f32::NEG_INFINITY {
-            live.fill(0.0);
-            return 1.0;
-        }
-        let corr = exp(*max - new_max);
-        for x in live.iter_mut() {
-            *x = exp(*x - new_max);
-        }
-        *sum = *sum * corr + sum_of(live, |x| x);
-        *max = new_max;
-        corr
-    }
-}
-
-/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or `dst +=` with `accumulate`; each operand as
-/// `(data, row stride, column stride)`. Single-threaded: the tasks are the parallelism.
-fn product(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-    accumulate: bool,
-) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
-        (rows.saturating_sub(1)) * rs + (cols.saturating_sub(1)) * cs
-    };
-    assert!(
-        dst.len() >= m * n
-            && (m * k == 0 || last(lhs_rs, lhs_cs, m, k) < lhs.len())
-            && (k * n == 0 || last(rhs_rs, rhs_cs, k, n) < rhs.len()),
-        "attention block product out of its buffers"
-    );
-    if m * n * k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: the assertion above keeps every element the strided views address inside
-    // `lhs`, `rhs` and `dst`; `dst` is row-major m x n and only written through `dst`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
