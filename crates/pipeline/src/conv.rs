@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use crate::layers::{f32_slice, gemm_parallelism};
+use crate::layers::{DisjointOutput as Output, f32_slice, gemm_parallelism};
 
 mod winograd;
 
@@ -96,25 +96,6 @@ impl Dims {
     /// Rows of the patch matrix: `C · kh · kw`.
     fn k(&self, op: &ConvOp) -> usize {
         self.c * op.kh * op.kw
-    }
-}
-
-/// The output buffer, written by several chunks at once, each in columns of its own.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-
-// SAFETY: chunks write disjoint elements (their own output columns of their own batch item),
-// and the buffer outlives the parallel loop that writes it.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
-
-impl Output {
-    /// The element `offset` floats in.
-    ///
-    /// # Safety
-    /// `offset` lies inside the buffer.
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
     }
 }
 

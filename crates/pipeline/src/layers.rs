@@ -280,11 +280,30 @@ pub(crate) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Maximum with eight independent accumulators, so that it vectorises (NaNs are not kept).
+/// An output buffer written by several parallel tasks at once, each in elements no other task
+/// touches (the kernels' own chunks, heads or blocks).
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointOutput(pub(crate) *mut f32);
+
+// SAFETY: users write disjoint elements only, and the buffer outlives the parallel loop.
+unsafe impl Send for DisjointOutput {}
+unsafe impl Sync for DisjointOutput {}
+
+impl DisjointOutput {
+    /// The element `offset` floats in.
+    ///
+    /// # Safety
+    /// `offset` lies inside the buffer.
+    pub(crate) unsafe fn at(&self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Maximum with sixteen independent accumulators, so that it vectorises (NaNs are not kept).
 #[inline(always)]
 pub(crate) fn max_of(xs: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = xs.chunks_exact(8);
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
     let tail = chunks
         .remainder()
         .iter()

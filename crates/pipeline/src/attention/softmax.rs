@@ -5,6 +5,7 @@
 //! polynomial (Cephes' `exp2f`) and the exponent written into the bits, with no range
 //! reduction by `ln 2` and no select (below −127 the result is exactly 0).
 
+use crate::layers::max_of;
 use crate::simd::dispatch;
 
 /// Turns one row of scores into unnormalised probabilities against the row's running maximum
@@ -77,24 +78,6 @@ fn online<const FMA: bool>(row: &mut [f32], seen: usize, max: &mut f32, sum: &mu
     *sum = *sum * corr + acc.iter().sum::<f32>() + tail;
     *max = new_max;
     corr
-}
-
-/// Maximum with sixteen independent accumulators, so that it vectorises (NaNs are not kept).
-#[inline(always)]
-fn max_of(xs: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 16];
-    let chunks = xs.chunks_exact(16);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    for chunk in chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a = if x > *a { x } else { *a };
-        }
-    }
-    acc.into_iter().fold(tail, f32::max)
 }
 
 /// `2^x` for `x ≤ 0` (as the softmax needs it) within a few units in the last place; 0 below

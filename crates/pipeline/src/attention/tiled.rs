@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::blocks;
 use super::softmax::{fma_native, softmax_row};
-use crate::layers::f32_slice;
+use crate::layers::{DisjointOutput as Output, f32_slice};
 
 /// Query rows per task.
 pub const BLOCK_Q: usize = 64;
@@ -46,23 +46,6 @@ struct Head<'a> {
     sk: usize,
     d: usize,
     dv: usize,
-}
-
-/// The output, written by several tasks at once, each in rows and columns of its own.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-
-// SAFETY: every task writes a distinct (item, head, query block): rows and columns no other
-// task touches; the buffer outlives the parallel loop.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
-
-impl Output {
-    /// # Safety
-    /// `offset` lies inside the buffer.
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
-    }
 }
 
 impl CustomOp3 for Tiled {

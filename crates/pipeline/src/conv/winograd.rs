@@ -17,7 +17,8 @@
 
 use rayon::prelude::*;
 
-use super::{CHUNK_ELEMS, Output};
+use super::CHUNK_ELEMS;
+use crate::layers::DisjointOutput as Output;
 use crate::layers::gemm_parallelism;
 use crate::simd::dispatch;
 
