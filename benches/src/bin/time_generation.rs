@@ -154,7 +154,8 @@ fn candle_core_tensor(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sdserve_pipeline::memory::keep_freed_blocks();
+    // SAFETY: no other thread has started yet.
+    unsafe { sdserve_pipeline::prepare_process() };
     let extra: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&args.options).context("--options")?;
     let t0 = Instant::now();

@@ -10,6 +10,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use crate::layers::{DisjointOutput as Output, f32_slice, gemm_parallelism};
+use crate::memory::with_scratch;
 
 mod winograd;
 
@@ -154,18 +155,24 @@ impl CustomOp3 for ConvOp {
         // One chunk alone may split its product across threads; several share them out.
         let single = chunks.len() == 1;
         let dst = Output(out.as_mut_ptr());
-        chunks
-            .par_iter()
-            .for_each_init(Vec::new, |cols, &(i, oy0)| {
-                let oy1 = (oy0 + rows).min(d.oh);
-                let plane = &x[i * c * h * w..][..c * h * w];
-                // SAFETY: item `i`'s output starts at `i * c_out * n` inside `out`, and this
-                // chunk writes only its columns `oy0 * ow .. oy1 * ow` of each of its rows.
+        chunks.par_iter().for_each(|&(i, oy0)| {
+            let oy1 = (oy0 + rows).min(d.oh);
+            let plane = &x[i * c * h * w..][..c * h * w];
+            // A pointwise convolution multiplies the image itself: no patch matrix.
+            let cols = if self.pointwise() {
+                0
+            } else {
+                k * (oy1 - oy0) * d.ow
+            };
+            with_scratch([cols], |[cols]| {
+                // SAFETY: item `i`'s output starts at `i * c_out * n` inside `out`, and
+                // this chunk writes only its columns `oy0 * ow .. oy1 * ow` of each row.
                 unsafe {
                     let dst = dst.at(i * c_out * n);
                     self.chunk(&d, plane, weight, bias, oy0..oy1, cols, dst, single);
                 }
-            });
+            })
+        });
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -187,7 +194,7 @@ impl ConvOp {
         weight: &[f32],
         bias: &[f32],
         oy: std::ops::Range<usize>,
-        cols: &mut Vec<f32>,
+        cols: &mut [f32],
         dst: *mut f32,
         single: bool,
     ) {
@@ -204,11 +211,7 @@ impl ConvOp {
         let rhs: &[f32] = if self.pointwise() {
             &plane[first..]
         } else {
-            // Reused from chunk to chunk: im2col writes every element, padding included.
-            if cols.len() < k * ncols {
-                cols.resize(k * ncols, 0.0);
-            }
-            let cols = &mut cols[..k * ncols];
+            // Scratch as it was left: im2col writes every element, padding included.
             self.im2col(d, plane, oy, cols);
             cols
         };

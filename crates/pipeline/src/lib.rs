@@ -45,6 +45,7 @@ pub mod random_model;
 pub mod schedulers;
 mod simd;
 pub mod text_encoder;
+pub mod threads;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -55,3 +56,15 @@ pub use candle_core::{Device, Tensor};
 pub use device::LoadOptions;
 pub use error::PipelineError;
 pub use pipeline::StableDiffusion;
+
+/// What the process sets up once for the CPU pipeline: the allocator keeps freed blocks
+/// ([`memory::keep_freed_blocks`]) and candle's idle threads spin briefly
+/// ([`threads::limit_idle_spinning`]).
+///
+/// # Safety
+/// Call it at start, before any other thread runs: it changes the environment.
+pub unsafe fn prepare_process() {
+    memory::keep_freed_blocks();
+    // SAFETY: no other thread runs yet, as the caller promises.
+    unsafe { threads::limit_idle_spinning() };
+}

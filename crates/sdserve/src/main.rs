@@ -31,7 +31,8 @@ fn main() -> ExitCode {
         } => make_random_model(&config, &dtype, seed, tokenizer, &out),
         cli::Invocation::Start { folder, overrides } => {
             sdserve_engine::panics::install_hook();
-            sdserve_pipeline::memory::keep_freed_blocks();
+            // SAFETY: no other thread has started yet.
+            unsafe { sdserve_pipeline::prepare_process() };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("sdserve-io")

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::blocks;
 use super::softmax::{fma_native, softmax_row};
 use crate::layers::{DisjointOutput as Output, f32_slice};
+use crate::memory::with_scratch;
 
 /// Query rows per task.
 pub const BLOCK_Q: usize = 64;
@@ -144,45 +145,48 @@ impl Tiled {
         let fused = fma_native();
         // The block's queries times scale · log2(e), for the softmax in base 2.
         let factor = self.scale * std::f32::consts::LOG2_E;
-        let mut qs = vec![0f32; rows * h.d];
-        for (r, row) in qs.chunks_exact_mut(h.d).enumerate() {
-            for (x, &y) in row.iter_mut().zip(&q[r * h.q_rs..][..h.d]) {
-                *x = y * factor;
-            }
-        }
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
-        let mut scores = vec![0f32; rows * bk.min(k_end)];
-        // The block's output rows, accumulated here and written out at the end.
-        let mut acc = vec![0f32; rows * dv];
-        for k0 in (0..k_end).step_by(bk) {
-            let cols = bk.min(k_end - k0);
-            let s = &mut scores[..rows * cols];
-            let kt = &h.kt[k0 / bk * h.d * bk..];
-            blocks::scores((&qs, h.d), (h.d, rows, cols), (kt, bk), s);
-            for (r, row) in s.chunks_exact_mut(cols).enumerate() {
-                let seen = if self.causal {
-                    (q0 + r + 1).saturating_sub(k0).min(cols)
-                } else {
-                    cols
-                };
-                let corr = softmax_row(row, seen, &mut max[r], &mut sum[r], fused);
-                if corr != 1.0 {
-                    for o in &mut acc[r * dv..][..dv] {
-                        *o *= corr;
-                    }
+        // Every buffer is written before it is read: the queries and scores in full, the
+        // running maxima, sums and output rows reset here.
+        let lens = [rows * h.d, rows, rows, rows * bk.min(k_end), rows * dv];
+        with_scratch(lens, |[qs, max, sum, scores, acc]| {
+            for (r, row) in qs.chunks_exact_mut(h.d).enumerate() {
+                for (x, &y) in row.iter_mut().zip(&q[r * h.q_rs..][..h.d]) {
+                    *x = y * factor;
                 }
             }
-            let vb = &h.vb[k0 * dv..][..cols * dv];
-            blocks::accumulate_values(s, (rows, cols), vb, dv, &mut acc);
-        }
-        for (r, o) in acc.chunks_exact(dv).enumerate() {
-            let inv = 1.0 / sum[r];
-            // SAFETY: row `r` of the block's output, as the caller promises.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), h.dv) };
-            for (d, x) in dst.iter_mut().zip(o) {
-                *d = x * inv;
+            max.fill(f32::NEG_INFINITY);
+            sum.fill(0.0);
+            // The block's output rows, accumulated here and written out at the end.
+            acc.fill(0.0);
+            for k0 in (0..k_end).step_by(bk) {
+                let cols = bk.min(k_end - k0);
+                let s = &mut scores[..rows * cols];
+                let kt = &h.kt[k0 / bk * h.d * bk..];
+                blocks::scores((qs, h.d), (h.d, rows, cols), (kt, bk), s);
+                for (r, row) in s.chunks_exact_mut(cols).enumerate() {
+                    let seen = if self.causal {
+                        (q0 + r + 1).saturating_sub(k0).min(cols)
+                    } else {
+                        cols
+                    };
+                    let corr = softmax_row(row, seen, &mut max[r], &mut sum[r], fused);
+                    if corr != 1.0 {
+                        for o in &mut acc[r * dv..][..dv] {
+                            *o *= corr;
+                        }
+                    }
+                }
+                let vb = &h.vb[k0 * dv..][..cols * dv];
+                blocks::accumulate_values(s, (rows, cols), vb, dv, acc);
             }
-        }
+            for (r, o) in acc.chunks_exact(dv).enumerate() {
+                let inv = 1.0 / sum[r];
+                // SAFETY: row `r` of the block's output, as the caller promises.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_rs), h.dv) };
+                for (d, x) in dst.iter_mut().zip(o) {
+                    *d = x * inv;
+                }
+            }
+        })
     }
 }

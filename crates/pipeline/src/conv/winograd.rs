@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use super::CHUNK_ELEMS;
 use crate::layers::DisjointOutput as Output;
 use crate::layers::gemm_parallelism;
+use crate::memory::with_scratch;
 use crate::simd::dispatch;
 
 /// Fewest output pixels (over the batch) for which transforming the weights at every call pays:
@@ -92,13 +93,16 @@ fn conv_in_chunks(
     let single = chunks.len() == 1;
     let mut out = vec![0f32; batch * c_out * h * w];
     let dst = Output(out.as_mut_ptr());
-    chunks
-        .par_iter()
-        .for_each_init(Scratch::default, |scratch, &(i, ty0)| {
-            let ty = ty0..(ty0 + rows).min(t.th);
-            let plane = &x[i * c * h * w..][..c * h * w];
-            // SAFETY: item `i`'s output starts at `i * c_out * h * w` inside `out`, and this
-            // chunk writes only its output rows `2 * ty` (clipped to `h`) of each channel.
+    chunks.par_iter().for_each(|&(i, ty0)| {
+        let ty = ty0..(ty0 + rows).min(t.th);
+        let n = ty.len() * t.tw;
+        let plane = &x[i * c * h * w..][..c * h * w];
+        let lens = [16 * c * n, 16 * c_out * n, 24 * (t.tw + 1)];
+        with_scratch(lens, |[v, m, rows]| {
+            let scratch = Scratch { v, m, rows };
+            // SAFETY: item `i`'s output starts at `i * c_out * h * w` inside `out`, and
+            // this chunk writes only its output rows `2 * ty` (clipped to `h`) of each
+            // channel.
             unsafe {
                 chunk(
                     &t,
@@ -111,19 +115,19 @@ fn conv_in_chunks(
                     single,
                 );
             }
-        });
+        })
+    });
     out
 }
 
-/// A worker's buffers, reused from chunk to chunk.
-#[derive(Default)]
-struct Scratch {
+/// A chunk's working buffers (from [`with_scratch`]: each is written before it is read).
+struct Scratch<'a> {
     /// `V`: 16 planes of `(c, tiles)`.
-    v: Vec<f32>,
+    v: &'a mut [f32],
     /// `M`: 16 planes of `(c_out, tiles)`.
-    m: Vec<f32>,
+    m: &'a mut [f32],
     /// One tile row's worth of intermediate vectors for the transforms.
-    rows: Vec<f32>,
+    rows: &'a mut [f32],
 }
 
 /// `U`: `(c_out, 16, c)`, so that plane ξ is the `(c_out, c)` matrix with row stride `16 c`.
@@ -173,15 +177,12 @@ unsafe fn chunk(
     u: &[f32],
     bias: &[f32],
     ty: std::ops::Range<usize>,
-    scratch: &mut Scratch,
+    scratch: Scratch,
     dst: *mut f32,
     single: bool,
 ) {
     let n = ty.len() * t.tw;
     let Scratch { v, m, rows } = scratch;
-    v.resize(16 * t.c * n, 0.0);
-    m.resize(16 * t.c_out * n, 0.0);
-    rows.resize(24 * (t.tw + 1), 0.0);
     for ci in 0..t.c {
         let channel = &plane[ci * t.h * t.w..][..t.h * t.w];
         for (r, y) in ty.clone().enumerate() {
