@@ -40,6 +40,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from PIL import Image
@@ -47,7 +48,15 @@ from safetensors.torch import save_file as _save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODELS = {"sd1": ("tiny-sd1", 101), "sd2": ("tiny-sd2", 202)}  # folder, latents seed
+MODELS = {  # folder, latents seed
+    "sd1": ("tiny-sd1", 101),
+    "sd2": ("tiny-sd2", 202),
+    "sdxl": ("tiny-sdxl", 303),
+    "sd_turbo": ("tiny-sd-turbo", 404),
+    "sdxl_turbo": ("tiny-sdxl-turbo", 505),
+}
+# The tokens.json tokenizers (sdxl's two are sd1's and sd2's tokenizer layouts).
+TOKENIZER_MODELS = ("sd1", "sd2")
 PROMPTS = ["a red circle on a blue background", "two green squares"]
 NEGATIVE_PROMPTS = ["blurry", ""]
 STEPS = 10
@@ -70,6 +79,34 @@ RUNS = [
 ]
 INTERMEDIATES_RUN = "ddim"
 
+# SDXL only: the SDXL pipeline's own inputs. Run name, scheduler class, overrides, eta, guidance,
+# extra pipeline arguments (None negative prompts: the pipeline's force_zeros_for_empty_prompt).
+SDXL_RUNS = [
+    ("euler_prompt_2_sizes", EulerDiscreteScheduler, {}, 0.0, GUIDANCE,
+     dict(prompt_2=["a blue square", "three white circles"], original_size=(32, 48),
+          crops_coords_top_left=(4, 8), target_size=(64, 64))),
+    ("euler_no_negative", EulerDiscreteScheduler, {}, 0.0, GUIDANCE, dict(negative_prompt=None)),
+]
+# Turbo-style folders: their own (trailing) scheduler, 1 and 4 steps, guidance 0 (no CFG).
+def turbo_runs(cls, name):
+    return [(f"{name}_{n}step", cls, {}, 0.0, 0.0, dict(num_inference_steps=n)) for n in (1, 4)]
+
+
+RUNS_BY_MODEL = {
+    "sd1": RUNS,
+    "sd2": RUNS,
+    "sdxl": RUNS + SDXL_RUNS,
+    "sd_turbo": turbo_runs(EulerDiscreteScheduler, "euler"),
+    "sdxl_turbo": turbo_runs(EulerAncestralDiscreteScheduler, "euler_ancestral"),
+}
+PIPELINES = {
+    "sd1": StableDiffusionPipeline,
+    "sd2": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sd_turbo": StableDiffusionPipeline,
+    "sdxl_turbo": StableDiffusionXLPipeline,
+}
+
 NOISE_DOC = (
     "noise[k] is the tensor diffusers' randn_tensor returned inside the k-th scheduler.step call "
     "(k = 0 is the first denoising step), shape (batch, 4, 8, 8), drawn from torch.Generator"
@@ -91,6 +128,11 @@ INTERMEDIATES_DOC = {
     "vae_input": "(2, 4, 8, 8): final latents / vae.config.scaling_factor, the VAE decoder input",
     "vae_output": "(2, 3, 64, 64): vae.decode(...) sample before post-processing (about [-1, 1]); "
     "the image is (vae_output / 2 + 0.5).clamp(0, 1) in HWC",
+    "input_ids_2": "sdxl only: (4, 77) int64, tokenizer_2's ids, rows as input_ids",
+    "pooled_prompt_embeds": "sdxl only: (4, 32), added_cond_kwargs['text_embeds']: text_encoder_2's "
+    "projected pooled output, rows as prompt_embeds (sdxl's prompt_embeds are (4, 77, 64): both "
+    "encoders' hidden_states[-2] concatenated)",
+    "add_time_ids": "sdxl only: (4, 6), added_cond_kwargs['time_ids']",
 }
 
 TRICKY_PROMPTS = [
@@ -215,15 +257,23 @@ def scheduler_config_json(config):
     return out
 
 
-def load_pipe(model_dir):
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+def load_pipe(key, model_dir):
+    cls = PIPELINES[key]
+    kwargs = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
+    pipe = cls.from_pretrained(model_dir, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
 
 
 @torch.no_grad()
 def run_one(pipe, base_config, run, latents, capture=False):
-    name, cls, overrides, eta, guidance = run
+    name, cls, overrides, eta, guidance = run[:5]
+    call = {
+        "prompt": PROMPTS,
+        "negative_prompt": NEGATIVE_PROMPTS,
+        "num_inference_steps": STEPS,
+        **(run[5] if len(run) > 5 else {}),
+    }
     pipe.scheduler = cls.from_config(base_config, **overrides)
     step_latents = []
 
@@ -239,6 +289,10 @@ def run_one(pipe, base_config, run, latents, capture=False):
             cap["model_inputs"].append(args[0].detach().clone())
             cap["unet_outputs"].append(output[0].detach().clone())
             cap["prompt_embeds"] = kwargs["encoder_hidden_states"].detach().clone()
+            added = kwargs.get("added_cond_kwargs")
+            if added:
+                cap["pooled_prompt_embeds"] = added["text_embeds"].detach().clone()
+                cap["add_time_ids"] = added["time_ids"].detach().clone()
 
         hooks.append(pipe.unet.register_forward_hook(unet_hook, with_kwargs=True))
         original_step = pipe.scheduler.step
@@ -262,10 +316,8 @@ def run_one(pipe, base_config, run, latents, capture=False):
     try:
         with NoiseRecorder() as rec:
             images = pipe(
-                prompt=PROMPTS,
-                negative_prompt=NEGATIVE_PROMPTS,
+                **call,
                 latents=latents.clone(),
-                num_inference_steps=STEPS,
                 guidance_scale=guidance,
                 eta=eta,
                 height=HEIGHT,
@@ -300,6 +352,9 @@ def run_one(pipe, base_config, run, latents, capture=False):
             "vae_input": cap["vae_input"],
             "vae_output": cap["vae_output"],
         }
+        for key in ("pooled_prompt_embeds", "add_time_ids"):
+            if key in cap:
+                arrays_cap[key] = cap[key]
     else:
         arrays_cap = None
     return images, arrays, rec.draws, arrays_cap, scheduler_config_json(sched.config)
@@ -323,7 +378,7 @@ def write_model(key, models_root, out_root, vers):
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    pipe = load_pipe(model_dir)
+    pipe = load_pipe(key, model_dir)
     base_config = dict(pipe.scheduler.config)
 
     latents = torch.randn((2, 4, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(latents_seed))
@@ -348,8 +403,10 @@ def write_model(key, models_root, out_root, vers):
         "runs": [],
     }
     results = {}
-    for run in RUNS:
-        name, cls, overrides, eta, guidance = run
+    runs = RUNS_BY_MODEL[key]
+    for run in runs:
+        name, cls, overrides, eta, guidance = run[:5]
+        extra = run[5] if len(run) > 5 else {}
         capture = name == INTERMEDIATES_RUN
         images, arrays, draws, cap, config = run_one(pipe, base_config, run, latents, capture)
         results[name] = images
@@ -366,8 +423,13 @@ def write_model(key, models_root, out_root, vers):
             "scheduler_overrides": overrides,
             "scheduler_config": config,
             "prompts": PROMPTS,
-            "negative_prompts": NEGATIVE_PROMPTS,
-            "num_inference_steps": STEPS,
+            "negative_prompts": extra.get("negative_prompt", NEGATIVE_PROMPTS),
+            "sdxl_inputs": {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in extra.items()
+                if k not in ("negative_prompt", "num_inference_steps")
+            },
+            "num_inference_steps": extra.get("num_inference_steps", STEPS),
             "guidance_scale": guidance,
             "eta": eta,
             "height": HEIGHT,
@@ -388,12 +450,13 @@ def write_model(key, models_root, out_root, vers):
         elif eta > 0 or cls is EulerAncestralDiscreteScheduler:
             raise SystemExit(f"{key}/{name}: expected noise draws, recorded none")
         if cap is not None:
-            cap["input_ids"] = torch.cat(
-                [
-                    tokenize_for_pipeline(pipe.tokenizer, NEGATIVE_PROMPTS),
-                    tokenize_for_pipeline(pipe.tokenizer, PROMPTS),
-                ]
-            ).to(torch.int64)
+            tokenizers = [("input_ids", pipe.tokenizer)]
+            if getattr(pipe, "tokenizer_2", None) is not None:
+                tokenizers.append(("input_ids_2", pipe.tokenizer_2))
+            for ids_key, tok in tokenizers:
+                cap[ids_key] = torch.cat(
+                    [tokenize_for_pipeline(tok, NEGATIVE_PROMPTS), tokenize_for_pipeline(tok, PROMPTS)]
+                ).to(torch.int64)
             save_file(cap, os.path.join(out, "intermediates.safetensors"))
             index["intermediates"] = {"file": "intermediates.safetensors", "run": name, "keys": INTERMEDIATES_DOC}
         index["runs"].append(entry)
@@ -433,7 +496,8 @@ def write_tokens(models_root, out_root, vers):
         "quotes, expands ligatures and may unescape HTML entities), so its ids can differ for such text.",
         "tokenizers": {},
     }
-    for key, (folder, _) in MODELS.items():
+    for key in TOKENIZER_MODELS:
+        folder = MODELS[key][0]
         pipe = StableDiffusionPipeline.from_pretrained(os.path.join(models_root, folder), safety_checker=None)
         tok = pipe.tokenizer
         cls = type(tok)

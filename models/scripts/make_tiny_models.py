@@ -287,15 +287,17 @@ def build(key, out_root):
     return dest
 
 
+def folder_size(dest):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(dest) for f in files)
+
+
 def check(dest, spec):
     pipe = StableDiffusionPipeline.from_pretrained(dest, safety_checker=None)
     ids = pipe.tokenizer("a photo of a cat").input_ids
     assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], ids
     assert pipe.vae_scale_factor == 8, pipe.vae_scale_factor
     assert pipe.tokenizer.pad_token == spec["pad_token"]
-    total = 0
-    for root, _, files in os.walk(dest):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    total = folder_size(dest)
     if total > 20 * 1024 * 1024:
         raise SystemExit(f"{dest} is {total} bytes, over 20 MB")
     print(f"{dest}: {total / 1e6:.2f} MB, scheduler {type(pipe.scheduler).__name__}")

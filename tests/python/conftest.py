@@ -27,6 +27,12 @@ def model_name() -> str:
 
 
 @pytest.fixture(scope="session")
+def sdxl_model_name() -> str:
+    """A model served from models/tiny-sdxl."""
+    return _required("SDSERVE_SDXL_MODEL")
+
+
+@pytest.fixture(scope="session")
 def grpc_address() -> str:
     """`127.0.0.1:<port>` of the gRPC listener."""
     return _required("SDSERVE_GRPC")

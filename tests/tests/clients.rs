@@ -27,6 +27,7 @@ fn pytest(python: &Path, s: &Server, args: &[&str], min_passed: usize) {
                 format!("http://127.0.0.1:{}", s.metrics_port()),
             )
             .env("SDSERVE_MODEL", "tiny")
+            .env("SDSERVE_SDXL_MODEL", "xl")
             .env("PYTHONDONTWRITEBYTECODE", "1"),
         Duration::from_secs(600),
     );
@@ -63,6 +64,9 @@ fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
     let python = python_venv();
     let repo = Repo::new();
     repo.tiny("tiny");
+    let mut xl = tiny_settings("xl", None);
+    xl["parameters"]["uri"] = json!(workspace_root().join("models/tiny-sdxl"));
+    repo.model("xl", xl);
     let s = launch(&repo).start();
     pytest(
         &python,
@@ -70,5 +74,5 @@ fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
         &["tests/python", "--ignore=tests/python/grpc"],
         14,
     );
-    pytest(&python, &s, &["tests/python/grpc"], 7);
+    pytest(&python, &s, &["tests/python/grpc"], 8);
 }

@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use sdserve_generation::{Generator, ImageSpec, Job, JobSettings, RunToEnd};
+use sdserve_generation::{
+    ConditioningInputs, Generator, ImageSpec, Job, JobSettings, RunToEnd, TimeIds,
+};
 use sdserve_pipeline::conditioning::Conditioning;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
 
@@ -58,25 +60,26 @@ struct Args {
 
 fn job(args: &Args, model: &StableDiffusion, steps: usize) -> Job {
     let d = model.description();
+    let (height, width) = (
+        args.height.unwrap_or(d.native_height),
+        args.width.unwrap_or(d.native_width),
+    );
     Job {
         settings: JobSettings {
             num_inference_steps: steps,
             guidance_scale: args.guidance_scale,
-            height: args.height.unwrap_or(d.native_height),
-            width: args.width.unwrap_or(d.native_width),
+            height,
+            width,
             scheduler: args
                 .scheduler
                 .clone()
                 .unwrap_or(d.default_scheduler.clone()),
             eta: 0.0,
+            time_ids: (d.conditioning == ConditioningInputs::PromptsAndSizes)
+                .then(|| TimeIds::defaults(height, width)),
         },
         images: (0..args.batch)
-            .map(|i| ImageSpec {
-                prompt: "a red circle on a blue background".into(),
-                negative_prompt: String::new(),
-                seed: i as u64,
-                latents: None,
-            })
+            .map(|i| ImageSpec::new("a red circle on a blue background", i as u64))
             .collect(),
     }
 }

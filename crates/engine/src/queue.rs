@@ -179,7 +179,7 @@ impl<T: Entry> Queue<T> {
 mod tests {
     use super::*;
     use crate::batch_key::BatchKey;
-    use sdserve_generation::{ImageSpec, Job, JobSettings, Latents};
+    use sdserve_generation::{ImageSpec, Job, JobSettings, Latents, TimeIds};
 
     #[derive(Debug, Clone, PartialEq)]
     struct E {
@@ -215,13 +215,16 @@ mod tests {
             width: 64,
             scheduler: "pndm".into(),
             eta: 0.0,
+            time_ids: None,
         }
     }
 
     fn image(prompt: &str) -> ImageSpec {
         ImageSpec {
             prompt: prompt.into(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
             seed: 1,
             latents: None,
         }
@@ -387,6 +390,7 @@ mod tests {
             width,
             scheduler,
             eta,
+            time_ids,
         } = base.clone();
         vec![
             (
@@ -431,6 +435,23 @@ mod tests {
                     ..base.clone()
                 },
             ),
+            (
+                "time_ids",
+                JobSettings {
+                    // SDXL: another target size (the last two ids).
+                    time_ids: Some(match time_ids {
+                        Some(ids) => TimeIds {
+                            positive: [64, 64, 0, 0, 64, 72],
+                            ..ids
+                        },
+                        None => TimeIds {
+                            positive: [64, 64, 0, 0, 64, 64],
+                            negative: [64, 64, 0, 0, 64, 64],
+                        },
+                    }),
+                    ..base.clone()
+                },
+            ),
         ]
     }
 
@@ -439,9 +460,12 @@ mod tests {
         let ImageSpec {
             prompt,
             negative_prompt,
+            prompt_2,
+            negative_prompt_2,
             seed,
             latents,
         } = base.clone();
+        let other = |text: Option<String>| Some(format!("{}blurry", text.unwrap_or_default()));
         vec![
             (
                 "prompt",
@@ -453,7 +477,21 @@ mod tests {
             (
                 "negative_prompt",
                 ImageSpec {
-                    negative_prompt: format!("{negative_prompt}blurry"),
+                    negative_prompt: other(negative_prompt),
+                    ..base.clone()
+                },
+            ),
+            (
+                "prompt_2",
+                ImageSpec {
+                    prompt_2: other(prompt_2),
+                    ..base.clone()
+                },
+            ),
+            (
+                "negative_prompt_2",
+                ImageSpec {
+                    negative_prompt_2: other(negative_prompt_2),
                     ..base.clone()
                 },
             ),

@@ -73,6 +73,7 @@ impl ModelLoader for Loader {
                 default_scheduler: "pndm".into(),
                 schedulers: vec!["pndm".into(), "ddim".into()],
                 family: "sd1".into(),
+                conditioning: Default::default(),
                 dtype: "f32".into(),
                 device: "cpu".into(),
             },

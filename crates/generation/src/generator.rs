@@ -23,12 +23,25 @@ pub struct ModelDescription {
     pub default_scheduler: String,
     /// Every scheduler name a request may ask for.
     pub schedulers: Vec<String>,
-    /// "sd1" (epsilon) or "sd2" (v-prediction) etc., informational.
+    /// "sd1" (epsilon), "sd2" (v-prediction), "sdxl", informational.
     pub family: String,
+    /// Which conditioning inputs beyond the prompt the model takes.
+    pub conditioning: ConditioningInputs,
     /// "f32" / "f16" / "bf16", informational.
     pub dtype: String,
     /// "cpu" / "cuda:0", informational.
     pub device: String,
+}
+
+/// What a model is conditioned on besides its prompt, which decides the request fields it
+/// accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConditioningInputs {
+    /// SD 1.x / 2.x: the prompt and the negative prompt.
+    #[default]
+    Prompt,
+    /// SDXL: also a second prompt per text encoder and the size/crop time ids.
+    PromptsAndSizes,
 }
 
 /// One generated image.

@@ -22,12 +22,35 @@ pub struct JobSettings {
     pub scheduler: String,
     /// DDIM's eta (0 = deterministic DDIM); always 0 for other schedulers.
     pub eta: f64,
+    /// SDXL's micro-conditioning; `None` for models without it.
+    pub time_ids: Option<TimeIds>,
+}
+
+/// SDXL's `add_time_ids` of one batch, each `[original height, original width, crop top,
+/// crop left, target height, target width]`: for the prompt rows and for the negative rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TimeIds {
+    pub positive: [u32; 6],
+    pub negative: [u32; 6],
 }
 
 impl JobSettings {
     /// Whether `eta` means anything for this job's scheduler (and is reported back).
     pub fn uses_eta(&self) -> bool {
         self.scheduler == ETA_SCHEDULER
+    }
+}
+
+impl TimeIds {
+    /// diffusers' defaults for an output of `height × width`: that size as original and target
+    /// size, no crop, the same ids for the negative rows.
+    pub fn defaults(height: usize, width: usize) -> Self {
+        let (h, w) = (height as u32, width as u32);
+        let ids = [h, w, 0, 0, h, w];
+        Self {
+            positive: ids,
+            negative: ids,
+        }
     }
 }
 
@@ -42,11 +65,30 @@ pub struct Latents {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSpec {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None` when the request gave none: SD 1.x / 2.x encode the empty prompt, SDXL models
+    /// with `force_zeros_for_empty_prompt` condition on zeros (as diffusers does).
+    pub negative_prompt: Option<String>,
+    /// SDXL's second text encoder's prompts; `None` = the same as the first.
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
     /// Seeds this image's own host-side RNG: initial latents (unless given) and any
     /// per-step noise of ancestral schedulers.
     pub seed: u64,
     pub latents: Option<Latents>,
+}
+
+impl ImageSpec {
+    /// An image of `prompt` from `seed`, everything else as the request left it out.
+    pub fn new(prompt: impl Into<String>, seed: u64) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            seed,
+            latents: None,
+        }
+    }
 }
 
 /// A validated generation: every field is within the model's bounds.

@@ -7,6 +7,7 @@
 //! - [`limits`]: a model's [`GenerationDefaults`] and [`Limits`].
 //! - [`resolve`]: request + model → [`Job`], or a [`ValidationError`] naming the field.
 //! - [`job`]: [`Job`] = [`JobSettings`] (shared by a batch) + one [`ImageSpec`] per image.
+//! - [`sdxl`]: SDXL's second prompts and size/crop time ids, resolved for the job.
 //! - [`generator`]: the synchronous [`Generator`] trait, [`ModelDescription`], [`StepControl`].
 
 pub mod generator;
@@ -14,11 +15,13 @@ pub mod job;
 pub mod limits;
 pub mod request;
 pub mod resolve;
+pub mod sdxl;
 
 pub use generator::{
-    GenerateError, GeneratedImage, Generator, ModelDescription, RunToEnd, StepControl, StopReason,
+    ConditioningInputs, GenerateError, GeneratedImage, Generator, ModelDescription, RunToEnd,
+    StepControl, StopReason,
 };
-pub use job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents};
+pub use job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents, TimeIds};
 pub use limits::{GenerationDefaults, Limits};
-pub use request::{GenerationRequest, LatentsInput};
+pub use request::{GenerationRequest, LatentsInput, SizeConditioningInput};
 pub use resolve::{ValidationError, random_seed};

@@ -18,6 +18,39 @@ pub struct GenerationRequest {
     pub eta: Option<f64>,
     pub latents: Option<LatentsInput>,
     pub output_format: Option<String>,
+    /// SDXL: the second text encoder's prompts (one for all prompts, or one per prompt).
+    pub prompts_2: Option<Vec<String>>,
+    pub negative_prompts_2: Option<Vec<String>>,
+    /// SDXL's micro-conditioning.
+    pub sizes: SizeConditioningInput,
+}
+
+/// SDXL's size and crop conditioning as asked: `[height, width]` and `[top, left]` pairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SizeConditioningInput {
+    pub original_size: Option<[i64; 2]>,
+    pub crops_coords_top_left: Option<[i64; 2]>,
+    pub target_size: Option<[i64; 2]>,
+    pub negative_original_size: Option<[i64; 2]>,
+    pub negative_crops_coords_top_left: Option<[i64; 2]>,
+    pub negative_target_size: Option<[i64; 2]>,
+}
+
+impl SizeConditioningInput {
+    /// Every field with its contract name.
+    pub fn named(&self) -> [(&'static str, Option<[i64; 2]>); 6] {
+        [
+            ("original_size", self.original_size),
+            ("crops_coords_top_left", self.crops_coords_top_left),
+            ("target_size", self.target_size),
+            ("negative_original_size", self.negative_original_size),
+            (
+                "negative_crops_coords_top_left",
+                self.negative_crops_coords_top_left,
+            ),
+            ("negative_target_size", self.negative_target_size),
+        ]
+    }
 }
 
 /// Explicit initial latents of every image, `[B, C, H/f, W/f]` row-major.

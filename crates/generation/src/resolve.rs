@@ -54,13 +54,15 @@ impl GenerationRequest {
             defaults,
             limits,
         };
-        let negatives = self.prompts_and_negatives(limits)?;
+        crate::sdxl::check_applies(self, model)?;
+        let prompts = self.prompts_per_image(limits)?;
         let num_inference_steps = self.steps(&b)?;
         let guidance_scale = self.guidance(&b)?;
         let (height, width) = self.size(&b)?;
         let per_prompt = self.images_per_prompt(limits)?;
         let (scheduler, eta) = self.scheduler_and_eta(&b)?;
         self.check_output_format()?;
+        let time_ids = crate::sdxl::time_ids(&self.sizes, model, (height, width))?;
         let settings = JobSettings {
             num_inference_steps,
             guidance_scale,
@@ -68,6 +70,7 @@ impl GenerationRequest {
             width,
             scheduler,
             eta,
+            time_ids,
         };
         let n_images = self.prompts.len() * per_prompt;
         let seeds = self.seeds(n_images, random_seed)?;
@@ -76,11 +79,13 @@ impl GenerationRequest {
         let mut images = Vec::with_capacity(n_images);
         let per_image = seeds.into_iter().zip(latents);
         let mut per_image = per_image.into_iter();
-        for (prompt, negative) in self.prompts.iter().zip(&negatives) {
+        for p in prompts {
             for (seed, latents) in per_image.by_ref().take(per_prompt) {
                 images.push(ImageSpec {
-                    prompt: prompt.clone(),
-                    negative_prompt: negative.clone(),
+                    prompt: p.prompt.clone(),
+                    negative_prompt: p.negative.clone(),
+                    prompt_2: p.prompt_2.clone(),
+                    negative_prompt_2: p.negative_2.clone(),
                     seed,
                     latents,
                 });
@@ -89,8 +94,8 @@ impl GenerationRequest {
         Ok(Job { settings, images })
     }
 
-    /// Checks the prompts; returns the negative prompt of each prompt.
-    fn prompts_and_negatives(&self, limits: &Limits) -> Result<Vec<String>, ValidationError> {
+    /// Checks the prompts; returns each prompt with its negative and second prompts.
+    fn prompts_per_image(&self, limits: &Limits) -> Result<Vec<Prompts>, ValidationError> {
         let n = self.prompts.len();
         if n == 0 {
             return Err(invalid("'prompt' must hold at least one prompt"));
@@ -102,19 +107,17 @@ impl GenerationRequest {
             )));
         }
         check_lengths("prompt", &self.prompts, limits)?;
-        let negatives: Vec<String> = match &self.negative_prompts {
-            None => vec![String::new(); n],
-            Some(v) if v.len() == 1 => vec![v[0].clone(); n],
-            Some(v) if v.len() == n => v.clone(),
-            Some(v) => {
-                return Err(invalid(format!(
-                    "'negative_prompt' has {} elements; give one for all prompts or one per prompt ({n})",
-                    v.len()
-                )));
-            }
-        };
-        check_lengths("negative_prompt", &negatives, limits)?;
-        Ok(negatives)
+        let negatives = per_prompt("negative_prompt", &self.negative_prompts, n, limits)?;
+        let prompts_2 = per_prompt("prompt_2", &self.prompts_2, n, limits)?;
+        let negatives_2 = per_prompt("negative_prompt_2", &self.negative_prompts_2, n, limits)?;
+        Ok((0..n)
+            .map(|i| Prompts {
+                prompt: self.prompts[i].clone(),
+                negative: negatives[i].clone(),
+                prompt_2: prompts_2[i].clone(),
+                negative_2: negatives_2[i].clone(),
+            })
+            .collect())
     }
 
     fn steps(&self, b: &Bounds) -> Result<usize, ValidationError> {
@@ -292,6 +295,37 @@ impl GenerationRequest {
     }
 }
 
+/// One prompt's texts; `None` where the request gave none.
+struct Prompts {
+    prompt: String,
+    negative: Option<String>,
+    prompt_2: Option<String>,
+    negative_2: Option<String>,
+}
+
+/// A list given once for all `n` prompts or once per prompt, each element within the limits;
+/// `None` for every prompt when not given.
+fn per_prompt(
+    name: &str,
+    given: &Option<Vec<String>>,
+    n: usize,
+    limits: &Limits,
+) -> Result<Vec<Option<String>>, ValidationError> {
+    let texts = match given {
+        None => return Ok(vec![None; n]),
+        Some(v) if v.len() == 1 => vec![v[0].clone(); n],
+        Some(v) if v.len() == n => v.clone(),
+        Some(v) => {
+            return Err(invalid(format!(
+                "'{name}' has {} elements; give one for all prompts or one per prompt ({n})",
+                v.len()
+            )));
+        }
+    };
+    check_lengths(name, &texts, limits)?;
+    Ok(texts.into_iter().map(Some).collect())
+}
+
 /// `'name' element i` of `texts` must fit `max_prompt_bytes`.
 fn check_lengths(name: &str, texts: &[String], limits: &Limits) -> Result<(), ValidationError> {
     match texts
@@ -340,6 +374,7 @@ mod tests {
             default_scheduler: "pndm".into(),
             schedulers: vec!["pndm".into(), "ddim".into(), "euler".into()],
             family: "sd1".into(),
+            conditioning: Default::default(),
             dtype: "f32".into(),
             device: "cpu".into(),
         }
@@ -370,7 +405,7 @@ mod tests {
         assert_eq!(s.guidance_scale, 7.5);
         let seeds: Vec<u64> = job.images.iter().map(|i| i.seed).collect();
         assert_eq!(seeds, [100, 101]);
-        assert_eq!(job.images[1].negative_prompt, "");
+        assert_eq!(job.images[1].negative_prompt, None);
     }
 
     #[test]
@@ -383,7 +418,13 @@ mod tests {
         let got: Vec<(&str, &str, u64)> = job
             .images
             .iter()
-            .map(|i| (i.prompt.as_str(), i.negative_prompt.as_str(), i.seed))
+            .map(|i| {
+                (
+                    i.prompt.as_str(),
+                    i.negative_prompt.as_deref().unwrap(),
+                    i.seed,
+                )
+            })
             .collect();
         assert_eq!(
             got,

@@ -48,12 +48,7 @@ mod tests {
 
     #[test]
     fn response_has_one_base64_element_per_image() {
-        let image = |prompt: &str, seed| ImageSpec {
-            prompt: prompt.into(),
-            negative_prompt: String::new(),
-            seed,
-            latents: None,
-        };
+        let image = |prompt: &str, seed| ImageSpec::new(prompt, seed);
         let job = Job {
             settings: JobSettings {
                 num_inference_steps: 5,
@@ -62,6 +57,7 @@ mod tests {
                 width: 64,
                 scheduler: "pndm".into(),
                 eta: 0.0,
+                time_ids: None,
             },
             images: vec![image("a", 3), image("b", 4)],
         };

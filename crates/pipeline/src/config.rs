@@ -10,6 +10,10 @@ use serde_json::{Map, Value};
 
 use crate::error::PipelineError;
 
+mod model_index;
+
+pub use model_index::{ModelIndex, PipelineKind};
+
 type Result<T> = std::result::Result<T, PipelineError>;
 
 /// Largest config file read; real ones are a few KiB.
@@ -99,6 +103,14 @@ impl JsonFile {
             return Err(self.err(key, "must be greater than 0"));
         }
         Ok(n)
+    }
+
+    /// A positive integer the file must hold.
+    pub fn positive_required(&self, key: &str) -> Result<usize> {
+        match self.get(key) {
+            None => Err(self.err(key, "missing")),
+            Some(_) => self.positive(key, 0),
+        }
     }
 
     pub fn f64(&self, key: &str, default: f64) -> Result<f64> {
@@ -206,70 +218,6 @@ fn numbers_equal(a: &Value, b: &Value) -> bool {
     matches!((a.as_f64(), b.as_f64()), (Some(x), Some(y)) if x == y)
 }
 
-/// `model_index.json`: which pipeline the folder is, and which component classes it holds.
-#[derive(Debug, Clone)]
-pub struct ModelIndex {
-    pub class_name: String,
-}
-
-impl ModelIndex {
-    pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join("model_index.json");
-        if !path.is_file() {
-            return Err(PipelineError::config(
-                &path,
-                "not found: a diffusers pipeline folder needs a model_index.json",
-            ));
-        }
-        let file = JsonFile::read(&path)?;
-        let class_name = file.string("_class_name", "")?;
-        if class_name.contains("XL") {
-            return Err(PipelineError::Unsupported(format!(
-                "{}: `_class_name` is {class_name}: Stable Diffusion XL is not supported yet",
-                path.display()
-            )));
-        }
-        if !matches!(
-            class_name.as_str(),
-            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline"
-        ) {
-            return Err(PipelineError::Unsupported(format!(
-                "{}: `_class_name` is {:?}: only StableDiffusionPipeline folders (SD 1.x / 2.x) are supported",
-                path.display(),
-                class_name
-            )));
-        }
-        let components: [(&str, &[&str]); 4] = [
-            ("unet", &["UNet2DConditionModel"]),
-            ("vae", &["AutoencoderKL"]),
-            ("text_encoder", &["CLIPTextModel"]),
-            ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
-        ];
-        for (key, classes) in components {
-            let entry = file
-                .get(key)
-                .ok_or_else(|| file.err(key, "missing component"))?;
-            let class = entry
-                .as_array()
-                .and_then(|pair| pair.get(1))
-                .and_then(Value::as_str);
-            match class {
-                Some(c) if classes.contains(&c) => {}
-                _ => {
-                    return Err(file.err(
-                        key,
-                        format!("component {entry} is not supported (expected one of {classes:?})"),
-                    ));
-                }
-            }
-        }
-        if file.get("scheduler").is_none() {
-            return Err(file.err("scheduler", "missing component"));
-        }
-        Ok(Self { class_name })
-    }
-}
-
 /// One UNet resolution level: down block `i` and the up block that mirrors it (up block
 /// `n - 1 - i`), which diffusers builds from the same per-block values reversed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -308,6 +256,19 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
+    /// SDXL's added conditioning (`addition_embed_type: "text_time"`).
+    pub text_time: Option<TextTimeEmbedding>,
+}
+
+/// SDXL's added conditioning: the time ids' sinusoids (`addition_time_embed_dim` each),
+/// concatenated after the pooled text embedding, through a two-layer MLP added to the time
+/// embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTimeEmbedding {
+    /// `addition_time_embed_dim`: sinusoid width per time id.
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: pooled width + time ids × `time_embed_dim`.
+    pub input_dim: usize,
 }
 
 impl UNetConfig {
@@ -351,6 +312,7 @@ impl UNetConfig {
             upcast_attention: f.bool("upcast_attention", false)?,
             conv_in_kernel,
             conv_out_kernel,
+            text_time: text_time(f)?,
         })
     }
 
@@ -369,10 +331,6 @@ const NOT_MODELLED: &str = "this layer is not implemented";
 /// UNet keys whose values add layers or change the computation, and which must therefore be
 /// absent (or null); none is used by SD 1.x / 2.x checkpoints.
 const UNET_ABSENT: &[(&str, &str)] = &[
-    (
-        "addition_embed_type",
-        "SDXL-style added conditioning; SDXL is not supported yet",
-    ),
     ("class_embed_type", NOT_MODELLED),
     ("num_class_embeds", NOT_MODELLED),
     (
@@ -448,6 +406,21 @@ fn refuse_unmodelled(f: &JsonFile) -> Result<()> {
         Some(v) => Err(f.err(
             "only_cross_attention",
             format!("value {v} is not supported (transformer blocks always self-attend here)"),
+        )),
+    }
+}
+
+/// `addition_embed_type`: none, or SDXL's `text_time` with its two sizes.
+fn text_time(f: &JsonFile) -> Result<Option<TextTimeEmbedding>> {
+    match f.get("addition_embed_type") {
+        None => Ok(None),
+        Some(Value::String(kind)) if kind == "text_time" => Ok(Some(TextTimeEmbedding {
+            time_embed_dim: f.positive_required("addition_time_embed_dim")?,
+            input_dim: f.positive_required("projection_class_embeddings_input_dim")?,
+        })),
+        Some(v) => Err(f.err(
+            "addition_embed_type",
+            format!("{v} is not supported (only SDXL's \"text_time\")"),
         )),
     }
 }
@@ -749,7 +722,8 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// `text_encoder/config.json` (`CLIPTextModel`).
+/// `text_encoder/config.json` (`CLIPTextModel`), or SDXL's `text_encoder_2/config.json`
+/// (`CLIPTextModelWithProjection`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextEncoderConfig {
     pub vocab_size: usize,
@@ -760,6 +734,12 @@ pub struct TextEncoderConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// `CLIPTextModelWithProjection`: the width of its pooled projection (`text_embeds`).
+    pub projection_dim: Option<usize>,
+    /// Where the pooled output is read: the first token with this id, or with CLIP's legacy
+    /// value 2, the largest id of the row (transformers' rule, which finds the same
+    /// `<|endoftext|>`).
+    pub eos_token_id: usize,
 }
 
 impl TextEncoderConfig {
@@ -768,14 +748,21 @@ impl TextEncoderConfig {
     }
 
     pub(crate) fn from_json(f: &JsonFile) -> Result<Self> {
-        if let Some(Value::Array(archs)) = f.get("architectures")
-            && !archs.iter().any(|a| a == "CLIPTextModel")
-        {
-            return Err(f.err(
-                "architectures",
-                format!("{archs:?} does not include CLIPTextModel"),
-            ));
-        }
+        let with_projection = match f.get("architectures") {
+            Some(Value::Array(archs)) if archs.iter().any(|a| a == "CLIPTextModel") => false,
+            Some(Value::Array(archs))
+                if archs.iter().any(|a| a == "CLIPTextModelWithProjection") =>
+            {
+                true
+            }
+            Some(archs) => {
+                return Err(f.err(
+                    "architectures",
+                    format!("{archs} names neither CLIPTextModel nor CLIPTextModelWithProjection"),
+                ));
+            }
+            None => false,
+        };
         f.require(
             "use_attention_mask",
             false.into(),
@@ -813,6 +800,10 @@ impl TextEncoderConfig {
             max_position_embeddings: f.positive("max_position_embeddings", 77)?,
             hidden_act,
             layer_norm_eps: f.f64("layer_norm_eps", 1e-5)?,
+            projection_dim: with_projection
+                .then(|| f.positive("projection_dim", 512))
+                .transpose()?,
+            eos_token_id: f.usize("eos_token_id", 2)?,
         })
     }
 }
@@ -888,7 +879,7 @@ mod tests {
     #[test]
     fn unsupported_keys_are_named() {
         for (key, value) in [
-            ("addition_embed_type", json!("text_time")),
+            ("addition_embed_type", json!("image")),
             ("class_embed_type", json!("timestep")),
             ("time_cond_proj_dim", json!(256)),
             ("only_cross_attention", json!(true)),
@@ -919,6 +910,29 @@ mod tests {
                 "{key}={value}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn sdxl_text_time_needs_both_sizes() {
+        let mut v = sd15_unet();
+        v["addition_embed_type"] = json!("text_time");
+        v["addition_time_embed_dim"] = json!(256);
+        let err = UNetConfig::from_json(&file(v.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("projection_class_embeddings_input_dim"),
+            "{err}"
+        );
+        v["projection_class_embeddings_input_dim"] = json!(2816);
+        let c = UNetConfig::from_json(&file(v)).unwrap();
+        assert_eq!(
+            c.text_time,
+            Some(TextTimeEmbedding {
+                time_embed_dim: 256,
+                input_dim: 2816
+            })
+        );
     }
 
     #[test]

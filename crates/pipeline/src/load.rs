@@ -4,13 +4,15 @@
 use std::path::Path;
 
 use candle_core::DType;
-use sdserve_generation::ModelDescription;
+use sdserve_generation::{ConditioningInputs, ModelDescription};
 
-use crate::config::{Activation, ModelIndex, TextEncoderConfig, UNetConfig, VaeConfig};
+use crate::config::{
+    Activation, ModelIndex, PipelineKind, TextEncoderConfig, UNetConfig, VaeConfig,
+};
 use crate::device::{LoadOptions, Placement};
 use crate::error::PipelineError;
 use crate::pipeline::StableDiffusion;
-use crate::prompt::PromptEncoder;
+use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
@@ -20,51 +22,93 @@ use crate::weights::{WeightStore, find_weights};
 
 /// Every config of a folder, each checked against the others.
 struct Configs {
+    kind: PipelineKind,
     unet: UNetConfig,
     vae: VaeConfig,
-    text: TextEncoderConfig,
+    /// One text encoder (and tokenizer) per tower: `text_encoder`, then SDXL's
+    /// `text_encoder_2`.
+    texts: Vec<TowerConfig>,
     scheduler: SchedulerConfig,
     default_scheduler: SchedulerKind,
+}
+
+/// One text encoder's folder, config and tokenizer.
+struct TowerConfig {
+    folder: &'static str,
+    config: TextEncoderConfig,
     tokenizer: ClipTokenizer,
 }
 
-impl Configs {
-    fn read(dir: &Path) -> Result<Self, PipelineError> {
-        ModelIndex::read(dir)?;
-        let unet = UNetConfig::read(&dir.join("unet/config.json"))?;
-        let vae = VaeConfig::read(&dir.join("vae/config.json"))?;
-        let text = TextEncoderConfig::read(&dir.join("text_encoder/config.json"))?;
-        check_compatible(dir, &unet, &vae, &text)?;
-        let mut scheduler =
-            SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
-        // StableDiffusionPipeline.__init__ normalises outdated scheduler configs the same way.
-        scheduler.apply_pipeline_fixups();
-        let default_scheduler = scheduler.default_kind()?;
-        let tokenizer_dir = dir.join("tokenizer");
+/// The text encoder and tokenizer folders of each tower.
+const TOWERS: [(&str, &str); 2] = [
+    ("text_encoder", "tokenizer"),
+    ("text_encoder_2", "tokenizer_2"),
+];
+
+impl TowerConfig {
+    fn read(
+        dir: &Path,
+        (folder, tokenizer_folder): (&'static str, &str),
+    ) -> Result<Self, PipelineError> {
+        let config = TextEncoderConfig::read(&dir.join(folder).join("config.json"))?;
+        let tokenizer_dir = dir.join(tokenizer_folder);
         let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-        if tokenizer.max_length() > text.max_position_embeddings {
+        if tokenizer.max_length() > config.max_position_embeddings {
             return Err(PipelineError::config(
                 &tokenizer_dir,
                 format!(
                     "model_max_length {} exceeds the text encoder's max_position_embeddings {}",
                     tokenizer.max_length(),
-                    text.max_position_embeddings
+                    config.max_position_embeddings
                 ),
             ));
         }
         Ok(Self {
+            folder,
+            config,
+            tokenizer,
+        })
+    }
+}
+
+impl Configs {
+    fn read(dir: &Path) -> Result<Self, PipelineError> {
+        let kind = ModelIndex::read(dir)?.kind;
+        let unet = UNetConfig::read(&dir.join("unet/config.json"))?;
+        let vae = VaeConfig::read(&dir.join("vae/config.json"))?;
+        let towers = match kind {
+            PipelineKind::StableDiffusion => &TOWERS[..1],
+            PipelineKind::StableDiffusionXl { .. } => &TOWERS[..],
+        };
+        let texts = towers
+            .iter()
+            .map(|&t| TowerConfig::read(dir, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_compatible(dir, kind, &unet, &vae, &texts)?;
+        let mut scheduler =
+            SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        // StableDiffusionPipeline.__init__ normalises outdated scheduler configs the same way.
+        scheduler.apply_pipeline_fixups();
+        let default_scheduler = scheduler.default_kind()?;
+        Ok(Self {
+            kind,
             unet,
             vae,
-            text,
+            texts,
             scheduler,
             default_scheduler,
-            tokenizer,
         })
     }
 
     fn describe(&self, placement: &Placement) -> ModelDescription {
         let scale = self.vae.scale_factor();
-        let v2 = self.text.hidden_act != Activation::QuickGelu || self.unet.use_linear_projection;
+        let v2 = self.texts[0].config.hidden_act != Activation::QuickGelu
+            || self.unet.use_linear_projection;
+        let (family, conditioning) = match self.kind {
+            PipelineKind::StableDiffusionXl { .. } => ("sdxl", ConditioningInputs::PromptsAndSizes),
+            PipelineKind::StableDiffusion if v2 => ("sd2", ConditioningInputs::Prompt),
+            PipelineKind::StableDiffusion => ("sd1", ConditioningInputs::Prompt),
+        };
         ModelDescription {
             native_height: self.unet.sample_size.0 * scale,
             native_width: self.unet.sample_size.1 * scale,
@@ -75,7 +119,8 @@ impl Configs {
                 .iter()
                 .map(|k| k.name().to_string())
                 .collect(),
-            family: if v2 { "sd2" } else { "sd1" }.to_string(),
+            family: family.to_string(),
+            conditioning,
             dtype: placement.dtype_name().to_string(),
             device: placement.device_name.clone(),
         }
@@ -96,12 +141,17 @@ impl StableDiffusion {
         // Reduced-precision runs prefer the folder's `.fp16` weights where it has them.
         let reduced = dtype != DType::F32;
 
-        // The text encoder runs in F32 everywhere; its output is cast to the UNet dtype.
-        let te_store =
-            WeightStore::open(&find_weights(&dir.join("text_encoder"), "model", false)?)?;
-        let text_encoder =
-            TextEncoder::new(te_store.var_builder(DType::F32, device), &configs.text)
-                .map_err(|e| PipelineError::model("text encoder", e))?;
+        // The text encoders run in F32 everywhere; their output is cast to the UNet dtype.
+        let mut towers = Vec::with_capacity(configs.texts.len());
+        for text in configs.texts {
+            let store = WeightStore::open(&find_weights(&dir.join(text.folder), "model", false)?)?;
+            let encoder = TextEncoder::new(store.var_builder(DType::F32, device), &text.config)
+                .map_err(|e| PipelineError::model(text.folder, e))?;
+            towers.push(TextTower {
+                tokenizer: text.tokenizer,
+                encoder,
+            });
+        }
         let unet_store = component_weights(dir, "unet", reduced)?;
         let unet = UNet::new(unet_store.var_builder(dtype, device), &configs.unet)
             .map_err(|e| PipelineError::model("unet", e))?;
@@ -112,8 +162,8 @@ impl StableDiffusion {
             dir: dir.to_path_buf(),
             description,
             prompts: PromptEncoder {
-                tokenizer: configs.tokenizer,
-                text_encoder,
+                towers,
+                kind: configs.kind,
                 dtype,
             },
             unet,
@@ -139,9 +189,10 @@ fn component_weights(
 
 fn check_compatible(
     dir: &Path,
+    kind: PipelineKind,
     unet: &UNetConfig,
     vae: &VaeConfig,
-    text: &TextEncoderConfig,
+    texts: &[TowerConfig],
 ) -> Result<(), PipelineError> {
     let unet_path = dir.join("unet/config.json");
     if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
@@ -153,15 +204,19 @@ fn check_compatible(
             ),
         ));
     }
-    if let Some(dim) = unet.context_dims().find(|&d| d != text.hidden_size) {
+    // SDXL's context is both encoders' hidden states side by side.
+    let context: usize = texts.iter().map(|t| t.config.hidden_size).sum();
+    let encoders: Vec<&str> = texts.iter().map(|t| t.folder).collect();
+    if let Some(dim) = unet.context_dims().find(|&d| d != context) {
         return Err(PipelineError::config(
             &unet_path,
             format!(
-                "key `cross_attention_dim`: {dim} differs from the text encoder's hidden_size {}",
-                text.hidden_size
+                "key `cross_attention_dim`: {dim} differs from the hidden_size of {} ({context})",
+                encoders.join(" + ")
             ),
         ));
     }
+    check_text_time(dir, kind, unet, texts)?;
     if vae.out_channels != 3 {
         return Err(PipelineError::config(
             &dir.join("vae/config.json"),
@@ -173,3 +228,47 @@ fn check_compatible(
     }
     Ok(())
 }
+
+/// SDXL folders need the UNet's `text_time` added conditioning, sized for the second
+/// encoder's projection and the six time ids; other folders must not have it.
+fn check_text_time(
+    dir: &Path,
+    kind: PipelineKind,
+    unet: &UNetConfig,
+    texts: &[TowerConfig],
+) -> Result<(), PipelineError> {
+    let unet_path = &dir.join("unet/config.json");
+    let projection = texts.last().and_then(|t| t.config.projection_dim);
+    match (kind, unet.text_time, projection) {
+        (PipelineKind::StableDiffusion, None, _) => Ok(()),
+        (PipelineKind::StableDiffusion, Some(_), _) => Err(PipelineError::config(
+            unet_path,
+            "key `addition_embed_type`: \"text_time\" needs an SDXL pipeline (model_index.json is StableDiffusionPipeline)",
+        )),
+        (PipelineKind::StableDiffusionXl { .. }, None, _) => Err(PipelineError::config(
+            unet_path,
+            "key `addition_embed_type`: an SDXL UNet needs \"text_time\"",
+        )),
+        (PipelineKind::StableDiffusionXl { .. }, Some(_), None) => Err(PipelineError::config(
+            &dir.join("text_encoder_2/config.json"),
+            "text_encoder_2 must be a CLIPTextModelWithProjection (key `architectures`)",
+        )),
+        (PipelineKind::StableDiffusionXl { .. }, Some(t), Some(p)) => {
+            let expected = p + TIME_IDS * t.time_embed_dim;
+            if t.input_dim == expected {
+                Ok(())
+            } else {
+                Err(PipelineError::config(
+                    unet_path,
+                    format!(
+                        "key `projection_class_embeddings_input_dim`: {} differs from text_encoder_2's projection_dim {p} + {TIME_IDS} time ids × addition_time_embed_dim {} = {expected}",
+                        t.input_dim, t.time_embed_dim
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// SDXL's time ids: original size, crop top-left, target size.
+const TIME_IDS: usize = 6;

@@ -16,14 +16,14 @@ use crate::device::Placement;
 use crate::error::internal;
 use crate::image::{FloatImages, encode_png};
 use crate::noise::{NoiseSource, PerImageNoise};
-use crate::prompt::PromptEncoder;
+use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
 
-/// A loaded diffusers Stable Diffusion 1.x / 2.x folder.
+/// A loaded diffusers Stable Diffusion 1.x / 2.x or SDXL folder.
 pub struct StableDiffusion {
     pub(crate) dir: PathBuf,
     pub(crate) description: ModelDescription,
@@ -56,12 +56,28 @@ impl StableDiffusion {
         &self.vae
     }
 
+    /// The first text encoder.
     pub fn text_encoder(&self) -> &TextEncoder {
-        &self.prompts.text_encoder
+        &self.prompts.towers[0].encoder
     }
 
+    /// The first tokenizer.
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.prompts.tokenizer
+        &self.prompts.towers[0].tokenizer
+    }
+
+    /// Every text encoder with its tokenizer: one, or SDXL's two.
+    pub fn text_towers(&self) -> &[TextTower] {
+        &self.prompts.towers
+    }
+
+    /// Stage 1 alone: the conditioning of `job`'s UNet rows.
+    pub fn conditioning(&self, job: &Job) -> Result<Conditioning, GenerateError> {
+        let guidance = Guidance {
+            scale: job.settings.guidance_scale,
+        };
+        self.prompts
+            .conditioning(&job.images, guidance, job.settings.time_ids)
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
@@ -69,7 +85,8 @@ impl StableDiffusion {
     }
 
     /// Tokenizes (padded to the tokenizer's max length) and encodes the distinct prompts in one
-    /// batched forward; returns `(prompts.len(), S, D)` in the UNet dtype.
+    /// batched forward of the first text encoder; returns `(prompts.len(), S, D)` in the UNet
+    /// dtype.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor, GenerateError> {
         self.prompts.encode(prompts)
     }
@@ -137,7 +154,7 @@ impl StableDiffusion {
             scale: job.settings.guidance_scale,
         };
         // Stage 1: prompts.
-        let conditioning: Conditioning = self.prompts.conditioning(&job.images, guidance)?;
+        let conditioning = self.conditioning(job)?;
         // Stage 2: denoising. Scheduler arithmetic stays in F32; only the UNet runs in the
         // model dtype.
         let latents = (initial_latents

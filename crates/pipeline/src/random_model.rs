@@ -42,16 +42,20 @@ pub enum Preset {
     Sd21,
     /// The SD 1.x architecture at toy size (the sizes of `models/tiny-sd1`), for tests and dry runs.
     Tiny,
+    /// Stable Diffusion XL base 1.0 (1024 px): UNet 2.6B with `text_time` conditioning, CLIP
+    /// ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection) text encoders.
+    Sdxl,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 3] = [Preset::Sd15, Preset::Sd21, Preset::Tiny];
+    pub const ALL: [Preset; 4] = [Preset::Sd15, Preset::Sd21, Preset::Tiny, Preset::Sdxl];
 
     pub fn name(self) -> &'static str {
         match self {
             Preset::Sd15 => "sd15",
             Preset::Sd21 => "sd21",
             Preset::Tiny => "tiny",
+            Preset::Sdxl => "sdxl",
         }
     }
 
@@ -66,6 +70,7 @@ impl Preset {
                 unet: unet_config(json!(8), &[320, 640, 1280, 1280], 768, 64, false, "0.6.0"),
                 vae: vae_config(&[128, 256, 512, 512], 2, 512),
                 text_encoder: text_encoder_config(768, 3072, 12, 12, "quick_gelu", 768),
+                text_encoder_2: None,
                 scheduler: json!({
                     "_class_name": "PNDMScheduler",
                     "_diffusers_version": "0.6.0",
@@ -91,6 +96,7 @@ impl Preset {
                 ),
                 vae: vae_config(&[128, 256, 512, 512], 2, 768),
                 text_encoder: text_encoder_config(1024, 4096, 23, 16, "gelu", 512),
+                text_encoder_2: None,
                 scheduler: json!({
                     "_class_name": "DDIMScheduler",
                     "_diffusers_version": "0.8.0",
@@ -114,9 +120,11 @@ impl Preset {
                     unet,
                     vae: vae_config(&[32, 32, 64, 64], 1, 64),
                     text_encoder: text_encoder_config(32, 64, 4, 4, "quick_gelu", 32),
+                    text_encoder_2: None,
                     scheduler: Preset::Sd15.configs().scheduler,
                 }
             }
+            Preset::Sdxl => sdxl_configs(),
         }
     }
 }
@@ -133,7 +141,73 @@ pub struct PresetConfigs {
     pub unet: Value,
     pub vae: Value,
     pub text_encoder: Value,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`).
+    pub text_encoder_2: Option<Value>,
     pub scheduler: Value,
+}
+
+/// SDXL base 1.0's published configs.
+fn sdxl_configs() -> PresetConfigs {
+    let mut unet = unet_config(
+        json!([5, 10, 20]),
+        &[320, 640, 1280],
+        2048,
+        128,
+        true,
+        "0.19.0.dev0",
+    );
+    let map = unet.as_object_mut().expect("object literal");
+    for (key, value) in [
+        (
+            "down_block_types",
+            json!([
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D"
+            ]),
+        ),
+        (
+            "up_block_types",
+            json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+        ),
+        ("transformer_layers_per_block", json!([1, 2, 10])),
+        ("addition_embed_type", json!("text_time")),
+        ("addition_embed_type_num_heads", json!(64)),
+        ("addition_time_embed_dim", json!(256)),
+        ("projection_class_embeddings_input_dim", json!(2816)),
+        ("upcast_attention", Value::Null),
+    ] {
+        map.insert(key.into(), value);
+    }
+    let mut vae = vae_config(&[128, 256, 512, 512], 2, 1024);
+    vae["scaling_factor"] = json!(0.13025);
+    vae["force_upcast"] = json!(true);
+    let mut text_encoder_2 = text_encoder_config(1280, 5120, 32, 20, "gelu", 1280);
+    text_encoder_2["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    PresetConfigs {
+        unet,
+        vae,
+        text_encoder: text_encoder_config(768, 3072, 12, 12, "quick_gelu", 768),
+        text_encoder_2: Some(text_encoder_2),
+        scheduler: json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "_diffusers_version": "0.19.0.dev0",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "clip_sample": false,
+            "interpolation_type": "linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": false,
+            "skip_prk_steps": true,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": null,
+            "use_karras_sigmas": false
+        }),
+    }
 }
 
 fn unet_config(
@@ -224,7 +298,23 @@ fn text_encoder_config(
     })
 }
 
-fn model_index(scheduler_class: &str) -> Value {
+fn model_index(scheduler_class: &str, sdxl: bool) -> Value {
+    if sdxl {
+        return json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null],
+            "force_zeros_for_empty_prompt": true,
+            "image_encoder": [null, null],
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+    }
     json!({
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -257,6 +347,8 @@ impl TensorSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelTensors {
     pub text_encoder: Vec<TensorSpec>,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: Option<Vec<TensorSpec>>,
     pub unet: Vec<TensorSpec>,
     pub vae: Vec<TensorSpec>,
 }
@@ -266,6 +358,9 @@ pub struct ModelTensors {
 #[derive(Default)]
 struct Recorder {
     seen: Arc<Mutex<Vec<TensorSpec>>>,
+    /// Answer as a text encoder saved with the `text_model.` prefix (transformers 5 keeps it
+    /// for `CLIPTextModelWithProjection`).
+    text_model_prefix: bool,
 }
 
 impl SimpleBackend for Recorder {
@@ -302,7 +397,9 @@ impl SimpleBackend for Recorder {
     /// `query`/`key`/`value`/`proj_attn`), the text encoder without the `text_model.` prefix,
     /// norms as `weight`/`bias`.
     fn contains_tensor(&self, name: &str) -> bool {
-        name == "to_q.weight" || name.ends_with(".to_q.weight")
+        name == "to_q.weight"
+            || name.ends_with(".to_q.weight")
+            || (self.text_model_prefix && name == "text_model.embeddings.token_embedding.weight")
     }
 }
 
@@ -310,7 +407,14 @@ fn record(
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
     component: &str,
 ) -> Result<Vec<TensorSpec>> {
-    let recorder = Recorder::default();
+    record_with(build, component, Recorder::default())
+}
+
+fn record_with(
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+    component: &str,
+    recorder: Recorder,
+) -> Result<Vec<TensorSpec>> {
     let seen = recorder.seen.clone();
     let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu);
     build(vb).map_err(|e| PipelineError::model(component, e))?;
@@ -324,11 +428,24 @@ pub fn tensor_specs(dir: &Path) -> Result<ModelTensors> {
     let text_config = TextEncoderConfig::read(&dir.join("text_encoder/config.json"))?;
     let unet_config = UNetConfig::read(&dir.join("unet/config.json"))?;
     let vae_config = VaeConfig::read(&dir.join("vae/config.json"))?;
+    let second = dir.join("text_encoder_2/config.json");
+    let text_encoder_2 = if second.is_file() {
+        let config = TextEncoderConfig::read(&second)?;
+        let recorder = Recorder {
+            text_model_prefix: true,
+            ..Default::default()
+        };
+        let build = |vb| TextEncoder::new(vb, &config).map(drop);
+        Some(record_with(build, "text_encoder_2", recorder)?)
+    } else {
+        None
+    };
     Ok(ModelTensors {
         text_encoder: record(
             |vb| TextEncoder::new(vb, &text_config).map(drop),
             "text encoder",
         )?,
+        text_encoder_2,
         unet: record(|vb| UNet::new(vb, &unet_config).map(drop), "unet")?,
         // The whole autoencoder, encoder included, as diffusers saves it.
         vae: record(
@@ -377,11 +494,11 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
 pub struct WrittenModel {
     pub tensors: usize,
     pub parameters: usize,
-    /// Bytes of the three safetensors files.
+    /// Bytes of the safetensors files.
     pub weight_bytes: u64,
 }
 
-/// Writes a complete diffusers `StableDiffusionPipeline` folder with seeded random weights to
+/// Writes a complete diffusers `StableDiffusionPipeline` (or, for SDXL, `StableDiffusionXLPipeline`) folder with seeded random weights to
 /// `out`, which must not exist or be empty. `model_index.json` is written last, so an interrupted
 /// run leaves a folder no loader mistakes for a model.
 pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<WrittenModel> {
@@ -408,18 +525,28 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
 
     let configs = options.preset.configs();
     for (sub, file, value) in [
-        ("unet", "config.json", &configs.unet),
-        ("vae", "config.json", &configs.vae),
-        ("text_encoder", "config.json", &configs.text_encoder),
-        ("scheduler", "scheduler_config.json", &configs.scheduler),
+        ("unet", "config.json", Some(&configs.unet)),
+        ("vae", "config.json", Some(&configs.vae)),
+        ("text_encoder", "config.json", Some(&configs.text_encoder)),
+        (
+            "text_encoder_2",
+            "config.json",
+            configs.text_encoder_2.as_ref(),
+        ),
+        (
+            "scheduler",
+            "scheduler_config.json",
+            Some(&configs.scheduler),
+        ),
     ] {
-        write_json(&out.join(sub).join(file), value)?;
+        if let Some(value) = value {
+            write_json(&out.join(sub).join(file), value)?;
+        }
     }
-    let tokenizer_out = out.join("tokenizer");
-    create_dir(&tokenizer_out)?;
-    for src in tokenizer_files {
-        let dst = tokenizer_out.join(src.file_name().expect("listed from a directory"));
-        std::fs::copy(&src, &dst).map_err(|e| PipelineError::io(&src, e))?;
+    copy_tokenizer(&tokenizer_files, &out.join("tokenizer"), None)?;
+    if configs.text_encoder_2.is_some() {
+        // SDXL's second tokenizer pads with "!" (OpenCLIP's), the first with <|endoftext|>.
+        copy_tokenizer(&tokenizer_files, &out.join("tokenizer_2"), Some("!"))?;
     }
 
     let specs = tensor_specs(out)?;
@@ -428,11 +555,30 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
         parameters: 0,
         weight_bytes: 0,
     };
-    for (sub, file, tensors) in [
-        ("text_encoder", "model.safetensors", &specs.text_encoder),
-        ("unet", "diffusion_pytorch_model.safetensors", &specs.unet),
-        ("vae", "diffusion_pytorch_model.safetensors", &specs.vae),
-    ] {
+    let components = [
+        (
+            "text_encoder",
+            "model.safetensors",
+            Some(&specs.text_encoder),
+        ),
+        (
+            "text_encoder_2",
+            "model.safetensors",
+            specs.text_encoder_2.as_ref(),
+        ),
+        (
+            "unet",
+            "diffusion_pytorch_model.safetensors",
+            Some(&specs.unet),
+        ),
+        (
+            "vae",
+            "diffusion_pytorch_model.safetensors",
+            Some(&specs.vae),
+        ),
+    ];
+    for (sub, file, tensors) in components {
+        let Some(tensors) = tensors else { continue };
         let path = out.join(sub).join(file);
         let views = tensors.iter().map(|spec| {
             let view = RandomTensor {
@@ -455,7 +601,8 @@ pub fn write_random_model(out: &Path, options: &RandomModelOptions) -> Result<Wr
     let scheduler_class = configs.scheduler["_class_name"]
         .as_str()
         .unwrap_or("PNDMScheduler");
-    write_json(&out.join("model_index.json"), &model_index(scheduler_class))?;
+    let index = model_index(scheduler_class, configs.text_encoder_2.is_some());
+    write_json(&out.join("model_index.json"), &index)?;
     Ok(written)
 }
 
@@ -506,6 +653,33 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(value).expect("JSON values serialize") + "\n";
     std::fs::write(path, text).map_err(|e| PipelineError::io(path, e))
+}
+
+/// Copies a tokenizer's files into `dest`, with `pad` as its pad token if given (in
+/// `tokenizer_config.json` and `special_tokens_map.json`, where present).
+fn copy_tokenizer(files: &[PathBuf], dest: &Path, pad: Option<&str>) -> Result<()> {
+    create_dir(dest)?;
+    for src in files {
+        let name = src.file_name().expect("listed from a directory");
+        let dst = dest.join(name);
+        let padded = matches!(
+            name.to_str(),
+            Some("tokenizer_config.json" | "special_tokens_map.json")
+        );
+        match pad {
+            Some(pad) if padded => {
+                let text = std::fs::read_to_string(src).map_err(|e| PipelineError::io(src, e))?;
+                let mut value: Value = serde_json::from_str(&text)
+                    .map_err(|e| PipelineError::config(src, format!("invalid JSON: {e}")))?;
+                value["pad_token"] = json!(pad);
+                write_json(&dst, &value)?;
+            }
+            _ => {
+                std::fs::copy(src, &dst).map_err(|e| PipelineError::io(src, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The regular files of a tokenizer folder, which must hold at least the BPE vocabulary.
@@ -773,13 +947,9 @@ mod tests {
                 width: 64,
                 scheduler: model.description().default_scheduler.clone(),
                 eta: 0.0,
+                time_ids: None,
             },
-            images: vec![ImageSpec {
-                prompt: "a red circle".into(),
-                negative_prompt: String::new(),
-                seed: 1,
-                latents: None,
-            }],
+            images: vec![ImageSpec::new("a red circle", 1)],
         };
         let image = model.generate_float(&job, &mut RunToEnd).unwrap();
         let n = image.data.len() as f32;
@@ -882,10 +1052,13 @@ mod tests {
             .to_string();
         assert!(err.contains("U8"), "{err}");
         assert_eq!(parse_dtype("FP16").unwrap(), DType::F16);
-        let err = write_named("sdxl", "f16", 0, tokenizer(), &d)
+        let err = write_named("sdxl-refiner", "f16", 0, tokenizer(), &d)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sdxl") && err.contains("sd15"), "{err}");
+        assert!(
+            err.contains("sdxl-refiner") && err.contains("sd15"),
+            "{err}"
+        );
         assert!(
             parse_dtype("int8")
                 .unwrap_err()
@@ -912,6 +1085,24 @@ mod tests {
         assert_eq!(count(&specs.unet), 859_520_964);
         assert_eq!(count(&specs.vae), 83_653_863);
         assert_eq!(count(&specs.text_encoder), 123_060_480);
+        std::fs::remove_dir_all(d).unwrap();
+
+        let d = tmp("sdxl-configs");
+        let configs = Preset::Sdxl.configs();
+        for (sub, value) in [
+            ("unet", &configs.unet),
+            ("vae", &configs.vae),
+            ("text_encoder", &configs.text_encoder),
+            ("text_encoder_2", configs.text_encoder_2.as_ref().unwrap()),
+        ] {
+            write_json(&d.join(sub).join("config.json"), value).unwrap();
+        }
+        let specs = tensor_specs(&d).unwrap();
+        // The published parameter counts of SDXL base 1.0's components.
+        assert_eq!(count(&specs.unet), 2_567_463_684);
+        assert_eq!(count(specs.text_encoder_2.as_ref().unwrap()), 694_659_840);
+        assert_eq!(count(&specs.text_encoder), 123_060_480);
+        assert_eq!(count(&specs.vae), 83_653_863);
         std::fs::remove_dir_all(d).unwrap();
     }
 }

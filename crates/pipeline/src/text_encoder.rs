@@ -3,11 +3,14 @@
 //!
 //! Sizes, activation and LayerNorm epsilon all come from `text_encoder/config.json`, and a batch
 //! of prompts runs in one forward (attention is causal: each token sees the tokens before it).
-//! The output is the last hidden state after the final LayerNorm, which is what the SD 1.x and
-//! 2.x pipelines feed the UNet.
+//! SD 1.x and 2.x feed the UNet the last hidden state after the final LayerNorm; SDXL feeds it
+//! the penultimate layer's output without it, and takes the pooled, projected output of its
+//! second encoder (`CLIPTextModelWithProjection`) as well ([`HiddenState`], [`Encoded`]).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder, embedding, layer_norm, linear};
+use candle_nn::{
+    Embedding, LayerNorm, Linear, VarBuilder, embedding, layer_norm, linear, linear_no_bias,
+};
 
 use crate::attention::attention;
 use crate::config::{Activation, TextEncoderConfig};
@@ -77,17 +80,39 @@ impl Layer {
     }
 }
 
+/// Which hidden state a pipeline conditions its UNet on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenState {
+    /// The last layer's output after the final LayerNorm (SD 1.x / 2.x).
+    Final,
+    /// The input of the last layer, without the final LayerNorm: transformers'
+    /// `hidden_states[-2]`, what SDXL conditions on.
+    Penultimate,
+}
+
+/// One forward's outputs.
+pub struct Encoded {
+    /// `(B, S, hidden_size)`: the [`HiddenState`] asked for.
+    pub hidden: Tensor,
+    /// `(B, projection_dim)`: `text_embeds` of a `CLIPTextModelWithProjection`, the final
+    /// normalised state at each row's end-of-text token, projected; `None` without projection.
+    pub pooled: Option<Tensor>,
+}
+
 /// The CLIP text transformer of an SD folder.
 pub struct TextEncoder {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
+    /// `text_projection` of a `CLIPTextModelWithProjection`.
+    projection: Option<Linear>,
     config: TextEncoderConfig,
 }
 
 impl TextEncoder {
     pub fn new(vb: VarBuilder, config: &TextEncoderConfig) -> Result<Self> {
+        let root = vb.clone();
         // transformers 4.x saves `text_model.`-prefixed names, 5.x saves them bare.
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -112,11 +137,17 @@ impl TextEncoder {
             config.layer_norm_eps,
             vb.pp("final_layer_norm"),
         )?;
+        // The projection sits beside `text_model`, at the root of the file.
+        let projection = config
+            .projection_dim
+            .map(|dim| linear_no_bias(config.hidden_size, dim, root.pp("text_projection")))
+            .transpose()?;
         Ok(Self {
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            projection,
             config: config.clone(),
         })
     }
@@ -129,8 +160,14 @@ impl TextEncoder {
         self.position_embedding.device()
     }
 
-    /// `ids` is `(B, S)` token ids; returns `(B, S, hidden_size)`.
+    /// `ids` is `(B, S)` token ids; returns `(B, S, hidden_size)`, the final hidden state.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.encode(ids, HiddenState::Final)?.hidden)
+    }
+
+    /// `ids` is `(B, S)` token ids: the `which` hidden state, and the pooled projection if the
+    /// encoder has one.
+    pub fn encode(&self, ids: &Tensor, which: HiddenState) -> Result<Encoded> {
         let (_, s) = ids.dims2()?;
         if s > self.config.max_position_embeddings {
             return Err(candle_core::Error::Msg(format!(
@@ -150,9 +187,67 @@ impl TextEncoder {
             .token_embedding
             .forward(ids)?
             .broadcast_add(&positions)?;
-        for layer in &self.layers {
+        // Without a projection the penultimate state needs every layer but the last.
+        let needed = match (which, &self.projection) {
+            (HiddenState::Penultimate, None) => self.layers.len().saturating_sub(1),
+            _ => self.layers.len(),
+        };
+        let mut penultimate = None;
+        for (i, layer) in self.layers[..needed].iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = Some(xs.clone());
+            }
             xs = layer.forward(&xs)?;
         }
-        self.final_layer_norm.forward(&xs)
+        if which == HiddenState::Penultimate && self.projection.is_none() {
+            return Ok(Encoded {
+                hidden: xs,
+                pooled: None,
+            });
+        }
+        let last = self.final_layer_norm.forward(&xs)?;
+        let pooled = match &self.projection {
+            Some(projection) => Some(projection.forward(&self.at_end_of_text(&last, ids)?)?),
+            None => None,
+        };
+        let hidden = match which {
+            HiddenState::Final => last,
+            // With no layers at all, transformers' hidden_states[-2] does not exist either.
+            HiddenState::Penultimate => penultimate.ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "a text encoder without layers has no penultimate state".into(),
+                )
+            })?,
+        };
+        Ok(Encoded { hidden, pooled })
+    }
+
+    /// `(B, hidden)`: row b of `states` at row b's end-of-text token, found as transformers
+    /// finds it: the largest id of the row when `eos_token_id` is CLIP's legacy 2, else the first
+    /// `eos_token_id` (the first position if there is none).
+    fn at_end_of_text(&self, states: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let eos = self.config.eos_token_id as u32;
+        let positions: Vec<u32> = rows
+            .iter()
+            .map(|row| {
+                let first = |pred: &dyn Fn(u32) -> bool| row.iter().position(|&t| pred(t));
+                let at = if eos == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    first(&|t| t == max)
+                } else {
+                    first(&|t| t == eos)
+                };
+                at.unwrap_or(0) as u32
+            })
+            .collect();
+        let (b, s, hidden) = states.dims3()?;
+        let flat = states.reshape((b * s, hidden))?;
+        let index: Vec<u32> = positions
+            .iter()
+            .enumerate()
+            .map(|(row, &p)| row as u32 * s as u32 + p)
+            .collect();
+        flat.index_select(&Tensor::new(index.as_slice(), states.device())?, 0)
     }
 }

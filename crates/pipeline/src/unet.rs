@@ -9,13 +9,13 @@
 //! `norm_num_groups` says. Assembling the blocks also lets per-block `layers_per_block` /
 //! `cross_attention_dim` lists and independent up block types run as diffusers runs them.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use crate::attention::attention;
-use crate::conditioning::Conditioning;
+use crate::conditioning::{Conditioning, TextTime};
 use crate::config::{UNetBlock, UNetConfig};
 use crate::conv::{Conv2d, conv2d};
 use crate::layers::{
@@ -412,10 +412,32 @@ fn up_blocks(vb: &VarBuilder, temb: usize, c: &UNetConfig) -> Result<Vec<UpBlock
     Ok(up)
 }
 
+/// SDXL's added conditioning: time-id sinusoids after the pooled text embedding, through an
+/// MLP, added to the time embedding (diffusers' `add_time_proj` and `add_embedding`).
+struct TextTimeEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+}
+
+impl TextTimeEmbedding {
+    /// `(rows, temb)` for `text_embeds (rows, P)` and `time_ids (rows, n)` (F32).
+    fn forward(&self, text_time: &TextTime, dtype: DType) -> Result<Tensor> {
+        let rows = text_time.time_ids.dim(0)?;
+        let sinusoids = self
+            .time_proj
+            .forward(&text_time.time_ids.flatten_all()?)?
+            .reshape((rows, ()))?;
+        let text = text_time.text_embeds.to_dtype(DType::F32)?;
+        let added = Tensor::cat(&[&text, &sinusoids], 1)?.to_dtype(dtype)?;
+        self.embedding.forward(&added)
+    }
+}
+
 pub struct UNet {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    text_time: Option<TextTimeEmbedding>,
     down: Vec<DownBlock>,
     mid_resnets: [ResnetBlock; 2],
     mid_attention: SpatialTransformer,
@@ -439,12 +461,22 @@ impl UNet {
         // In the order of the weights, so that a mismatch names the first tensor that differs.
         let conv_in = conv(c.in_channels, ch0, c.conv_in_kernel, "conv_in")?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, temb)?;
+        let text_time = c
+            .text_time
+            .map(|t| {
+                Ok::<_, candle_core::Error>(TextTimeEmbedding {
+                    time_proj: Timesteps::new(t.time_embed_dim, c.flip_sin_to_cos, c.freq_shift),
+                    embedding: TimestepEmbedding::new(vb.pp("add_embedding"), t.input_dim, temb)?,
+                })
+            })
+            .transpose()?;
         let down = down_blocks(&vb, temb, c)?;
         let (mid_resnets, mid_attention) = mid_block(&vb.pp("mid_block"), temb, c)?;
         Ok(Self {
             conv_in,
             time_proj: Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift),
             time_embedding,
+            text_time,
             down,
             mid_resnets,
             mid_attention,
@@ -485,7 +517,8 @@ impl UNet {
     ) -> Result<Tensor> {
         let (b, _, h, w) = latents.dims4()?;
         let dtype = latents.dtype();
-        let context = cond.to_dtype(dtype)?.context;
+        let cond = cond.to_dtype(dtype)?;
+        let context = &cond.context;
         let xs = if self.config.center_input_sample {
             ((latents * 2.0)? - 1.0)?
         } else {
@@ -495,7 +528,17 @@ impl UNet {
         // The sinusoidal embedding is computed in F32, then cast, as diffusers does.
         let t = Tensor::full(timestep as f32, b, latents.device())?;
         let temb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
-        let temb = self.time_embedding.forward(&temb)?;
+        let mut temb = self.time_embedding.forward(&temb)?;
+        match (&self.text_time, &cond.text_time) {
+            (Some(embedding), Some(text_time)) => {
+                temb = (temb + embedding.forward(text_time, dtype)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                candle_core::bail!("this UNet needs SDXL's text embeds and time ids")
+            }
+            (None, Some(_)) => candle_core::bail!("this UNet takes no text embeds or time ids"),
+        }
 
         let mut xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];

@@ -315,13 +315,9 @@ fn default_model_draws_the_prompt() {
                 width,
                 scheduler: scheduler.clone(),
                 eta: 0.0,
+                time_ids: None,
             },
-            images: vec![ImageSpec {
-                prompt: prompt_text(c, s, b),
-                negative_prompt: String::new(),
-                seed: SEED_BASE + i as u64,
-                latents: None,
-            }],
+            images: vec![ImageSpec::new(prompt_text(c, s, b), SEED_BASE + i as u64)],
         })
         .collect();
     let started = Instant::now();

@@ -11,10 +11,10 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use sdserve_generation::{
-    GenerateError, GeneratedImage, Generator, ImageSpec, Job, JobSettings, Latents, RunToEnd,
-    StepControl, StopReason,
+    ConditioningInputs, GenerateError, GeneratedImage, Generator, ImageSpec, Job, JobSettings,
+    Latents, RunToEnd, StepControl, StopReason, TimeIds,
 };
-use sdserve_pipeline::conditioning::Conditioning;
+use sdserve_pipeline::conditioning::{Conditioning, TextTime};
 use sdserve_pipeline::image::{FloatImages, decode_png};
 use sdserve_pipeline::noise::NoiseSource;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
@@ -28,9 +28,15 @@ fn model(key: &str) -> &'static StableDiffusion {
     static SD1: OnceLock<StableDiffusion> = OnceLock::new();
     static SD2: OnceLock<StableDiffusion> = OnceLock::new();
     static SHAPES: OnceLock<StableDiffusion> = OnceLock::new();
+    static SDXL: OnceLock<StableDiffusion> = OnceLock::new();
+    static SD_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
+    static SDXL_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
     let (cell, folder) = match key {
+        "sd_turbo" => (&SD_TURBO, "tiny-sd-turbo"),
+        "sdxl_turbo" => (&SDXL_TURBO, "tiny-sdxl-turbo"),
         "sd1" => (&SD1, "tiny-sd1"),
         "sd2" => (&SD2, "tiny-sd2"),
+        "sdxl" => (&SDXL, "tiny-sdxl"),
         "shapes" => (&SHAPES, "tiny-shapes"),
         _ => unreachable!(),
     };
@@ -122,24 +128,62 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn job_for(run: &Value) -> Job {
+/// Whether `key`'s model is conditioned on SDXL's time ids.
+fn takes_sizes(key: &str) -> bool {
+    model(key).description().conditioning == ConditioningInputs::PromptsAndSizes
+}
+
+/// SDXL's time ids of an image of `height × width` with the given (or default) sizes: the same
+/// for the negative rows, as diffusers when no negative sizes are given.
+fn time_ids(inputs: &Value, (height, width): (u32, u32)) -> TimeIds {
+    let pair = |key: &str, default: [u32; 2]| match inputs.get(key) {
+        Some(v) => [v[0].as_u64().unwrap() as u32, v[1].as_u64().unwrap() as u32],
+        None => default,
+    };
+    let (o, c, t) = (
+        pair("original_size", [height, width]),
+        pair("crops_coords_top_left", [0, 0]),
+        pair("target_size", [height, width]),
+    );
+    let ids = [o[0], o[1], c[0], c[1], t[0], t[1]];
+    TimeIds {
+        positive: ids,
+        negative: ids,
+    }
+}
+
+fn job_for(key: &str, run: &Value) -> Job {
     let prompts = strings(&run["prompts"]);
-    let negatives = strings(&run["negative_prompts"]);
+    // null: the run passed no negative prompt.
+    let negatives: Vec<Option<String>> = match &run["negative_prompts"] {
+        Value::Null => vec![None; prompts.len()],
+        v => strings(v).into_iter().map(Some).collect(),
+    };
+    let inputs = &run["sdxl_inputs"];
+    let prompts_2: Vec<Option<String>> = match inputs.get("prompt_2") {
+        Some(v) => strings(v).into_iter().map(Some).collect(),
+        None => vec![None; prompts.len()],
+    };
+    let (height, width) = (
+        run["height"].as_u64().unwrap() as usize,
+        run["width"].as_u64().unwrap() as usize,
+    );
     Job {
         settings: JobSettings {
             num_inference_steps: run["num_inference_steps"].as_u64().unwrap() as usize,
             guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-            height: run["height"].as_u64().unwrap() as usize,
-            width: run["width"].as_u64().unwrap() as usize,
+            height,
+            width,
             scheduler: scheduler_name(run).to_string(),
             eta: run["eta"].as_f64().unwrap(),
+            time_ids: takes_sizes(key).then(|| time_ids(inputs, (height as u32, width as u32))),
         },
-        images: prompts
-            .iter()
-            .zip(&negatives)
-            .map(|(p, n)| ImageSpec {
-                prompt: p.clone(),
-                negative_prompt: n.clone(),
+        images: (0..prompts.len())
+            .map(|i| ImageSpec {
+                prompt: prompts[i].clone(),
+                negative_prompt: negatives[i].clone(),
+                prompt_2: prompts_2[i].clone(),
+                negative_prompt_2: None,
                 seed: 0,
                 latents: None,
             })
@@ -158,7 +202,7 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
     let mut results = Vec::new();
     for run in idx["runs"].as_array().unwrap() {
         let name = run["name"].as_str().unwrap();
-        let job = job_for(run);
+        let job = job_for(key, run);
         let draws = match run.get("noise").and_then(Value::as_str) {
             Some(file) => {
                 let noise = &load_tensors(&dir.join(file))["noise"];
@@ -229,6 +273,18 @@ fn sd2_matches_diffusers_for_every_reference_run() {
     check_model("sd2");
 }
 
+#[test]
+fn sdxl_matches_diffusers_for_every_reference_run() {
+    check_model("sdxl");
+}
+
+/// SD-Turbo and SDXL-Turbo style folders (trailing spacing): 1 and 4 steps, guidance 0.
+#[test]
+fn turbo_folders_match_diffusers_at_one_and_four_steps() {
+    check_model("sd_turbo");
+    check_model("sdxl_turbo");
+}
+
 /// Stage-by-stage comparison with the tensors diffusers recorded in its `ddim` run.
 fn check_stages(key: &str) {
     let sd = model(key);
@@ -241,26 +297,44 @@ fn check_stages(key: &str) {
         .find(|r| r["name"] == "ddim")
         .unwrap();
 
-    // Tokenizer + text encoder: negative prompts then prompts, as the UNet context.
+    // Tokenizers: negative prompts then prompts, each tokenizer of the model.
     let mut texts = strings(&run["negative_prompts"]);
     texts.extend(strings(&run["prompts"]));
-    let ids: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| sd.tokenizer().encode_padded(t))
-        .collect();
-    let expected_ids: Vec<Vec<i64>> = inter["input_ids"].to_vec2().unwrap();
-    for (got, want) in ids.iter().zip(&expected_ids) {
-        assert_eq!(
-            got.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            *want,
-            "{key}: token ids"
-        );
+    for (tower, ids_key) in sd.text_towers().iter().zip(["input_ids", "input_ids_2"]) {
+        let expected_ids: Vec<Vec<i64>> = inter[ids_key].to_vec2().unwrap();
+        for (text, want) in texts.iter().zip(&expected_ids) {
+            let got: Vec<i64> = tower
+                .tokenizer
+                .encode_padded(text)
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            assert_eq!(got, *want, "{key}: {ids_key} of {text:?}");
+        }
     }
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let embeds = sd.encode_prompts(&refs).unwrap();
-    let d = max_abs(&embeds, &inter["prompt_embeds"]);
+    // Text encoders: the UNet conditioning of the run's job.
+    let conditioning = sd.conditioning(&job_for(key, run)).unwrap();
+    let d = max_abs(&conditioning.context, &inter["prompt_embeds"]);
     println!("{key}: prompt embeddings max |diff| {d:e}");
     assert!(d < 1e-4, "{key}: prompt embeddings differ by {d}");
+    let text_time = conditioning.text_time.as_ref().map(|t| {
+        for (name, ours) in [
+            ("pooled_prompt_embeds", &t.text_embeds),
+            ("add_time_ids", &t.time_ids),
+        ] {
+            let d = max_abs(ours, &inter[name]);
+            println!("{key}: {name} max |diff| {d:e}");
+            assert!(d < 1e-4, "{key}: {name} differs by {d}");
+        }
+        TextTime {
+            text_embeds: inter["pooled_prompt_embeds"].clone(),
+            time_ids: inter["add_time_ids"].clone(),
+        }
+    });
+    let diffusers_conditioning = Conditioning {
+        context: inter["prompt_embeds"].clone(),
+        text_time,
+    };
 
     // UNet on diffusers' own inputs, every step.
     let timesteps: Vec<i64> = inter["timesteps"].to_vec1().unwrap();
@@ -271,7 +345,7 @@ fn check_stages(key: &str) {
             .forward(
                 &inter["model_inputs"].get(i).unwrap(),
                 t as f64,
-                &Conditioning::new(inter["prompt_embeds"].clone()),
+                &diffusers_conditioning,
             )
             .unwrap();
         worst = worst.max(max_abs(&out, &inter["unet_outputs"].get(i).unwrap()));
@@ -283,7 +357,7 @@ fn check_stages(key: &str) {
     assert!(worst < 1e-4, "{key}: UNet output differs by {worst}");
 
     // VAE decode (our decode divides by scaling_factor itself).
-    let scaling = 0.18215;
+    let scaling = sd.vae().config().scaling_factor;
     let decoded = sd
         .vae()
         .decode(&(&inter["vae_input"] * scaling).unwrap())
@@ -312,7 +386,13 @@ fn sd2_stages_match_intermediates() {
     check_stages("sd2");
 }
 
-fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> Job {
+#[test]
+fn sdxl_stages_match_intermediates() {
+    check_stages("sdxl");
+}
+
+/// A 64×64 job of `key`'s model (with default time ids for SDXL).
+fn seeded_job_for(key: &str, prompts: &[(&str, u64)], scheduler: &str) -> Job {
     Job {
         settings: JobSettings {
             num_inference_steps: 6,
@@ -321,17 +401,24 @@ fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> Job {
             width: 64,
             scheduler: scheduler.into(),
             eta: 0.0,
+            time_ids: takes_sizes(key).then(|| time_ids(&Value::Null, (64, 64))),
         },
         images: prompts
             .iter()
             .map(|(p, seed)| ImageSpec {
                 prompt: p.to_string(),
-                negative_prompt: "blurry".into(),
+                negative_prompt: Some("blurry".into()),
+                prompt_2: None,
+                negative_prompt_2: None,
                 seed: *seed,
                 latents: None,
             })
             .collect(),
     }
+}
+
+fn seeded_job(prompts: &[(&str, u64)], scheduler: &str) -> Job {
+    seeded_job_for("sd1", prompts, scheduler)
 }
 
 #[test]
@@ -362,19 +449,16 @@ fn same_seed_gives_identical_png_bytes() {
 #[test]
 fn batched_prompts_equal_separate_generation() {
     // Ancestral sampling also checks that each image draws step noise from its own stream.
-    for key in ["sd1", "sd2"] {
+    for key in ["sd1", "sd2", "sdxl"] {
         let sd = model(key);
         let pair = [
             ("a red circle on a blue background", 5),
             ("two green squares", 9),
         ];
-        let batched = sd
-            .generate_float(&seeded_job(&pair, "euler_ancestral"), &mut RunToEnd)
-            .unwrap();
+        let job = |prompts: &[(&str, u64)]| seeded_job_for(key, prompts, "euler_ancestral");
+        let batched = sd.generate_float(&job(&pair), &mut RunToEnd).unwrap();
         for (i, single) in pair.iter().enumerate() {
-            let alone = sd
-                .generate_float(&seeded_job(&[*single], "euler_ancestral"), &mut RunToEnd)
-                .unwrap();
+            let alone = sd.generate_float(&job(&[*single]), &mut RunToEnd).unwrap();
             let d = batched
                 .rgb8(i)
                 .iter()
@@ -501,6 +585,16 @@ fn description_comes_from_the_folder() {
     assert_eq!(
         (d.default_scheduler.as_str(), d.family.as_str()),
         ("ddim", "sd2")
+    );
+    assert_eq!(d.conditioning, ConditioningInputs::Prompt);
+    let d = model("sdxl").description();
+    assert_eq!(
+        (
+            d.default_scheduler.as_str(),
+            d.family.as_str(),
+            d.conditioning
+        ),
+        ("euler", "sdxl", ConditioningInputs::PromptsAndSizes)
     );
 }
 

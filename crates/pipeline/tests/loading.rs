@@ -199,7 +199,7 @@ fn unsupported_scheduler_class() {
 #[test]
 fn unsupported_unet_config_keys() {
     for (key, value) in [
-        ("addition_embed_type", json!("text_time")),
+        ("addition_embed_type", json!("image")),
         ("time_cond_proj_dim", json!(256)),
         ("class_embed_type", json!("timestep")),
         ("only_cross_attention", json!(true)),
@@ -262,13 +262,10 @@ fn not_a_stable_diffusion_folder() {
     edit_json(&dir.join("model_index.json"), |c| {
         c["_class_name"] = json!("StableDiffusionXLPipeline")
     });
+    // An SD folder called SDXL lacks SDXL's second text encoder.
     assert_mentions(
         &load_err(&dir),
-        &[
-            "model_index.json",
-            "StableDiffusionXLPipeline",
-            "not supported yet",
-        ],
+        &["model_index.json", "text_encoder_2", "missing component"],
     );
 
     edit_json(&dir.join("model_index.json"), |c| {
@@ -601,13 +598,9 @@ fn absurd_config_values_are_errors_not_panics_or_giant_allocations() {
                     width: 64,
                     scheduler: sd.description().default_scheduler.clone(),
                     eta: 0.0,
+                    time_ids: None,
                 },
-                images: vec![ImageSpec {
-                    prompt: "a cat".into(),
-                    negative_prompt: String::new(),
-                    seed: 1,
-                    latents: None,
-                }],
+                images: vec![ImageSpec::new("a cat", 1)],
             };
             sd.generate(&job, &mut RunToEnd).unwrap_err().to_string()
         }
@@ -624,4 +617,45 @@ fn absurd_config_values_are_errors_not_panics_or_giant_allocations() {
     // Every refusal came before anything big was allocated and touched.
     let peak = peak_rss_mib();
     assert!(peak < 2048, "peak RSS {peak} MiB");
+}
+
+#[test]
+fn sdxl_components_are_checked_against_each_other() {
+    // An SD 1.x folder whose UNet asks for SDXL's added conditioning.
+    let (_tmp, dir) = copy_model("tiny-sd1");
+    edit_json(&dir.join("unet/config.json"), |c| {
+        c.insert("addition_embed_type".into(), json!("text_time"));
+        c.insert("addition_time_embed_dim".into(), json!(8));
+        c.insert("projection_class_embeddings_input_dim".into(), json!(80));
+    });
+    assert_mentions(
+        &load_err(&dir),
+        &[
+            "unet/config.json",
+            "addition_embed_type",
+            "StableDiffusionPipeline",
+        ],
+    );
+
+    // An SDXL UNet whose added embedding does not fit the second encoder's projection.
+    let (_tmp, dir) = copy_model("tiny-sdxl");
+    edit_json(&dir.join("unet/config.json"), |c| {
+        c["projection_class_embeddings_input_dim"] = json!(81)
+    });
+    assert_mentions(
+        &load_err(&dir),
+        &["projection_class_embeddings_input_dim", "81", "= 80"],
+    );
+
+    // An SDXL UNet without it, and an SDXL folder without its second encoder.
+    let (_tmp, dir) = copy_model("tiny-sdxl");
+    edit_json(&dir.join("unet/config.json"), |c| {
+        c.remove("addition_embed_type");
+    });
+    assert_mentions(&load_err(&dir), &["addition_embed_type", "SDXL"]);
+    let (_tmp, dir) = copy_model("tiny-sdxl");
+    edit_json(&dir.join("model_index.json"), |c| {
+        c.remove("text_encoder_2");
+    });
+    assert_mentions(&load_err(&dir), &["model_index.json", "text_encoder_2"]);
 }

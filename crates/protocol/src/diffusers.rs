@@ -7,7 +7,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sdserve_generation::{GenerationRequest, LatentsInput};
+pub use sdserve_generation::ConditioningInputs;
+use sdserve_generation::{GenerationRequest, LatentsInput, SizeConditioningInput};
 use serde_json::Value;
 
 use crate::tensor::{TensorData, element_count};
@@ -69,6 +70,14 @@ const FIELDS: &[(&str, Place)] = &[
     ("scheduler", Place::Either),
     ("eta", Place::Either),
     ("latents", Place::Input),
+    ("prompt_2", Place::Either),
+    ("negative_prompt_2", Place::Either),
+    ("original_size", Place::Either),
+    ("crops_coords_top_left", Place::Either),
+    ("target_size", Place::Either),
+    ("negative_original_size", Place::Either),
+    ("negative_crops_coords_top_left", Place::Either),
+    ("negative_target_size", Place::Either),
     ("output_format", Place::Parameter),
     ("timeout", Place::Parameter),
     ("preview_every", Place::Parameter),
@@ -136,7 +145,18 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         params: &req.parameters,
     };
     let prompts = f.prompts()?;
-    let negative_prompts = f.negative_prompts(prompts.len())?;
+    let n = prompts.len();
+    let negative_prompts = f.prompt_list("negative_prompt", n)?;
+    let prompts_2 = f.prompt_list("prompt_2", n)?;
+    let negative_prompts_2 = f.prompt_list("negative_prompt_2", n)?;
+    let sizes = SizeConditioningInput {
+        original_size: f.pair("original_size")?,
+        crops_coords_top_left: f.pair("crops_coords_top_left")?,
+        target_size: f.pair("target_size")?,
+        negative_original_size: f.pair("negative_original_size")?,
+        negative_crops_coords_top_left: f.pair("negative_crops_coords_top_left")?,
+        negative_target_size: f.pair("negative_target_size")?,
+    };
     let seeds = f.seeds()?;
     let scheduler = f.text("scheduler")?;
     let latents = f.latents()?;
@@ -158,6 +178,9 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         eta: f.float("eta")?,
         latents,
         output_format,
+        prompts_2,
+        negative_prompts_2,
+        sizes,
     };
     Ok(Decoded {
         generation,
@@ -236,14 +259,18 @@ impl Fields<'_> {
         Ok(prompts)
     }
 
-    fn negative_prompts(&self, n_prompts: usize) -> Result<Option<Vec<String>>, ContractError> {
-        let name = "negative_prompt";
+    /// Texts given once for all `n_prompts` prompts or once per prompt.
+    fn prompt_list(
+        &self,
+        name: &str,
+        n_prompts: usize,
+    ) -> Result<Option<Vec<String>>, ContractError> {
         let from_input = self.input(name).map(strings).transpose()?;
         let from_param = one_or_list(self.param(name), name, json_text)?;
         let negatives = merge(name, from_input, from_param)?;
         match &negatives {
             Some(neg) if neg.len() != 1 && neg.len() != n_prompts => Err(bad(format!(
-                "'negative_prompt' has {} element(s); give one for all prompts or one per prompt ({n_prompts})",
+                "'{name}' has {} element(s); give one for all prompts or one per prompt ({n_prompts})",
                 neg.len()
             ))),
             _ => Ok(negatives),
@@ -290,6 +317,35 @@ impl Fields<'_> {
         self.param(name)
             .map(|v| read(v, &format!("parameter '{name}'")))
             .transpose()
+    }
+
+    /// Two integers (`[height, width]`, `[top, left]`): an input of shape `[2]` or a parameter
+    /// list of two.
+    fn pair(&self, name: &str) -> Result<Option<[i64; 2]>, ContractError> {
+        let need = |what: &str| bad(format!("{what} must hold two integers, e.g. [1024, 1024]"));
+        let from_input = self
+            .input(name)
+            .map(|i| {
+                check_datatype(i, INTEGERS)?;
+                counted(i)?;
+                if i.data.len() != 2 {
+                    return Err(need(&format!("input '{name}'")));
+                }
+                Ok([int_element(i, 0)?, int_element(i, 1)?])
+            })
+            .transpose()?;
+        let from_param = match self.param(name) {
+            None => None,
+            Some(Value::Array(items)) if items.len() == 2 => {
+                let what = format!("parameter '{name}'");
+                Some([
+                    json_integer(&items[0], &what)?,
+                    json_integer(&items[1], &what)?,
+                ])
+            }
+            Some(_) => return Err(need(&format!("parameter '{name}'"))),
+        };
+        merge(name, from_input, from_param)
     }
 
     fn seeds(&self) -> Result<Option<Vec<u64>>, ContractError> {
@@ -555,8 +611,9 @@ fn merge<T: PartialEq + std::fmt::Debug>(
     }
 }
 
-/// The contract's inputs, as model metadata reports them.
-pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
+/// The contract's inputs for a model conditioned on `conditioning`, as model metadata reports
+/// them.
+pub fn input_metadata(conditioning: ConditioningInputs) -> Vec<crate::v2::MetadataTensor> {
     let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| {
         crate::v2::MetadataTensor {
             name: name.into(),
@@ -569,7 +626,7 @@ pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
             }),
         }
     };
-    vec![
+    let mut inputs = vec![
         t("prompt", Datatype::Bytes, &[-1], Some("str")),
         t("negative_prompt", Datatype::Bytes, &[-1], Some("str")),
         t("num_inference_steps", Datatype::Int64, &[1], None),
@@ -581,8 +638,26 @@ pub fn input_metadata() -> Vec<crate::v2::MetadataTensor> {
         t("scheduler", Datatype::Bytes, &[1], Some("str")),
         t("eta", Datatype::Fp32, &[1], None),
         t("latents", Datatype::Fp32, &[-1, -1, -1, -1], None),
-    ]
+    ];
+    if conditioning == ConditioningInputs::PromptsAndSizes {
+        inputs.push(t("prompt_2", Datatype::Bytes, &[-1], Some("str")));
+        inputs.push(t("negative_prompt_2", Datatype::Bytes, &[-1], Some("str")));
+        for name in SIZE_FIELDS {
+            inputs.push(t(name, Datatype::Int64, &[2], None));
+        }
+    }
+    inputs
 }
+
+/// SDXL's micro-conditioning fields, each a pair of integers.
+const SIZE_FIELDS: [&str; 6] = [
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+];
 
 /// The contract's single output: base64 PNG files, one per image.
 pub fn output_metadata() -> Vec<crate::v2::MetadataTensor> {
@@ -632,6 +707,54 @@ mod tests {
         assert_eq!(r.generation.guidance_scale, Some(7.5));
         assert_eq!(r.generation.seeds, Some(vec![1234]));
         assert_eq!(r.generation.scheduler.as_deref(), Some("dpmpp_2m"));
+    }
+
+    #[test]
+    fn sdxl_fields_decode_as_inputs_or_parameters() {
+        let r = decode_json(json!({
+            "inputs": [
+                prompt(json!(["a", "b"]), json!([2])),
+                {"name": "prompt_2", "datatype": "BYTES", "shape": [1], "data": ["c"]},
+                {"name": "original_size", "datatype": "INT64", "shape": [2], "data": [1024, 768]}
+            ],
+            "parameters": {"negative_prompt_2": ["n1", "n2"], "target_size": [512, 512],
+                           "crops_coords_top_left": [0, 16]}
+        }))
+        .unwrap();
+        let g = &r.generation;
+        assert_eq!(g.prompts_2.as_deref(), Some(&["c".to_string()][..]));
+        assert_eq!(g.negative_prompts_2.as_ref().unwrap(), &["n1", "n2"]);
+        assert_eq!(g.sizes.original_size, Some([1024, 768]));
+        assert_eq!(g.sizes.target_size, Some([512, 512]));
+        assert_eq!(g.sizes.crops_coords_top_left, Some([0, 16]));
+        assert_eq!(g.sizes.negative_target_size, None);
+
+        for (body, needle) in [
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1]))],
+                       "parameters": {"target_size": 512}}),
+                "parameter 'target_size' must hold two integers",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
+                    {"name": "original_size", "datatype": "INT64", "shape": [3], "data": [1, 2, 3]}]}),
+                "input 'original_size' must hold two integers",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a"]), json!([1])),
+                    {"name": "original_size", "datatype": "INT64", "shape": [2], "data": [1, 2]}],
+                    "parameters": {"original_size": [2, 1]}}),
+                "'original_size' is given both as an input",
+            ),
+            (
+                json!({"inputs": [prompt(json!(["a", "b"]), json!([2]))],
+                       "parameters": {"prompt_2": ["x", "y", "z"]}}),
+                "'prompt_2' has 3 element(s)",
+            ),
+        ] {
+            let err = decode_json(body).unwrap_err().0;
+            assert!(err.contains(needle), "{err} lacks {needle}");
+        }
     }
 
     #[test]

@@ -31,7 +31,10 @@ impl Service {
             name: spec.name.clone(),
             versions: Some(spec.versions.clone()),
             platform: spec.platform.clone(),
-            inputs: Some(input_metadata()),
+            inputs: Some(input_metadata(match &status {
+                ModelStatus::Ready(m) => m.description().conditioning,
+                ModelStatus::Loading(_) => Default::default(),
+            })),
             outputs: Some(output_metadata()),
             parameters: Some(model_parameters(&status)),
         })
@@ -58,6 +61,8 @@ pub fn model_parameters(status: &ModelStatus) -> Parameters {
         parameters.insert("schedulers".into(), json!(d.schedulers));
         parameters.insert("native_height".into(), json!(d.native_height));
         parameters.insert("native_width".into(), json!(d.native_width));
+        parameters.insert("family".into(), json!(d.family));
+        parameters.insert("dtype".into(), json!(d.dtype));
         parameters.insert(
             "default_num_inference_steps".into(),
             json!(spec.defaults.num_inference_steps),

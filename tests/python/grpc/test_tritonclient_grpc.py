@@ -90,6 +90,39 @@ def test_infer_returns_a_png(client, model_name):
     assert parameter(result, "num_inference_steps") == 3
 
 
+def int_pair(name: str, pair: tuple[int, int]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [2], "INT64")
+    tensor.set_data_from_numpy(np.array(pair, dtype=np.int64))
+    return tensor
+
+
+def test_sdxl_inputs(client, sdxl_model_name):
+    """SDXL's second prompt and size conditioning as gRPC inputs change the picture."""
+
+    def generate(*extra):
+        result = client.infer(
+            sdxl_model_name,
+            [prompt_input(["a red circle"]), *extra],
+            outputs=[grpcclient.InferRequestedOutput("image")],
+            parameters={"seed": 5, "num_inference_steps": 2},
+            client_timeout=TIMEOUT,
+        )
+        (png,) = images(result)
+        assert png_size(png) == (64, 64)
+        return png
+
+    second = grpcclient.InferInput("prompt_2", [1], "BYTES")
+    second.set_data_from_numpy(np.array(["three white circles"], dtype=np.object_))
+    plain = generate()
+    assert generate(int_pair("original_size", (64, 64)), int_pair("target_size", (64, 64))) == plain
+    assert generate(second) != plain
+    assert generate(int_pair("target_size", (1024, 1024))) != plain
+    with pytest.raises(InferenceServerException) as error:
+        generate(int_pair("crops_coords_top_left", (-3, 0)))
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "crops_coords_top_left" in error.value.message()
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(InferenceServerException) as error:
         client.infer("no-such-model", [prompt_input(["a"])], client_timeout=TIMEOUT)

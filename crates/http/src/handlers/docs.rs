@@ -4,7 +4,9 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::Html;
-use sdserve_protocol::diffusers::{input_metadata, input_names, parameter_names};
+use sdserve_protocol::diffusers::{
+    ConditioningInputs, input_metadata, input_names, parameter_names,
+};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -146,8 +148,13 @@ pub fn dataplane() -> Value {
 }
 
 /// One model's data plane, with its real inputs, parameters and output.
-pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]) -> Value {
-    let inputs: Vec<Value> = input_metadata()
+pub fn model_dataplane(
+    model: &str,
+    version: Option<&str>,
+    schedulers: &[String],
+    conditioning: ConditioningInputs,
+) -> Value {
+    let inputs: Vec<Value> = input_metadata(conditioning)
         .into_iter()
         .map(|t| {
             json!({"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
@@ -161,7 +168,16 @@ pub fn model_dataplane(model: &str, version: Option<&str>, schedulers: &[String]
     let mut parameter_props = serde_json::Map::new();
     for p in parameter_names() {
         let schema = match p {
-            "negative_prompt" | "output_format" => json!({"type": "string"}),
+            "negative_prompt" | "prompt_2" | "negative_prompt_2" | "output_format" => {
+                json!({"type": "string"})
+            }
+            "original_size"
+            | "crops_coords_top_left"
+            | "target_size"
+            | "negative_original_size"
+            | "negative_crops_coords_top_left"
+            | "negative_target_size" => json!({"type": "array", "items": {"type": "integer"},
+                "minItems": 2, "maxItems": 2, "description": "SDXL models only"}),
             "scheduler" => json!({"type": "string", "enum": schedulers}),
             "guidance_scale" | "eta" => json!({"type": "number"}),
             "timeout" => json!({"type": "number", "description": "deadline in milliseconds"}),
@@ -217,11 +233,19 @@ fn model_doc(
     version: Option<&str>,
 ) -> Result<Json<Value>, ApiError> {
     let status = state.service.engine.model(name, version)?;
-    let schedulers = match &status {
-        sdserve_engine::ModelStatus::Ready(m) => m.description().schedulers.clone(),
-        sdserve_engine::ModelStatus::Loading(_) => Vec::new(),
+    let (schedulers, conditioning) = match &status {
+        sdserve_engine::ModelStatus::Ready(m) => {
+            let d = m.description();
+            (d.schedulers.clone(), d.conditioning)
+        }
+        sdserve_engine::ModelStatus::Loading(_) => (Vec::new(), Default::default()),
     };
-    Ok(Json(model_dataplane(name, version, &schedulers)))
+    Ok(Json(model_dataplane(
+        name,
+        version,
+        &schedulers,
+        conditioning,
+    )))
 }
 
 fn swagger(title: &str, spec_url: &str) -> Html<String> {

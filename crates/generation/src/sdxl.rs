@@ -1,0 +1,221 @@
+//! SDXL's request fields: a second prompt per text encoder and the size/crop micro-conditioning,
+//! checked against the model and resolved into the job.
+//!
+//! As diffusers' `StableDiffusionXLPipeline`: `original_size` and `target_size` default to the
+//! output size and `crops_coords_top_left` to `(0, 0)`; the negative rows get their own time ids
+//! only when both `negative_original_size` and `negative_target_size` are given (then with
+//! `negative_crops_coords_top_left`, default `(0, 0)`), and otherwise the prompt rows' ids.
+
+use crate::generator::{ConditioningInputs, ModelDescription};
+use crate::job::TimeIds;
+use crate::request::{GenerationRequest, SizeConditioningInput};
+use crate::resolve::ValidationError;
+
+/// Largest size or crop coordinate a time id may hold: far beyond any training resolution, and
+/// exact in the F32 the UNet embeds it in.
+pub const MAX_TIME_ID: i64 = 1 << 16;
+
+/// Refuses SDXL-only fields for models that are not conditioned on them.
+pub(crate) fn check_applies(
+    request: &GenerationRequest,
+    model: &ModelDescription,
+) -> Result<(), ValidationError> {
+    if model.conditioning == ConditioningInputs::PromptsAndSizes {
+        return Ok(());
+    }
+    let prompts = [
+        ("prompt_2", request.prompts_2.is_some()),
+        ("negative_prompt_2", request.negative_prompts_2.is_some()),
+    ];
+    let sizes = request.sizes.named().map(|(name, v)| (name, v.is_some()));
+    match prompts.iter().chain(&sizes).find(|(_, given)| *given) {
+        Some((name, _)) => Err(ValidationError(format!(
+            "'{name}' only applies to SDXL models; this model is {}",
+            model.family
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The job's time ids for an image of `height × width`; `None` for models without them.
+pub(crate) fn time_ids(
+    sizes: &SizeConditioningInput,
+    model: &ModelDescription,
+    (height, width): (usize, usize),
+) -> Result<Option<TimeIds>, ValidationError> {
+    if model.conditioning != ConditioningInputs::PromptsAndSizes {
+        return Ok(None);
+    }
+    let output = [height as i64, width as i64];
+    let pair = |name: &str, v: Option<[i64; 2]>, default: [i64; 2]| checked(name, v, default);
+    let crop = pair("crops_coords_top_left", sizes.crops_coords_top_left, [0, 0])?;
+    let positive = ids(
+        pair("original_size", sizes.original_size, output)?,
+        crop,
+        pair("target_size", sizes.target_size, output)?,
+    );
+    let negative_crop = pair(
+        "negative_crops_coords_top_left",
+        sizes.negative_crops_coords_top_left,
+        [0, 0],
+    )?;
+    let negative = match (sizes.negative_original_size, sizes.negative_target_size) {
+        (Some(original), Some(target)) => ids(
+            pair("negative_original_size", Some(original), output)?,
+            negative_crop,
+            pair("negative_target_size", Some(target), output)?,
+        ),
+        (original, target) => {
+            // Checked all the same, so that a bad value is a 400 even where diffusers ignores it.
+            pair("negative_original_size", original, output)?;
+            pair("negative_target_size", target, output)?;
+            positive
+        }
+    };
+    Ok(Some(TimeIds { positive, negative }))
+}
+
+fn ids(original: [u32; 2], crop: [u32; 2], target: [u32; 2]) -> [u32; 6] {
+    [
+        original[0],
+        original[1],
+        crop[0],
+        crop[1],
+        target[0],
+        target[1],
+    ]
+}
+
+/// `name`'s pair (or `default`), each value between 0 and [`MAX_TIME_ID`].
+fn checked(
+    name: &str,
+    given: Option<[i64; 2]>,
+    default: [i64; 2],
+) -> Result<[u32; 2], ValidationError> {
+    let pair = given.unwrap_or(default);
+    match pair.iter().find(|v| !(0..=MAX_TIME_ID).contains(*v)) {
+        Some(v) => Err(ValidationError(format!(
+            "'{name}' holds {v}; each value must be between 0 and {MAX_TIME_ID}"
+        ))),
+        None => Ok(pair.map(|v| v as u32)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{GenerationDefaults, Limits};
+
+    fn model(conditioning: ConditioningInputs) -> ModelDescription {
+        ModelDescription {
+            native_height: 64,
+            native_width: 64,
+            vae_scale_factor: 8,
+            latent_channels: 4,
+            default_scheduler: "euler".into(),
+            schedulers: vec!["euler".into()],
+            family: "sdxl".into(),
+            conditioning,
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        }
+    }
+
+    fn resolve(
+        r: &GenerationRequest,
+        conditioning: ConditioningInputs,
+    ) -> Result<crate::Job, ValidationError> {
+        let limits = Limits::default();
+        r.resolve(
+            &model(conditioning),
+            &GenerationDefaults::default(),
+            &limits,
+            || 1,
+        )
+    }
+
+    fn req() -> GenerationRequest {
+        GenerationRequest {
+            prompts: vec!["a".into(), "b".into()],
+            height: Some(64),
+            width: Some(48),
+            ..Default::default()
+        }
+    }
+
+    const SDXL: ConditioningInputs = ConditioningInputs::PromptsAndSizes;
+
+    #[test]
+    fn defaults_are_the_output_size_without_crop() {
+        let job = resolve(&req(), SDXL).unwrap();
+        let ids = job.settings.time_ids.unwrap();
+        assert_eq!(ids.positive, [64, 48, 0, 0, 64, 48]);
+        assert_eq!(ids.negative, ids.positive);
+        assert_eq!(ids, TimeIds::defaults(64, 48));
+        let sd = resolve(&req(), ConditioningInputs::Prompt).unwrap();
+        assert_eq!(sd.settings.time_ids, None);
+    }
+
+    #[test]
+    fn negative_ids_need_both_negative_sizes() {
+        let mut r = req();
+        r.sizes = SizeConditioningInput {
+            original_size: Some([1024, 768]),
+            crops_coords_top_left: Some([16, 8]),
+            negative_original_size: Some([512, 512]),
+            negative_crops_coords_top_left: Some([4, 4]),
+            ..Default::default()
+        };
+        let ids = resolve(&r, SDXL).unwrap().settings.time_ids.unwrap();
+        assert_eq!(ids.positive, [1024, 768, 16, 8, 64, 48]);
+        assert_eq!(
+            ids.negative, ids.positive,
+            "one negative size: the prompt's ids"
+        );
+        r.sizes.negative_target_size = Some([256, 256]);
+        let ids = resolve(&r, SDXL).unwrap().settings.time_ids.unwrap();
+        assert_eq!(ids.negative, [512, 512, 4, 4, 256, 256]);
+    }
+
+    #[test]
+    fn second_prompts_are_per_image_and_checked() {
+        let mut r = req();
+        r.prompts_2 = Some(vec!["x".into()]);
+        r.negative_prompts_2 = Some(vec!["n1".into(), "n2".into()]);
+        let job = resolve(&r, SDXL).unwrap();
+        let got: Vec<_> = job
+            .images
+            .iter()
+            .map(|i| (i.prompt_2.as_deref(), i.negative_prompt_2.as_deref()))
+            .collect();
+        assert_eq!(got, [(Some("x"), Some("n1")), (Some("x"), Some("n2"))]);
+        r.prompts_2 = Some(vec!["x".into(), "y".into(), "z".into()]);
+        let err = resolve(&r, SDXL).unwrap_err().0;
+        assert!(err.contains("'prompt_2' has 3 elements"), "{err}");
+    }
+
+    #[test]
+    fn sdxl_fields_are_refused_elsewhere_and_bounded() {
+        let mut r = req();
+        r.sizes.target_size = Some([512, 512]);
+        let err = resolve(&r, ConditioningInputs::Prompt).unwrap_err().0;
+        assert!(
+            err.contains("'target_size' only applies to SDXL models"),
+            "{err}"
+        );
+        let mut r = req();
+        r.prompts_2 = Some(vec!["x".into()]);
+        let err = resolve(&r, ConditioningInputs::Prompt).unwrap_err().0;
+        assert!(err.contains("'prompt_2' only applies"), "{err}");
+        for bad in [[-1, 8], [8, MAX_TIME_ID + 1]] {
+            let mut r = req();
+            r.sizes.crops_coords_top_left = Some(bad);
+            let err = resolve(&r, SDXL).unwrap_err().0;
+            assert!(err.contains("'crops_coords_top_left' holds"), "{err}");
+        }
+        let mut r = req();
+        r.sizes.negative_original_size = Some([0, -5]);
+        let err = resolve(&r, SDXL).unwrap_err().0;
+        assert!(err.contains("'negative_original_size'"), "{err}");
+    }
+}

@@ -1,0 +1,178 @@
+//! SDXL folders through the real binary: the tiny SDXL model served over REST with its own
+//! inputs (second prompts, size and crop conditioning), their 400s on an SD 1.x model, the
+//! metadata that names them, and an SDXL refiner refused at startup. (gRPC: the
+//! `tritonclient.grpc` tests in `tests/python/grpc`, run by `clients.rs`.)
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sdserve_tests::*;
+
+fn tiny_sdxl() -> PathBuf {
+    workspace_root()
+        .join("models/tiny-sdxl")
+        .canonicalize()
+        .expect("models/tiny-sdxl")
+}
+
+/// A repository with the tiny SDXL model as `xl` and the tiny SD 1.x model as `sd1`.
+fn serve() -> (Repo, Server) {
+    let repo = Repo::new();
+    let mut xl = tiny_settings("xl", None);
+    xl["parameters"]["uri"] = json!(tiny_sdxl());
+    repo.model("xl", xl);
+    repo.tiny("sd1");
+    let server = launch(&repo).start();
+    (repo, server)
+}
+
+fn png(v: &Value, i: usize) -> String {
+    v["outputs"][0]["data"][i]
+        .as_str()
+        .expect("base64 image")
+        .to_owned()
+}
+
+#[test]
+fn sdxl_inputs_reach_the_pipeline() {
+    let (_repo, s) = serve();
+    let base = json!({"seed": 3, "height": 64, "width": 48});
+    let image = |extra: Value| {
+        let mut parameters = base.clone();
+        parameters
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let v = s
+            .infer("xl", &prompt_request("a red circle", parameters))
+            .expect(200)
+            .json();
+        assert_eq!(image_sizes(&v), vec![(48, 64)]);
+        png(&v, 0)
+    };
+    let plain = image(json!({}));
+    // The defaults, given explicitly, change nothing.
+    let explicit = image(json!({"original_size": [64, 48], "target_size": [64, 48],
+                                "crops_coords_top_left": [0, 0], "prompt_2": "a red circle"}));
+    assert_eq!(plain, explicit);
+    // Each SDXL input changes the picture.
+    for extra in [
+        json!({"prompt_2": "three white circles"}),
+        json!({"negative_prompt": "blurry"}),
+        json!({"negative_prompt": "blurry", "negative_prompt_2": "dark"}),
+        json!({"original_size": [512, 512]}),
+        json!({"crops_coords_top_left": [16, 0]}),
+        json!({"target_size": [1024, 1024]}),
+        json!({"negative_original_size": [256, 256], "negative_target_size": [256, 256]}),
+    ] {
+        assert_ne!(image(extra.clone()), plain, "{extra} changed nothing");
+    }
+
+    // As inputs, in one request of two prompts with one prompt_2 each.
+    let body = json!({
+        "inputs": [
+            {"name": "prompt", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]},
+            {"name": "prompt_2", "shape": [2], "datatype": "BYTES", "data": ["c", "d"]},
+            {"name": "target_size", "shape": [2], "datatype": "INT64", "data": [64, 64]}
+        ],
+        "parameters": {"seed": 1}
+    });
+    let v = s.infer("xl", &body).expect(200).json();
+    assert_eq!(image_sizes(&v), vec![(64, 64), (64, 64)]);
+}
+
+#[test]
+fn sdxl_inputs_are_checked_and_named() {
+    let (_repo, s) = serve();
+    let cases = [
+        (
+            "sd1",
+            json!({"prompt_2": "x"}),
+            "'prompt_2' only applies to SDXL models",
+        ),
+        (
+            "sd1",
+            json!({"target_size": [64, 64]}),
+            "'target_size' only applies to SDXL models",
+        ),
+        (
+            "xl",
+            json!({"original_size": [64]}),
+            "parameter 'original_size' must hold two integers",
+        ),
+        (
+            "xl",
+            json!({"crops_coords_top_left": [-1, 0]}),
+            "'crops_coords_top_left' holds -1",
+        ),
+        (
+            "xl",
+            json!({"prompt_2": ["a", "b", "c"]}),
+            "'prompt_2' has 3 element(s)",
+        ),
+    ];
+    for (model, parameters, message) in cases {
+        let r = s.infer(model, &prompt_request("a cat", parameters.clone()));
+        r.expect(400);
+        assert!(
+            r.error().contains(message),
+            "{model} {parameters}: {} lacks {message:?}",
+            r.error()
+        );
+    }
+}
+
+#[test]
+fn metadata_reports_the_family_and_sdxl_inputs() {
+    let (_repo, s) = serve();
+    let xl = s.get("/v2/models/xl").expect(200).json();
+    assert_eq!(xl["parameters"]["family"], "sdxl");
+    assert_eq!(xl["parameters"]["dtype"], "f32");
+    let names = |v: &Value| -> Vec<String> {
+        v["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for name in [
+        "prompt_2",
+        "negative_prompt_2",
+        "original_size",
+        "target_size",
+    ] {
+        assert!(names(&xl).iter().any(|n| n == name), "{name} missing: {xl}");
+    }
+    let sd1 = s.get("/v2/models/sd1").expect(200).json();
+    assert_eq!(sd1["parameters"]["family"], "sd1");
+    assert!(!names(&sd1).iter().any(|n| n == "prompt_2"), "{sd1}");
+}
+
+#[test]
+fn a_refiner_folder_is_refused_at_startup_naming_the_component() {
+    let repo = Repo::new();
+    let folder = repo.assets().join("refiner");
+    std::fs::create_dir_all(&folder).unwrap();
+    for entry in ["scheduler", "text_encoder_2", "tokenizer_2", "unet", "vae"] {
+        std::os::unix::fs::symlink(tiny_sdxl().join(entry), folder.join(entry)).unwrap();
+    }
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(tiny_sdxl().join("model_index.json")).unwrap())
+            .unwrap();
+    index["_class_name"] = json!("StableDiffusionXLImg2ImgPipeline");
+    index["text_encoder"] = json!([null, null]);
+    index["tokenizer"] = json!([null, null]);
+    index["requires_aesthetics_score"] = json!(true);
+    std::fs::write(folder.join("model_index.json"), index.to_string()).unwrap();
+    let mut settings = tiny_settings("refiner", None);
+    settings["parameters"]["uri"] = json!(folder);
+    repo.model("refiner", settings);
+
+    let exit = launch(&repo).run_to_exit(Duration::from_secs(60));
+    assert!(!exit.status.success(), "the server started with a refiner");
+    let log = format!("{}{}", exit.stdout, exit.stderr);
+    for needle in ["refiner", "text_encoder", "requires_aesthetics_score"] {
+        assert!(log.contains(needle), "the log lacks {needle:?}:\n{log}");
+    }
+}
