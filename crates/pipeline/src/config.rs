@@ -621,6 +621,9 @@ pub struct VaeConfig {
     pub latent_channels: usize,
     pub norm_num_groups: usize,
     pub scaling_factor: f64,
+    /// The VAE overflows in F16 (SDXL's does): SDXL pipelines decode in F32 when the model
+    /// runs in F16. An "fp16-fix" VAE says `false`.
+    pub force_upcast: bool,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
 }
@@ -690,6 +693,7 @@ impl VaeConfig {
             return Err(f.err("scaling_factor", "must not be 0"));
         }
         Ok(Self {
+            force_upcast: f.bool("force_upcast", true)?,
             in_channels: f.positive("in_channels", 3)?,
             out_channels: f.positive("out_channels", 3)?,
             block_out_channels: channels,

@@ -155,8 +155,9 @@ impl StableDiffusion {
         let unet_store = component_weights(dir, "unet", reduced)?;
         let unet = UNet::new(unet_store.var_builder(dtype, device), &configs.unet)
             .map_err(|e| PipelineError::model("unet", e))?;
-        let vae_store = component_weights(dir, "vae", reduced)?;
-        let vae = Vae::new(vae_store.var_builder(dtype, device), &configs.vae)
+        let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);
+        let vae_store = component_weights(dir, "vae", vae_dtype != DType::F32)?;
+        let vae = Vae::new(vae_store.var_builder(vae_dtype, device), &configs.vae)
             .map_err(|e| PipelineError::model("vae", e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -171,6 +172,17 @@ impl StableDiffusion {
             scheduler_config: configs.scheduler,
             placement,
         })
+    }
+}
+
+/// The VAE's dtype: the model's, except that SDXL pipelines run a `force_upcast` VAE in F32
+/// when the model is in F16 (diffusers' `upcast_vae`); SD 1.x / 2.x pipelines never upcast.
+fn vae_dtype(kind: PipelineKind, vae: &VaeConfig, dtype: DType) -> DType {
+    match kind {
+        PipelineKind::StableDiffusionXl { .. } if dtype == DType::F16 && vae.force_upcast => {
+            DType::F32
+        }
+        _ => dtype,
     }
 }
 

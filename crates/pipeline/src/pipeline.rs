@@ -221,7 +221,7 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<FloatImages, GenerateError> {
         let stage = "vae decode";
         let decoded = latents
-            .to_dtype(self.placement.dtype)
+            .to_dtype(self.vae.dtype())
             .and_then(|x| self.vae.decode(&x))
             .and_then(|x| x.to_dtype(DType::F32))
             .map_err(internal(stage))?;

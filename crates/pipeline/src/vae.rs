@@ -2,7 +2,7 @@
 //! names as diffusers. Assembled here rather than with candle's `AutoEncoderKL` so that its
 //! convolutions and group norms run the fused CPU kernels of [`crate::layers`].
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::attention::attention;
@@ -100,6 +100,8 @@ pub struct Vae {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: VaeConfig,
+    /// The weights' dtype, which decoding runs in.
+    dtype: DType,
 }
 
 impl Vae {
@@ -167,11 +169,16 @@ impl Vae {
             conv_norm_out: group_norm(groups, bottom, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(bottom, config.out_channels, 3, conv3, vb.pp("conv_out"))?,
             config: config.clone(),
+            dtype: vb.dtype(),
         })
     }
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Denoised latents `(B, C, h, w)` (still multiplied by `scaling_factor`) to images in about

@@ -659,3 +659,22 @@ fn sdxl_components_are_checked_against_each_other() {
     });
     assert_mentions(&load_err(&dir), &["model_index.json", "text_encoder_2"]);
 }
+
+#[test]
+fn sdxl_vae_decodes_in_f32_unless_it_is_an_fp16_fix() {
+    let f16 = || {
+        let extra = serde_json::from_value(json!({"device": "cpu", "dtype": "f16"})).unwrap();
+        LoadOptions::from_extra(&extra).unwrap()
+    };
+    let (_tmp, dir) = copy_model("tiny-sdxl");
+    let sd = StableDiffusion::load(&dir, f16()).unwrap();
+    assert_eq!((sd.dtype(), sd.vae().dtype()), (DType::F16, DType::F32));
+    // An fp16-fix VAE, and SD 1.x pipelines (which never upcast), decode in the model's dtype.
+    edit_json(&dir.join("vae/config.json"), |c| {
+        c["force_upcast"] = json!(false)
+    });
+    let sd = StableDiffusion::load(&dir, f16()).unwrap();
+    assert_eq!(sd.vae().dtype(), DType::F16);
+    let sd = StableDiffusion::load(&model_dir("tiny-sd1"), f16()).unwrap();
+    assert_eq!(sd.vae().dtype(), DType::F16);
+}
