@@ -1,5 +1,5 @@
 """The diffusers side of the GPU benchmark: the same random-weight folder through
-`StableDiffusionPipeline` (PyTorch, SDPA attention), with the same settings and latents as the
+`StableDiffusionPipeline` or `StableDiffusionXLPipeline`, as its model_index.json says (PyTorch, SDPA attention), with the same settings and latents as the
 sdserve side. Results go to a JSON file rewritten after every measurement.
 
 `--check-keys-only` loads each component with its loading info and fails unless there are no
@@ -18,10 +18,13 @@ import common  # noqa: E402
 def check_keys(model_dir):
     """Every component's weights load with no missing, unexpected or mismatched key."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     problems = {}
-    for name, cls in [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)]:
+    components = [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)]
+    if os.path.isdir(os.path.join(model_dir, "text_encoder_2")):
+        components.append(("text_encoder_2", CLIPTextModelWithProjection))
+    for name, cls in components:
         _, info = cls.from_pretrained(model_dir, subfolder=name, output_loading_info=True)
         bad = {k: list(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
@@ -40,7 +43,10 @@ def state_dict_matches_files(pipe, model_dir):
         ("unet", "unet/diffusion_pytorch_model.safetensors"),
         ("vae", "vae/diffusion_pytorch_model.safetensors"),
         ("text_encoder", "text_encoder/model.safetensors"),
+        ("text_encoder_2", "text_encoder_2/model.safetensors"),
     ]:
+        if getattr(pipe, name, None) is None:
+            continue
         with safe_open(os.path.join(model_dir, file), framework="pt") as f:
             in_file = set(f.keys())
         in_model = set(getattr(pipe, name).state_dict().keys())
@@ -64,7 +70,7 @@ def main():
     import numpy as np
     import torch
     import diffusers
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
     if args.check_keys_only:
@@ -84,7 +90,8 @@ def main():
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=dtype)
+    r.set("pipeline", type(pipe).__name__)
     pipe = pipe.to(p["device"])
     sync()
     r.set("load_s", round(time.perf_counter() - t0, 3))

@@ -11,7 +11,10 @@
 # was measured.
 #
 # BENCH_PROFILE=gpu (default): sd15 F16 on cuda, 512x512, 30 steps, CFG 7.5.
+# BENCH_PROFILE=sdxl: the SDXL base 1.0 preset F16 on cuda, 1024x1024, 30 steps, CFG 5.
+# BENCH_PROFILE=turbo: SDXL-Turbo's shape (the sdxl preset) F16 on cuda, 512x512, 4 steps (and 1), guidance 0.
 # BENCH_PROFILE=cpu-tiny: the tiny preset F32 on the CPU at 64x64 (dry run on a machine with no GPU).
+# BENCH_PROFILE=cpu-tiny-sdxl: the tiny-sdxl preset F32 on the CPU at 64x64 (dry run of the SDXL path).
 # Any BENCH_* variable read by common.py overrides the profile; BENCH_BUDGET_S is the overall limit;
 # BENCH_SETUP_ONLY=1 stops after finding the binary, the CUDA libraries and diffusers.
 set -uo pipefail
@@ -34,14 +37,30 @@ case ${BENCH_PROFILE:-gpu} in
         : "${BENCH_DEVICE:=cuda}" "${BENCH_DTYPE:=f16}" "${BENCH_SIZE:=512}" "${BENCH_STEPS:=30}"
         : "${BENCH_SHORT_STEPS:=10}" "${BENCH_REPEATS:=3}" "${BENCH_ROUNDS:=2}"
         ;;
+    sdxl)
+        PRESET=${BENCH_PRESET:-sdxl}
+        : "${BENCH_DEVICE:=cuda}" "${BENCH_DTYPE:=f16}" "${BENCH_SIZE:=1024}" "${BENCH_STEPS:=30}"
+        : "${BENCH_SHORT_STEPS:=10}" "${BENCH_REPEATS:=2}" "${BENCH_ROUNDS:=1}" "${BENCH_GUIDANCE:=5}"
+        ;;
+    turbo)
+        PRESET=${BENCH_PRESET:-sdxl}
+        : "${BENCH_DEVICE:=cuda}" "${BENCH_DTYPE:=f16}" "${BENCH_SIZE:=512}" "${BENCH_STEPS:=4}"
+        : "${BENCH_SHORT_STEPS:=1}" "${BENCH_REPEATS:=3}" "${BENCH_ROUNDS:=2}" "${BENCH_GUIDANCE:=0}"
+        ;;
     cpu-tiny)
         PRESET=${BENCH_PRESET:-tiny}
         : "${BENCH_DEVICE:=cpu}" "${BENCH_DTYPE:=f32}" "${BENCH_SIZE:=64}" "${BENCH_STEPS:=10}"
         : "${BENCH_SHORT_STEPS:=4}" "${BENCH_REPEATS:=2}" "${BENCH_ROUNDS:=1}"
         ;;
+    cpu-tiny-sdxl)
+        PRESET=${BENCH_PRESET:-tiny-sdxl}
+        : "${BENCH_DEVICE:=cpu}" "${BENCH_DTYPE:=f32}" "${BENCH_SIZE:=64}" "${BENCH_STEPS:=4}"
+        : "${BENCH_SHORT_STEPS:=1}" "${BENCH_REPEATS:=2}" "${BENCH_ROUNDS:=1}" "${BENCH_GUIDANCE:=5}"
+        ;;
     *) echo "unknown BENCH_PROFILE ${BENCH_PROFILE}" >&2; exit 2 ;;
 esac
 export BENCH_DEVICE BENCH_DTYPE BENCH_SIZE BENCH_STEPS BENCH_SHORT_STEPS BENCH_REPEATS BENCH_ROUNDS
+[ -n "${BENCH_GUIDANCE:-}" ] && export BENCH_GUIDANCE
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 # Keep the driver's PTX JIT output between the two server starts.
 export CUDA_CACHE_PATH=$WORK/nv-cache CUDA_CACHE_MAXSIZE=4294967296
@@ -158,6 +177,7 @@ if ! setup; then
 fi
 [ -n "${BENCH_SETUP_ONLY:-}" ] && exit 0
 # The real CLIP vocabularies: carried copies, so models/ may stay behind; else the repository's.
+# (SDXL presets take SD 1.x's; the writer makes tokenizer_2 pad with "!".)
 FAMILY=sd1
 [ "$PRESET" = sd21 ] && FAMILY=sd2
 TOKENIZER=$CARRY/tokenizer-$FAMILY

@@ -65,7 +65,7 @@ fn calibrate(s: &Server) -> Speed {
         };
         // The next size costs about four times as much: stop before a calibration request
         // could run into the shortest server deadline a test sets (2 s).
-        if speed.per_step * 1000.0 >= 30.0 || seconds * 4.0 > 1.5 {
+        if speed.per_step * 1000.0 >= 30.0 || seconds * 4.0 > 1.0 {
             break;
         }
     }

@@ -45,10 +45,18 @@ pub enum Preset {
     /// Stable Diffusion XL base 1.0 (1024 px): UNet 2.6B with `text_time` conditioning, CLIP
     /// ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection) text encoders.
     Sdxl,
+    /// The SDXL architecture at toy size (the sizes of `models/tiny-sdxl`), for dry runs.
+    TinySdxl,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 4] = [Preset::Sd15, Preset::Sd21, Preset::Tiny, Preset::Sdxl];
+    pub const ALL: [Preset; 5] = [
+        Preset::Sd15,
+        Preset::Sd21,
+        Preset::Tiny,
+        Preset::Sdxl,
+        Preset::TinySdxl,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -56,6 +64,7 @@ impl Preset {
             Preset::Sd21 => "sd21",
             Preset::Tiny => "tiny",
             Preset::Sdxl => "sdxl",
+            Preset::TinySdxl => "tiny-sdxl",
         }
     }
 
@@ -125,6 +134,7 @@ impl Preset {
                 }
             }
             Preset::Sdxl => sdxl_configs(),
+            Preset::TinySdxl => tiny_sdxl_configs(),
         }
     }
 }
@@ -144,6 +154,41 @@ pub struct PresetConfigs {
     /// SDXL's second text encoder (`CLIPTextModelWithProjection`).
     pub text_encoder_2: Option<Value>,
     pub scheduler: Value,
+}
+
+/// SDXL's structure at the sizes of `models/tiny-sdxl`: two 32-wide encoders, UNet channels
+/// (32, 64), `transformer_layers_per_block` [1, 2], `addition_time_embed_dim` 8.
+fn tiny_sdxl_configs() -> PresetConfigs {
+    let mut c = sdxl_configs();
+    let unet = c.unet.as_object_mut().expect("object literal");
+    for (key, value) in [
+        ("attention_head_dim", json!([2, 4])),
+        ("block_out_channels", json!([32, 64])),
+        ("cross_attention_dim", json!(64)),
+        ("sample_size", json!(8)),
+        ("layers_per_block", json!(1)),
+        (
+            "down_block_types",
+            json!(["DownBlock2D", "CrossAttnDownBlock2D"]),
+        ),
+        ("up_block_types", json!(["CrossAttnUpBlock2D", "UpBlock2D"])),
+        ("transformer_layers_per_block", json!([1, 2])),
+        ("addition_time_embed_dim", json!(8)),
+        ("projection_class_embeddings_input_dim", json!(80)),
+    ] {
+        unet.insert(key.into(), value);
+    }
+    let scheduler = c.scheduler.clone();
+    let mut vae = vae_config(&[32, 32, 64, 64], 1, 64);
+    vae["scaling_factor"] = json!(0.13025);
+    vae["force_upcast"] = json!(true);
+    let mut text_encoder_2 = text_encoder_config(32, 64, 4, 4, "gelu", 32);
+    text_encoder_2["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    c.vae = vae;
+    c.text_encoder = text_encoder_config(32, 64, 4, 4, "quick_gelu", 32);
+    c.text_encoder_2 = Some(text_encoder_2);
+    c.scheduler = scheduler;
+    c
 }
 
 /// SDXL base 1.0's published configs.
@@ -868,6 +913,36 @@ mod tests {
 
     fn load_all(path: &Path) -> HashMap<String, Tensor> {
         candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn tiny_sdxl_folder_loads_and_generates() {
+        let d = tmp("tiny-sdxl");
+        let mut o = options(DType::F32, 5);
+        o.preset = Preset::TinySdxl;
+        write_random_model(&d, &o).unwrap();
+        let model = StableDiffusion::load(&d, LoadOptions::cpu()).unwrap();
+        assert_eq!(model.description().family, "sdxl");
+        assert_eq!(
+            model.text_towers()[1].tokenizer.encode_padded("a")[3],
+            0,
+            "pads with '!'"
+        );
+        let job = Job {
+            settings: JobSettings {
+                num_inference_steps: 2,
+                guidance_scale: 5.0,
+                height: 64,
+                width: 64,
+                scheduler: model.description().default_scheduler.clone(),
+                eta: 0.0,
+                time_ids: Some(sdserve_generation::TimeIds::defaults(64, 64)),
+            },
+            images: vec![ImageSpec::new("a red circle", 1)],
+        };
+        let image = model.generate_float(&job, &mut RunToEnd).unwrap();
+        assert!(image.data.iter().all(|x| x.is_finite()));
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
