@@ -30,9 +30,12 @@ pub struct JobSettings {
 /// crop left, target height, target width]`: for the prompt rows and for the negative rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TimeIds {
-    pub positive: [u32; 6],
-    pub negative: [u32; 6],
+    pub positive: [u32; TIME_IDS],
+    pub negative: [u32; TIME_IDS],
 }
+
+/// SDXL's time ids per UNet row: original size, crop top-left, target size.
+pub const TIME_IDS: usize = 6;
 
 impl JobSettings {
     /// Whether `eta` means anything for this job's scheduler (and is reported back).

@@ -21,7 +21,7 @@ pub use generator::{
     ConditioningInputs, GenerateError, GeneratedImage, Generator, ModelDescription, RunToEnd,
     StepControl, StopReason,
 };
-pub use job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents, TimeIds};
+pub use job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents, TIME_IDS, TimeIds};
 pub use limits::{GenerationDefaults, Limits};
 pub use request::{GenerationRequest, LatentsInput, SizeConditioningInput};
 pub use resolve::{ValidationError, random_seed};

@@ -7,7 +7,7 @@
 //! `negative_crops_coords_top_left`, default `(0, 0)`), and otherwise the prompt rows' ids.
 
 use crate::generator::{ConditioningInputs, ModelDescription};
-use crate::job::TimeIds;
+use crate::job::{TIME_IDS, TimeIds};
 use crate::request::{GenerationRequest, SizeConditioningInput};
 use crate::resolve::ValidationError;
 
@@ -47,35 +47,34 @@ pub(crate) fn time_ids(
         return Ok(None);
     }
     let output = [height as i64, width as i64];
-    let pair = |name: &str, v: Option<[i64; 2]>, default: [i64; 2]| checked(name, v, default);
-    let crop = pair("crops_coords_top_left", sizes.crops_coords_top_left, [0, 0])?;
+    let crop = checked("crops_coords_top_left", sizes.crops_coords_top_left, [0, 0])?;
     let positive = ids(
-        pair("original_size", sizes.original_size, output)?,
+        checked("original_size", sizes.original_size, output)?,
         crop,
-        pair("target_size", sizes.target_size, output)?,
+        checked("target_size", sizes.target_size, output)?,
     );
-    let negative_crop = pair(
+    let negative_crop = checked(
         "negative_crops_coords_top_left",
         sizes.negative_crops_coords_top_left,
         [0, 0],
     )?;
     let negative = match (sizes.negative_original_size, sizes.negative_target_size) {
         (Some(original), Some(target)) => ids(
-            pair("negative_original_size", Some(original), output)?,
+            checked("negative_original_size", Some(original), output)?,
             negative_crop,
-            pair("negative_target_size", Some(target), output)?,
+            checked("negative_target_size", Some(target), output)?,
         ),
         (original, target) => {
             // Checked all the same, so that a bad value is a 400 even where diffusers ignores it.
-            pair("negative_original_size", original, output)?;
-            pair("negative_target_size", target, output)?;
+            checked("negative_original_size", original, output)?;
+            checked("negative_target_size", target, output)?;
             positive
         }
     };
     Ok(Some(TimeIds { positive, negative }))
 }
 
-fn ids(original: [u32; 2], crop: [u32; 2], target: [u32; 2]) -> [u32; 6] {
+fn ids(original: [u32; 2], crop: [u32; 2], target: [u32; 2]) -> [u32; TIME_IDS] {
     [
         original[0],
         original[1],

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::DType;
-use sdserve_generation::{ConditioningInputs, ModelDescription};
+use sdserve_generation::{ConditioningInputs, ModelDescription, TIME_IDS};
 
 use crate::config::{
     Activation, ModelIndex, PipelineKind, TextEncoderConfig, UNetConfig, VaeConfig,
@@ -281,6 +281,3 @@ fn check_text_time(
         }
     }
 }
-
-/// SDXL's time ids: original size, crop top-left, target size.
-const TIME_IDS: usize = 6;

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use sdserve_generation::{GenerateError, ImageSpec, TimeIds};
+use sdserve_generation::{GenerateError, ImageSpec, TIME_IDS, TimeIds};
 
 use crate::conditioning::{Conditioning, TextTime};
 use crate::config::PipelineKind;
@@ -151,7 +151,7 @@ impl PromptEncoder {
             .collect();
         let build = || -> candle_core::Result<Conditioning> {
             let context = Tensor::cat(&[&h1, &h2], 2)?.to_dtype(self.dtype)?;
-            let time_ids = Tensor::from_vec(time_ids, (rows.len(), 6), device)?;
+            let time_ids = Tensor::from_vec(time_ids, (rows.len(), TIME_IDS), device)?;
             Ok(Conditioning {
                 context,
                 text_time: Some(TextTime {

@@ -178,16 +178,30 @@ fn tiny_sdxl_configs() -> PresetConfigs {
     ] {
         unet.insert(key.into(), value);
     }
-    let scheduler = c.scheduler.clone();
-    let mut vae = vae_config(&[32, 32, 64, 64], 1, 64);
+    c.vae = sdxl_vae_config(&[32, 32, 64, 64], 1, 64);
+    c.text_encoder = text_encoder_config(32, 64, 4, 4, "quick_gelu", 32);
+    c.text_encoder_2 = Some(projected_text_encoder_config(32, 64, 4, 4, 32));
+    c
+}
+
+/// SDXL's VAE: its scaling factor, and too large activations for F16.
+fn sdxl_vae_config(channels: &[usize], layers_per_block: usize, sample_size: usize) -> Value {
+    let mut vae = vae_config(channels, layers_per_block, sample_size);
     vae["scaling_factor"] = json!(0.13025);
     vae["force_upcast"] = json!(true);
-    let mut text_encoder_2 = text_encoder_config(32, 64, 4, 4, "gelu", 32);
-    text_encoder_2["architectures"] = json!(["CLIPTextModelWithProjection"]);
-    c.vae = vae;
-    c.text_encoder = text_encoder_config(32, 64, 4, 4, "quick_gelu", 32);
-    c.text_encoder_2 = Some(text_encoder_2);
-    c.scheduler = scheduler;
+    vae
+}
+
+/// SDXL's second text encoder: OpenCLIP's (gelu), with its pooled projection.
+fn projected_text_encoder_config(
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    projection_dim: usize,
+) -> Value {
+    let mut c = text_encoder_config(hidden, intermediate, layers, heads, "gelu", projection_dim);
+    c["architectures"] = json!(["CLIPTextModelWithProjection"]);
     c
 }
 
@@ -224,16 +238,11 @@ fn sdxl_configs() -> PresetConfigs {
     ] {
         map.insert(key.into(), value);
     }
-    let mut vae = vae_config(&[128, 256, 512, 512], 2, 1024);
-    vae["scaling_factor"] = json!(0.13025);
-    vae["force_upcast"] = json!(true);
-    let mut text_encoder_2 = text_encoder_config(1280, 5120, 32, 20, "gelu", 1280);
-    text_encoder_2["architectures"] = json!(["CLIPTextModelWithProjection"]);
     PresetConfigs {
         unet,
-        vae,
+        vae: sdxl_vae_config(&[128, 256, 512, 512], 2, 1024),
         text_encoder: text_encoder_config(768, 3072, 12, 12, "quick_gelu", 768),
-        text_encoder_2: Some(text_encoder_2),
+        text_encoder_2: Some(projected_text_encoder_config(1280, 5120, 32, 20, 1280)),
         scheduler: json!({
             "_class_name": "EulerDiscreteScheduler",
             "_diffusers_version": "0.19.0.dev0",
