@@ -1,7 +1,7 @@
 //! What the request targets share: a fixed model, small limits, and the checks of a request
 //! that passed the schema.
 
-use sdserve_generation::{GenerationDefaults, Limits, ModelDescription};
+use sdserve_generation::{ConditioningInputs, GenerationDefaults, Limits, ModelDescription};
 use sdserve_protocol::{InferenceRequest, TensorData, diffusers};
 
 pub fn model() -> ModelDescription {
@@ -16,7 +16,9 @@ pub fn model() -> ModelDescription {
         ]
         .map(String::from)
         .to_vec(),
-        family: "sd1".into(),
+        // SDXL's conditioning, so that its extra fields are fuzzed too.
+        family: "sdxl".into(),
+        conditioning: ConditioningInputs::PromptsAndSizes,
         dtype: "f32".into(),
         device: "cpu".into(),
     }
@@ -78,7 +80,12 @@ pub fn check(request: &InferenceRequest) {
     ];
     for image in &job.images {
         assert!(image.prompt.len() <= limits.max_prompt_bytes && !image.prompt.contains('\0'));
-        assert!(image.negative_prompt.len() <= limits.max_prompt_bytes);
+        for text in [&image.negative_prompt, &image.prompt_2, &image.negative_prompt_2]
+            .into_iter()
+            .flatten()
+        {
+            assert!(text.len() <= limits.max_prompt_bytes);
+        }
         if let Some(l) = &image.latents {
             assert_eq!(l.shape, latent);
             assert_eq!(l.data.len(), latent.iter().product::<usize>());
