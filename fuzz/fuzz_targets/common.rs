@@ -19,6 +19,7 @@ pub fn model() -> ModelDescription {
         // SDXL's conditioning, so that its extra fields are fuzzed too.
         family: "sdxl".into(),
         conditioning: ConditioningInputs::PromptsAndSizes,
+        default_strength: Some(0.8),
         dtype: "f32".into(),
         device: "cpu".into(),
     }

@@ -77,6 +77,7 @@ fn job(args: &Args, model: &StableDiffusion, steps: usize) -> Job {
             eta: 0.0,
             time_ids: (d.conditioning == ConditioningInputs::PromptsAndSizes)
                 .then(|| TimeIds::defaults(height, width)),
+            image_to_image: None,
         },
         images: (0..args.batch)
             .map(|i| ImageSpec::new("a red circle on a blue background", i as u64))

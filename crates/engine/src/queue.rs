@@ -179,7 +179,9 @@ impl<T: Entry> Queue<T> {
 mod tests {
     use super::*;
     use crate::batch_key::BatchKey;
-    use sdserve_generation::{ImageSpec, Job, JobSettings, Latents, TimeIds};
+    use sdserve_generation::{
+        ImageSpec, ImageToImage, Job, JobSettings, Latents, RgbImage, TimeIds,
+    };
 
     #[derive(Debug, Clone, PartialEq)]
     struct E {
@@ -216,6 +218,7 @@ mod tests {
             scheduler: "pndm".into(),
             eta: 0.0,
             time_ids: None,
+            image_to_image: None,
         }
     }
 
@@ -227,6 +230,7 @@ mod tests {
             negative_prompt_2: None,
             seed: 1,
             latents: None,
+            image: None,
         }
     }
 
@@ -391,6 +395,7 @@ mod tests {
             scheduler,
             eta,
             time_ids,
+            image_to_image,
         } = base.clone();
         vec![
             (
@@ -452,6 +457,15 @@ mod tests {
                     ..base.clone()
                 },
             ),
+            (
+                "image_to_image",
+                JobSettings {
+                    image_to_image: Some(ImageToImage {
+                        strength: image_to_image.map_or(0.5, |m| m.strength / 2.0),
+                    }),
+                    ..base.clone()
+                },
+            ),
         ]
     }
 
@@ -464,6 +478,7 @@ mod tests {
             negative_prompt_2,
             seed,
             latents,
+            image,
         } = base.clone();
         let other = |text: Option<String>| Some(format!("{}blurry", text.unwrap_or_default()));
         vec![
@@ -509,6 +524,20 @@ mod tests {
                         None => Some(Latents {
                             shape: [4, 8, 8],
                             data: vec![0.5; 256],
+                        }),
+                        Some(_) => None,
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "image",
+                ImageSpec {
+                    image: match image {
+                        None => Some(RgbImage {
+                            width: 1,
+                            height: 1,
+                            rgb: vec![1, 2, 3].into(),
                         }),
                         Some(_) => None,
                     },

@@ -74,6 +74,7 @@ impl ModelLoader for Loader {
                 schedulers: vec!["pndm".into(), "ddim".into()],
                 family: "sd1".into(),
                 conditioning: Default::default(),
+                default_strength: None,
                 dtype: "f32".into(),
                 device: "cpu".into(),
             },

@@ -27,6 +27,9 @@ pub struct ModelDescription {
     pub family: String,
     /// Which conditioning inputs beyond the prompt the model takes.
     pub conditioning: ConditioningInputs,
+    /// `Some` when the model takes input images (image-to-image): the strength of a request
+    /// that gives none (diffusers' pipelines: 0.8 for SD 1.x / 2.x, 0.3 for SDXL).
+    pub default_strength: Option<f64>,
     /// "f32" / "f16" / "bf16", informational.
     pub dtype: String,
     /// "cpu" / "cuda:0", informational.

@@ -24,6 +24,25 @@ pub struct JobSettings {
     pub eta: f64,
     /// SDXL's micro-conditioning; `None` for models without it.
     pub time_ids: Option<TimeIds>,
+    /// Image-to-image (every image of the job has an input image); `None` for text-to-image.
+    pub image_to_image: Option<ImageToImage>,
+}
+
+/// Image-to-image: the input image is encoded, noised to a timestep part-way down the
+/// schedule, and denoised from there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageToImage {
+    /// In (0, 1]: 1 starts from pure noise, small values stay close to the image.
+    pub strength: f64,
+}
+
+impl ImageToImage {
+    /// The index of the first timestep that runs out of `steps` (diffusers' `get_timesteps`:
+    /// `steps - min(int(steps * strength), steps)`; every scheduler here has order 1).
+    pub fn first_step(&self, steps: usize) -> usize {
+        let kept = ((steps as f64 * self.strength) as usize).min(steps);
+        steps - kept
+    }
 }
 
 /// SDXL's `add_time_ids` of one batch, each `[original height, original width, crop top,
@@ -64,6 +83,8 @@ pub struct Latents {
     pub data: Vec<f32>,
 }
 
+use crate::image_input::RgbImage;
+
 /// One image to produce: everything in which images of one batch may differ.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSpec {
@@ -78,6 +99,8 @@ pub struct ImageSpec {
     /// per-step noise of ancestral schedulers.
     pub seed: u64,
     pub latents: Option<Latents>,
+    /// Image-to-image: the input image, already at the job's size.
+    pub image: Option<RgbImage>,
 }
 
 impl ImageSpec {
@@ -90,6 +113,7 @@ impl ImageSpec {
             negative_prompt_2: None,
             seed,
             latents: None,
+            image: None,
         }
     }
 }

@@ -8,12 +8,15 @@
 //! - [`resolve`]: request + model → [`Job`], or a [`ValidationError`] naming the field.
 //! - [`job`]: [`Job`] = [`JobSettings`] (shared by a batch) + one [`ImageSpec`] per image.
 //! - [`sdxl`]: SDXL's second prompts and size/crop time ids, resolved for the job.
+//! - [`image_input`]: input images decoded under a size guard; [`resize`]: Pillow's Lanczos.
 //! - [`generator`]: the synchronous [`Generator`] trait, [`ModelDescription`], [`StepControl`].
 
 pub mod generator;
+pub mod image_input;
 pub mod job;
 pub mod limits;
 pub mod request;
+pub mod resize;
 pub mod resolve;
 pub mod sdxl;
 
@@ -21,7 +24,10 @@ pub use generator::{
     ConditioningInputs, GenerateError, GeneratedImage, Generator, ModelDescription, RunToEnd,
     StepControl, StopReason,
 };
-pub use job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents, TIME_IDS, TimeIds};
+pub use image_input::{ImageError, RgbImage, decode_rgb};
+pub use job::{
+    ETA_SCHEDULER, ImageSpec, ImageToImage, Job, JobSettings, Latents, TIME_IDS, TimeIds,
+};
 pub use limits::{GenerationDefaults, Limits};
 pub use request::{GenerationRequest, LatentsInput, SizeConditioningInput};
 pub use resolve::{ValidationError, random_seed};

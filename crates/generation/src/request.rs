@@ -23,6 +23,11 @@ pub struct GenerationRequest {
     pub negative_prompts_2: Option<Vec<String>>,
     /// SDXL's micro-conditioning.
     pub sizes: SizeConditioningInput,
+    /// Image-to-image: the input images as encoded files (PNG, JPEG or WebP), one for all
+    /// prompts or one per prompt. Giving them selects the mode.
+    pub images: Option<Vec<Vec<u8>>>,
+    /// How far image-to-image departs from the image, in (0, 1].
+    pub strength: Option<f64>,
 }
 
 /// SDXL's size and crop conditioning as asked: `[height, width]` and `[top, left]` pairs.

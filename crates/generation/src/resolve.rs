@@ -4,7 +4,8 @@
 //! such requests quietly.
 
 use crate::generator::ModelDescription;
-use crate::job::{ETA_SCHEDULER, ImageSpec, Job, JobSettings, Latents};
+use crate::image_input::{RgbImage, decode_rgb};
+use crate::job::{ETA_SCHEDULER, ImageSpec, ImageToImage, Job, JobSettings, Latents};
 use crate::limits::{GenerationDefaults, Limits};
 use crate::request::{GenerationRequest, LatentsInput};
 
@@ -58,10 +59,13 @@ impl GenerationRequest {
         let prompts = self.prompts_per_image(limits)?;
         let num_inference_steps = self.steps(&b)?;
         let guidance_scale = self.guidance(&b)?;
-        let (height, width) = self.size(&b)?;
         let per_prompt = self.images_per_prompt(limits)?;
         let (scheduler, eta) = self.scheduler_and_eta(&b)?;
         self.check_output_format()?;
+        let image_to_image = self.image_to_image(&b, num_inference_steps)?;
+        // Decoded last: every cheaper check has passed.
+        let inputs = self.input_images(&b)?;
+        let (height, width) = self.size(&b, inputs.as_ref().map(|i| &i[0]))?;
         let time_ids = crate::sdxl::time_ids(&self.sizes, model, (height, width))?;
         let settings = JobSettings {
             num_inference_steps,
@@ -71,7 +75,11 @@ impl GenerationRequest {
             scheduler,
             eta,
             time_ids,
+            image_to_image,
         };
+        // Every image at the output size, as diffusers resizes them.
+        let inputs: Option<Vec<RgbImage>> =
+            inputs.map(|i| i.iter().map(|im| im.resized(width, height)).collect());
         let n_images = self.prompts.len() * per_prompt;
         let seeds = self.seeds(n_images, random_seed)?;
         let latents = self.latents(model, &settings, n_images)?;
@@ -79,7 +87,8 @@ impl GenerationRequest {
         let mut images = Vec::with_capacity(n_images);
         let per_image = seeds.into_iter().zip(latents);
         let mut per_image = per_image.into_iter();
-        for p in prompts {
+        for (k, p) in prompts.iter().enumerate() {
+            let image = inputs.as_ref().map(|i| i[k % i.len()].clone());
             for (seed, latents) in per_image.by_ref().take(per_prompt) {
                 images.push(ImageSpec {
                     prompt: p.prompt.clone(),
@@ -88,6 +97,7 @@ impl GenerationRequest {
                     negative_prompt_2: p.negative_2.clone(),
                     seed,
                     latents,
+                    image: image.clone(),
                 });
             }
         }
@@ -145,21 +155,30 @@ impl GenerationRequest {
         Ok(g)
     }
 
-    /// `(height, width)`: multiples of 8 and of the VAE factor, within the size limits.
-    fn size(&self, b: &Bounds) -> Result<(usize, usize), ValidationError> {
+    /// `(height, width)`: multiples of 8 and of the VAE factor, within the size limits. A side
+    /// the request leaves out is the model's default, or with an input image that image's
+    /// side rounded down to a multiple of the VAE factor (diffusers' `get_default_height_width`).
+    fn size(
+        &self,
+        b: &Bounds,
+        image: Option<&RgbImage>,
+    ) -> Result<(usize, usize), ValidationError> {
         let (model, limits) = (b.model, b.limits);
-        let height = side(
-            "height",
-            self.height,
-            b.defaults.height.unwrap_or(model.native_height),
-            limits.max_height,
-        )?;
-        let width = side(
-            "width",
-            self.width,
-            b.defaults.width.unwrap_or(model.native_width),
-            limits.max_width,
-        )?;
+        let f = model.vae_scale_factor;
+        let (default_h, default_w, source) = match image {
+            Some(im) => (
+                im.height - im.height % f,
+                im.width - im.width % f,
+                FROM_IMAGE,
+            ),
+            None => (
+                b.defaults.height.unwrap_or(model.native_height),
+                b.defaults.width.unwrap_or(model.native_width),
+                DEFAULT,
+            ),
+        };
+        let height = side("height", self.height, default_h, source, limits.max_height)?;
+        let width = side("width", self.width, default_w, source, limits.max_width)?;
         if height
             .checked_mul(width)
             .is_none_or(|pixels| pixels > limits.max_pixels)
@@ -170,7 +189,6 @@ impl GenerationRequest {
                 limits.max_pixels
             )));
         }
-        let f = model.vae_scale_factor;
         if height % f != 0 || width % f != 0 {
             return Err(invalid(format!(
                 "'height' and 'width' must be multiples of {f} for this model"
@@ -227,6 +245,69 @@ impl GenerationRequest {
             )));
         }
         Ok((scheduler, eta))
+    }
+
+    /// Image-to-image settings when the request gives images: the model takes them, and the
+    /// strength leaves at least one step to run.
+    fn image_to_image(
+        &self,
+        b: &Bounds,
+        steps: usize,
+    ) -> Result<Option<ImageToImage>, ValidationError> {
+        let Some(_) = &self.images else {
+            if let Some(s) = self.strength {
+                return Err(invalid(format!(
+                    "'strength' ({s}) applies only to image-to-image; give an 'image' input"
+                )));
+            }
+            return Ok(None);
+        };
+        let Some(default) = b.model.default_strength else {
+            return Err(invalid(
+                "input 'image': this model takes no input images (its VAE has no encoder)",
+            ));
+        };
+        let (strength, source) = match self.strength {
+            Some(s) => (s, ""),
+            None => (default, DEFAULT),
+        };
+        if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+            return Err(invalid(format!(
+                "'strength' is {strength}{source}; it must be a number in (0, 1]"
+            )));
+        }
+        let mode = ImageToImage { strength };
+        if mode.first_step(steps) >= steps {
+            return Err(invalid(format!(
+                "'strength' {strength}{source} with {steps} 'num_inference_steps' runs no step: \
+                 int(steps × strength) must be at least 1"
+            )));
+        }
+        Ok(Some(mode))
+    }
+
+    /// The input images, decoded: one for all prompts or one per prompt, each within
+    /// `max_pixels` before it is decoded.
+    fn input_images(&self, b: &Bounds) -> Result<Option<Vec<RgbImage>>, ValidationError> {
+        let Some(files) = &self.images else {
+            return Ok(None);
+        };
+        let n = self.prompts.len();
+        if files.len() != 1 && files.len() != n {
+            return Err(invalid(format!(
+                "input 'image' has {} element(s); give one for all prompts or one per prompt ({n})",
+                files.len()
+            )));
+        }
+        let images = files
+            .iter()
+            .enumerate()
+            .map(|(k, file)| {
+                decode_rgb(file, b.limits.max_pixels)
+                    .map_err(|e| invalid(format!("input 'image' element {k} {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(images))
     }
 
     fn check_output_format(&self) -> Result<(), ValidationError> {
@@ -342,15 +423,20 @@ fn check_lengths(name: &str, texts: &[String], limits: &Limits) -> Result<(), Va
     }
 }
 
-/// One side of the image: the request's value or the default, a multiple of 8 up to `max`.
+/// Said of a side taken from the input image.
+const FROM_IMAGE: &str = " (from input 'image')";
+
+/// One side of the image: the request's value or the default (said by `default_source`), a
+/// multiple of 8 up to `max`.
 fn side(
     name: &str,
     given: Option<i64>,
     default: usize,
+    default_source: &str,
     max: usize,
 ) -> Result<usize, ValidationError> {
     let (v, source) = match given {
-        None => (default as i128, DEFAULT),
+        None => (default as i128, default_source),
         Some(v) => (i128::from(v), ""),
     };
     if v < 8 || v % 8 != 0 || v > max as i128 {
@@ -375,6 +461,7 @@ mod tests {
             schedulers: vec!["pndm".into(), "ddim".into(), "euler".into()],
             family: "sd1".into(),
             conditioning: Default::default(),
+            default_strength: Some(0.8),
             dtype: "f32".into(),
             device: "cpu".into(),
         }
@@ -609,5 +696,142 @@ mod tests {
         };
         let job = resolve(&r).unwrap();
         assert_eq!(job.images[1].latents.as_ref().unwrap().data[0], 256.0);
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(dir.join("../../models/reference/img2img").join(name)).unwrap()
+    }
+
+    fn with_image(file: Vec<u8>) -> GenerationRequest {
+        GenerationRequest {
+            images: Some(vec![file]),
+            ..req(&["a", "b"])
+        }
+    }
+
+    #[test]
+    fn an_image_selects_image_to_image_at_its_own_size() {
+        for file in ["input_0.png", "input_0.jpg", "input_0.webp"] {
+            let job = resolve(&with_image(fixture(file))).unwrap();
+            let s = &job.settings;
+            assert_eq!(
+                s.image_to_image,
+                Some(ImageToImage { strength: 0.8 }),
+                "{file}"
+            );
+            assert_eq!((s.height, s.width), (64, 64));
+            // One image for both prompts.
+            assert_eq!(job.images[0].image, job.images[1].image);
+            assert_eq!(job.images[0].image.as_ref().unwrap().rgb.len(), 64 * 64 * 3);
+        }
+        // 67×61 rounds down to 64×56; an explicit size resizes to it.
+        let odd = resolve(&with_image(fixture("input_odd.png"))).unwrap();
+        assert_eq!((odd.settings.width, odd.settings.height), (64, 56));
+        let sized = GenerationRequest {
+            height: Some(32),
+            width: Some(48),
+            ..with_image(fixture("input_odd.png"))
+        };
+        let job = resolve(&sized).unwrap();
+        let image = job.images[0].image.as_ref().unwrap();
+        assert_eq!((image.width, image.height), (48, 32));
+    }
+
+    #[test]
+    fn bad_image_inputs_are_400s_naming_the_field() {
+        let png = || fixture("input_0.png");
+        let cases: Vec<(GenerationRequest, &str)> = vec![
+            (
+                with_image(fixture("bomb.png")),
+                "input 'image' element 0 declares 100000×100000 pixels",
+            ),
+            (
+                with_image(fixture("truncated.jpg")),
+                "input 'image' element 0 cannot be decoded",
+            ),
+            (
+                with_image(b"GIF89a".to_vec()),
+                "input 'image' element 0 is not a PNG, JPEG or WebP",
+            ),
+            (
+                GenerationRequest {
+                    images: Some(vec![png(), png(), png()]),
+                    ..req(&["a", "b"])
+                },
+                "input 'image' has 3 element(s)",
+            ),
+            (
+                GenerationRequest {
+                    strength: Some(0.0),
+                    ..with_image(png())
+                },
+                "'strength' is 0;",
+            ),
+            (
+                GenerationRequest {
+                    strength: Some(1.5),
+                    ..with_image(png())
+                },
+                "'strength' is 1.5;",
+            ),
+            (
+                GenerationRequest {
+                    strength: Some(f64::NAN),
+                    ..with_image(png())
+                },
+                "'strength' is NaN;",
+            ),
+            (
+                GenerationRequest {
+                    strength: Some(0.5),
+                    ..req(&["a"])
+                },
+                "'strength' (0.5) applies only to image-to-image",
+            ),
+            (
+                GenerationRequest {
+                    strength: Some(0.05),
+                    num_inference_steps: Some(10),
+                    ..with_image(png())
+                },
+                "'strength' 0.05 with 10 'num_inference_steps' runs no step",
+            ),
+        ];
+        for (r, expected) in cases {
+            let err = resolve(&r).unwrap_err();
+            assert!(err.0.starts_with(expected), "{expected:?}: got {err}");
+        }
+        let no_encoder = ModelDescription {
+            default_strength: None,
+            ..model()
+        };
+        let err = with_image(png())
+            .resolve(
+                &no_encoder,
+                &GenerationDefaults::default(),
+                &Limits::default(),
+                || 1,
+            )
+            .unwrap_err();
+        assert!(err.0.contains("this model takes no input images"), "{err}");
+    }
+
+    #[test]
+    fn strength_picks_the_first_step_as_diffusers_get_timesteps() {
+        // (steps, strength) -> first index, as `steps - min(int(steps * strength), steps)`.
+        for (steps, strength, first) in [
+            (10, 0.35, 7),
+            (10, 0.8, 2),
+            (10, 1.0, 0),
+            (50, 0.3, 35),
+            (3, 0.99, 1),
+        ] {
+            assert_eq!(
+                ImageToImage { strength }.first_step(steps),
+                first,
+                "{steps} {strength}"
+            );
+        }
     }
 }

@@ -115,6 +115,7 @@ mod tests {
             schedulers: vec!["euler".into()],
             family: "sdxl".into(),
             conditioning,
+            default_strength: Some(0.3),
             dtype: "f32".into(),
             device: "cpu".into(),
         }

@@ -58,6 +58,7 @@ mod tests {
                 scheduler: "pndm".into(),
                 eta: 0.0,
                 time_ids: None,
+                image_to_image: None,
             },
             images: vec![image("a", 3), image("b", 4)],
         };

@@ -62,20 +62,23 @@ pub struct Denoiser<'a> {
 }
 
 impl Denoiser<'_> {
-    /// Runs every timestep of `scheduler` from `latents` (F32, already scaled by the
-    /// scheduler's `init_noise_sigma`) and returns the final latents.
+    /// Runs the timesteps of `scheduler` from index `first` on (0 for text-to-image; the
+    /// scheduler already started there) from `latents` (F32, already scaled by the scheduler's
+    /// `init_noise_sigma` or noised to the first timestep) and returns the final latents.
+    /// Progress counts the passes that run.
     pub fn run(
         &self,
         scheduler: &mut dyn Scheduler,
+        first: usize,
         mut latents: Tensor,
         noise: &mut dyn NoiseSource,
         control: &mut dyn StepControl,
         preview: &mut MakePreview,
     ) -> Result<Tensor, GenerateError> {
-        let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
+        let timesteps: Vec<f64> = scheduler.timesteps().get(first..).unwrap_or(&[]).to_vec();
         let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let pass = i + 1;
+        for (k, &t) in timesteps.iter().enumerate() {
+            let (i, pass) = (first + k, k + 1);
             let stage = || format!("unet step {pass}");
             let input = scheduler
                 .scale_model_input(&latents, i)

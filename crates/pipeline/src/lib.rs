@@ -11,7 +11,8 @@
 //! - [`text_encoder`]: batched CLIP text transformer.
 //! - [`unet`]: the UNet, assembled block by block as diffusers runs it (exact GELU); on the CPU
 //!   the items of a batch run in parallel.
-//! - [`vae`]: the VAE decoder built from the parsed config.
+//! - [`vae`]: the VAE decoder and encoder built from the parsed config.
+//! - [`image_to_image`]: input images to the clean latents image-to-image starts from.
 //! - [`attention`]: the one scaled dot-product attention of the UNet, VAE and text encoder,
 //!   with a kernel per device and dtype.
 //! - [`conv`]: 2D convolution, chunked on the CPU.
@@ -35,6 +36,7 @@ pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod image;
+pub mod image_to_image;
 pub mod layers;
 pub mod load;
 pub mod memory;

@@ -121,6 +121,8 @@ impl Configs {
                 .collect(),
             family: family.to_string(),
             conditioning,
+            // Set once the VAE is loaded: image inputs need its encoder.
+            default_strength: None,
             dtype: placement.dtype_name().to_string(),
             device: placement.device_name.clone(),
         }
@@ -135,7 +137,7 @@ impl StableDiffusion {
         }
         let configs = Configs::read(dir)?;
         let placement = Placement::resolve(&options)?;
-        let description = configs.describe(&placement);
+        let mut description = configs.describe(&placement);
         let dtype = placement.dtype;
         let device = &placement.device;
         // Reduced-precision runs prefer the folder's `.fp16` weights where it has them.
@@ -159,6 +161,7 @@ impl StableDiffusion {
         let vae_store = component_weights(dir, "vae", vae_dtype != DType::F32)?;
         let vae = Vae::new(vae_store.var_builder(vae_dtype, device), &configs.vae)
             .map_err(|e| PipelineError::model("vae", e))?;
+        description.default_strength = vae.has_encoder().then_some(default_strength(configs.kind));
         Ok(Self {
             dir: dir.to_path_buf(),
             description,
@@ -172,6 +175,15 @@ impl StableDiffusion {
             scheduler_config: configs.scheduler,
             placement,
         })
+    }
+}
+
+/// Image-to-image strength when a request gives none: the default of diffusers' image-to-image
+/// pipeline for the folder's kind.
+fn default_strength(kind: PipelineKind) -> f64 {
+    match kind {
+        PipelineKind::StableDiffusionXl { .. } => 0.3,
+        PipelineKind::StableDiffusion => 0.8,
     }
 }
 

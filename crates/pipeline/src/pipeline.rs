@@ -1,6 +1,8 @@
-//! Text-to-image generation, step for step as diffusers' `StableDiffusionPipeline.__call__`,
-//! in three stages: prompt encoding ([`crate::prompt`]) into a [`Conditioning`], the
-//! denoising loop over a scheduler ([`crate::denoise`]), and VAE decode. Loading lives in
+//! Text-to-image and image-to-image generation, step for step as diffusers'
+//! `StableDiffusion(XL)Pipeline` and `StableDiffusion(XL)Img2ImgPipeline`, in three stages:
+//! prompt encoding ([`crate::prompt`]) into a [`Conditioning`], the denoising loop over a
+//! scheduler ([`crate::denoise`]) from noise or from the noised input image
+//! ([`crate::image_to_image`]), and VAE decode. Loading lives in
 //! [`crate::load`].
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use crate::denoise::{Denoiser, Guidance, StepOutput};
 use crate::device::Placement;
 use crate::error::internal;
 use crate::image::{FloatImages, encode_png};
+use crate::image_to_image::image_latents;
 use crate::noise::{NoiseSource, PerImageNoise};
 use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
@@ -157,11 +160,7 @@ impl StableDiffusion {
         let conditioning = self.conditioning(job)?;
         // Stage 2: denoising. Scheduler arithmetic stays in F32; only the UNet runs in the
         // model dtype.
-        let latents = (initial_latents
-            .to_device(&self.placement.device)
-            .and_then(|t| t.to_dtype(DType::F32)))
-        .and_then(|t| t * scheduler.init_noise_sigma())
-        .map_err(internal("initial latents"))?;
+        let (first, latents) = self.start(job, initial_latents, scheduler.as_mut(), noise)?;
         let denoiser = Denoiser {
             unet: &self.unet,
             dtype: self.placement.dtype,
@@ -173,11 +172,47 @@ impl StableDiffusion {
             kind,
             estimate: None,
         };
-        let latents = denoiser.run(scheduler.as_mut(), latents, noise, control, &mut |step| {
-            previews.make(step)
-        })?;
+        let latents = denoiser.run(
+            scheduler.as_mut(),
+            first,
+            latents,
+            noise,
+            control,
+            &mut |step| previews.make(step),
+        )?;
         // Stage 3: VAE decode.
         self.decode(&latents)
+    }
+
+    /// The first timestep index that runs and the latents it starts from (F32): for
+    /// text-to-image the initial noise times `init_noise_sigma` at index 0; for image-to-image
+    /// the encoded input images noised with the initial noise to the first step `strength`
+    /// keeps (the scheduler is started there).
+    fn start(
+        &self,
+        job: &Job,
+        initial_latents: &Tensor,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<(usize, Tensor), GenerateError> {
+        let stage = "initial latents";
+        let initial = initial_latents
+            .to_device(&self.placement.device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(internal(stage))?;
+        let Some(mode) = job.settings.image_to_image else {
+            let latents = (initial * scheduler.init_noise_sigma()).map_err(internal(stage))?;
+            return Ok((0, latents));
+        };
+        let first = mode.first_step(job.settings.num_inference_steps);
+        scheduler
+            .start_at(first)
+            .map_err(|e| GenerateError::Invalid(e.to_string()))?;
+        let clean = image_latents(&self.vae, job, &self.placement.device, noise)?;
+        let latents = scheduler
+            .add_noise(&clean, &initial, first)
+            .map_err(internal(stage))?;
+        Ok((first, latents))
     }
 
     /// The job has images and steps, and the initial latents fit it.

@@ -946,6 +946,7 @@ mod tests {
                 scheduler: model.description().default_scheduler.clone(),
                 eta: 0.0,
                 time_ids: Some(sdserve_generation::TimeIds::defaults(64, 64)),
+                image_to_image: None,
             },
             images: vec![ImageSpec::new("a red circle", 1)],
         };
@@ -1032,6 +1033,7 @@ mod tests {
                 scheduler: model.description().default_scheduler.clone(),
                 eta: 0.0,
                 time_ids: None,
+                image_to_image: None,
             },
             images: vec![ImageSpec::new("a red circle", 1)],
         };

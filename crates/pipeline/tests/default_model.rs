@@ -316,6 +316,7 @@ fn default_model_draws_the_prompt() {
                 scheduler: scheduler.clone(),
                 eta: 0.0,
                 time_ids: None,
+                image_to_image: None,
             },
             images: vec![ImageSpec::new(prompt_text(c, s, b), SEED_BASE + i as u64)],
         })

@@ -4,105 +4,20 @@
 //! noise for stochastic runs) and must match diffusers' PNGs within 2/255 on every channel of
 //! every pixel. Stage checks against `intermediates.safetensors` localise a failure.
 
-use std::collections::HashMap;
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod common;
 
-use candle_core::{DType, Device, Shape, Tensor};
+use std::ops::ControlFlow;
+
+use candle_core::{Device, Tensor};
 use sdserve_generation::{
     ConditioningInputs, GenerateError, GeneratedImage, Generator, ImageSpec, Job, JobSettings,
     Latents, RunToEnd, StepControl, StopReason, TimeIds,
 };
 use sdserve_pipeline::conditioning::{Conditioning, TextTime};
 use sdserve_pipeline::image::{FloatImages, decode_png};
-use sdserve_pipeline::noise::NoiseSource;
-use sdserve_pipeline::{LoadOptions, StableDiffusion};
 use serde_json::Value;
 
-fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models")
-}
-
-fn model(key: &str) -> &'static StableDiffusion {
-    static SD1: OnceLock<StableDiffusion> = OnceLock::new();
-    static SD2: OnceLock<StableDiffusion> = OnceLock::new();
-    static SHAPES: OnceLock<StableDiffusion> = OnceLock::new();
-    static SDXL: OnceLock<StableDiffusion> = OnceLock::new();
-    static SD_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
-    static SDXL_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
-    let (cell, folder) = match key {
-        "sd_turbo" => (&SD_TURBO, "tiny-sd-turbo"),
-        "sdxl_turbo" => (&SDXL_TURBO, "tiny-sdxl-turbo"),
-        "sd1" => (&SD1, "tiny-sd1"),
-        "sd2" => (&SD2, "tiny-sd2"),
-        "sdxl" => (&SDXL, "tiny-sdxl"),
-        "shapes" => (&SHAPES, "tiny-shapes"),
-        _ => unreachable!(),
-    };
-    cell.get_or_init(|| {
-        StableDiffusion::load(&models().join(folder), LoadOptions::cpu())
-            .unwrap_or_else(|e| panic!("loading {folder}: {e}"))
-    })
-}
-
-fn reference(key: &str) -> PathBuf {
-    models().join("reference").join(key)
-}
-
-fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn index(key: &str) -> Value {
-    let path = reference(key).join("index.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    // Python's json writes -Infinity for some scheduler settings.
-    sdserve_pipeline::schedulers::parse_python_json(&text).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// Replays recorded scheduler noise draws in order.
-struct Replay {
-    draws: Vec<Tensor>,
-    next: usize,
-}
-
-impl NoiseSource for Replay {
-    fn randn(&mut self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
-        let Some(draw) = self.draws.get(self.next) else {
-            candle_core::bail!(
-                "the scheduler drew more than the {} recorded noise tensors",
-                self.draws.len()
-            );
-        };
-        if draw.shape() != shape {
-            candle_core::bail!(
-                "draw {} has shape {:?}, the scheduler asked for {shape:?}",
-                self.next,
-                draw.shape()
-            );
-        }
-        self.next += 1;
-        draw.to_device(device)
-    }
-}
+use common::{Replay, index, load_tensors, max_abs, model, reference};
 
 /// The request name of a reference run's scheduler.
 fn scheduler_name(run: &Value) -> &'static str {
@@ -177,6 +92,7 @@ fn job_for(key: &str, run: &Value) -> Job {
             scheduler: scheduler_name(run).to_string(),
             eta: run["eta"].as_f64().unwrap(),
             time_ids: takes_sizes(key).then(|| time_ids(inputs, (height as u32, width as u32))),
+            image_to_image: None,
         },
         images: (0..prompts.len())
             .map(|i| ImageSpec {
@@ -186,6 +102,7 @@ fn job_for(key: &str, run: &Value) -> Job {
                 negative_prompt_2: None,
                 seed: 0,
                 latents: None,
+                image: None,
             })
             .collect(),
     }
@@ -402,6 +319,7 @@ fn seeded_job_for(key: &str, prompts: &[(&str, u64)], scheduler: &str) -> Job {
             scheduler: scheduler.into(),
             eta: 0.0,
             time_ids: takes_sizes(key).then(|| time_ids(&Value::Null, (64, 64))),
+            image_to_image: None,
         },
         images: prompts
             .iter()
@@ -412,6 +330,7 @@ fn seeded_job_for(key: &str, prompts: &[(&str, u64)], scheduler: &str) -> Job {
                 negative_prompt_2: None,
                 seed: *seed,
                 latents: None,
+                image: None,
             })
             .collect(),
     }

@@ -599,6 +599,7 @@ fn absurd_config_values_are_errors_not_panics_or_giant_allocations() {
                     scheduler: sd.description().default_scheduler.clone(),
                     eta: 0.0,
                     time_ids: None,
+                    image_to_image: None,
                 },
                 images: vec![ImageSpec::new("a cat", 1)],
             };

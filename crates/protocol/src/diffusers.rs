@@ -78,6 +78,8 @@ const FIELDS: &[(&str, Place)] = &[
     ("negative_original_size", Place::Either),
     ("negative_crops_coords_top_left", Place::Either),
     ("negative_target_size", Place::Either),
+    ("image", Place::Input),
+    ("strength", Place::Either),
     ("output_format", Place::Parameter),
     ("timeout", Place::Parameter),
     ("preview_every", Place::Parameter),
@@ -160,6 +162,7 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
     let seeds = f.seeds()?;
     let scheduler = f.text("scheduler")?;
     let latents = f.latents()?;
+    let images = f.files("image")?;
     let output_format = f.param_as("output_format", json_text)?;
     let options = RequestOptions {
         timeout: f.timeout()?,
@@ -181,6 +184,8 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         prompts_2,
         negative_prompts_2,
         sizes,
+        images,
+        strength: f.float("strength")?,
     };
     Ok(Decoded {
         generation,
@@ -404,6 +409,51 @@ impl Fields<'_> {
         }))
     }
 
+    /// Encoded files (BYTES, shape `[N]` or `[N, 1]`): raw bytes, or base64 text where the
+    /// input's `content_type` parameter says `base64` (MLServer's codec).
+    fn files(&self, name: &str) -> Result<Option<Vec<Vec<u8>>>, ContractError> {
+        let Some(i) = self.input(name) else {
+            return Ok(None);
+        };
+        check_datatype(i, &[Datatype::Bytes])?;
+        if !matches!(i.shape.as_slice(), [_] | [_, 1]) {
+            return Err(bad(format!(
+                "input '{name}': shape {:?} is not allowed; use [N] or [N, 1] (one file per element)",
+                i.shape
+            )));
+        }
+        counted(i)?;
+        let TensorData::Bytes(elements) = &i.data else {
+            return Err(wrong_kind(i));
+        };
+        if elements.is_empty() {
+            return Err(bad(format!("input '{name}' must hold at least one file")));
+        }
+        let content_type = i
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("content_type"))
+            .and_then(Value::as_str);
+        match content_type {
+            Some("base64") => elements
+                .iter()
+                .enumerate()
+                .map(|(k, e)| {
+                    decode_base64(e).map_err(|why| {
+                        bad(format!(
+                            "input '{name}' element {k} is not valid base64: {why}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            None | Some("bytes") => Ok(Some(elements.clone())),
+            Some(other) => Err(bad(format!(
+                "input '{name}': content_type '{other}' is not supported; use 'base64' or raw bytes"
+            ))),
+        }
+    }
+
     fn timeout(&self) -> Result<Option<Duration>, ContractError> {
         let Some(v) = self.param("timeout") else {
             return Ok(None);
@@ -491,6 +541,23 @@ fn single(input: &RequestInput) -> Result<usize, ContractError> {
         )));
     }
     Ok(0)
+}
+
+/// Standard base64 with or without padding; ASCII whitespace (the line breaks of `base64`'s
+/// output) is skipped.
+fn decode_base64(text: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const ENGINE: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let compact: Vec<u8> = text
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    ENGINE.decode(compact).map_err(|e| e.to_string())
 }
 
 /// A BYTES input of shape `[N]` or `[N, 1]` as UTF-8 text without NUL.
@@ -904,11 +971,50 @@ mod tests {
         };
         let err = decode(&request(vec![input("prompt")])).unwrap_err();
         assert_eq!(err.0, "input 'prompt' element 0 is not valid UTF-8 text");
-        // An input the contract does not know is refused by name, whatever its bytes.
+        // An image input keeps its bytes as they are.
         let mut inputs = vec![input("prompt")];
         inputs[0].data = TensorData::Bytes(vec![b"a cat".to_vec()]);
         inputs.push(input("image"));
+        let decoded = decode(&request(inputs.clone())).unwrap();
+        assert_eq!(decoded.generation.images, Some(vec![png.clone()]));
+        // An input the contract does not know is refused by name, whatever its bytes.
+        inputs[1].name = "picture".into();
         let err = decode(&request(inputs)).unwrap_err();
-        assert!(err.0.starts_with("unknown input 'image'"), "{err}");
+        assert!(err.0.starts_with("unknown input 'picture'"), "{err}");
+    }
+
+    #[test]
+    fn base64_images_are_decoded_where_the_content_type_says_so() {
+        let image = |data: &[u8], content_type: Option<&str>| {
+            let mut req = json!({"inputs": [
+                {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a cat"]},
+                {"name": "image", "datatype": "BYTES", "shape": [1],
+                 "data": [String::from_utf8(data.to_vec()).unwrap()]}]});
+            if let Some(ct) = content_type {
+                req["inputs"][1]["parameters"] = json!({"content_type": ct});
+            }
+            decode_json(req)
+        };
+        // "\x89PNG" in base64, wrapped as the base64 tool wraps lines, padding left out.
+        let got = image(b"iVBO\nRw", Some("base64"))
+            .unwrap()
+            .generation
+            .images;
+        assert_eq!(got, Some(vec![b"\x89PNG".to_vec()]));
+        assert_eq!(
+            image(b"raw", None).unwrap().generation.images,
+            Some(vec![b"raw".to_vec()])
+        );
+        let err = image(b"not base64!", Some("base64")).unwrap_err();
+        assert!(
+            err.0
+                .starts_with("input 'image' element 0 is not valid base64"),
+            "{err}"
+        );
+        let err = image(b"x", Some("pil")).unwrap_err();
+        assert!(
+            err.0.contains("content_type 'pil' is not supported"),
+            "{err}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Params;
+use super::noising::{NoiseLevel, at, start_at};
 use super::numeric::{Rescale, SPACINGS, TrainSchedule, ddim_timesteps};
 use super::{Scheduler, SchedulerError, StepCount, draw_noise, lincomb, step_inputs};
 use crate::noise::NoiseSource;
@@ -77,6 +78,16 @@ impl Ddim {
 impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        start_at(CLASS, &mut self.next, begin, self.timesteps_i.len())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let t = at(CLASS, &self.timesteps_i, index)?;
+        NoiseLevel::AlphaCumprod(at(CLASS, &self.schedule.alphas_cumprod, t as usize)?)
+            .apply(original, noise)
     }
 
     fn step(

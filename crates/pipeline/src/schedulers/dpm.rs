@@ -4,6 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::Params;
 use super::multistep::{Interval, Prediction, solver_order};
+use super::noising::{NoiseLevel, at, start_at};
 use super::numeric::{
     Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, lambda, log_sigmas,
     multistep_timesteps, np_interp_unit, np_linspace, sigmas_to_timesteps,
@@ -223,6 +224,14 @@ fn schedule_sigmas(
 impl Scheduler for Dpm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        start_at(CLASS, &mut self.next, begin, self.timesteps.len())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        NoiseLevel::VariancePreserving(at(CLASS, &self.sigmas, index)?).apply(original, noise)
     }
 
     fn step(

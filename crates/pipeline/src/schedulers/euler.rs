@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Params;
+use super::noising::{NoiseLevel, at, start_at};
 use super::numeric::{
     Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, input_scale_f32, k_timesteps,
     log_sigmas, np_interp_unit, sigmas_to_timesteps, torch_linspace_f32,
@@ -189,6 +190,14 @@ impl Scheduler for Euler {
         scale_input(sample, &self.s, step_index, EULER)
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        start_at(EULER, &mut self.next, begin, self.s.timesteps.len())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        NoiseLevel::Sigma(at(EULER, &self.s.sigmas, index)?).apply(original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -269,6 +278,14 @@ impl Scheduler for EulerAncestral {
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         scale_input(sample, &self.s, step_index, EULER_A)
+    }
+
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        start_at(EULER_A, &mut self.next, begin, self.s.timesteps.len())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        NoiseLevel::Sigma(at(EULER_A, &self.s.sigmas, index)?).apply(original, noise)
     }
 
     fn step(

@@ -4,6 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::config::Params;
 use super::euler::{Prediction, SigmaSchedule, scale_input};
+use super::noising::{NoiseLevel, at, start_at};
 use super::numeric::{
     Rescale, SPACINGS, SigmaKind, TimestepCast, TrainSchedule, k_timesteps, log_sigmas,
     np_interp_unit, sigmas_to_timesteps,
@@ -96,6 +97,14 @@ impl Scheduler for Lms {
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         scale_input(sample, &self.s, step_index, CLASS)
+    }
+
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        start_at(CLASS, &mut self.next, begin, self.s.timesteps.len())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        NoiseLevel::Sigma(at(CLASS, &self.s.sigmas, index)?).apply(original, noise)
     }
 
     fn step(

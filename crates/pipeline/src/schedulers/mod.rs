@@ -30,6 +30,7 @@ mod dpm;
 mod euler;
 mod lms;
 mod multistep;
+mod noising;
 mod numeric;
 mod pndm;
 mod unipc;
@@ -58,6 +59,12 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
+    /// Makes the run start at timestep index `begin` (diffusers' `set_begin_index`), as
+    /// image-to-image does; only before the first step. Steps then count from `begin`.
+    fn start_at(&mut self, begin: usize) -> Result<()>;
+    /// `original` noised with `noise` to the level of timestep index `index` (diffusers'
+    /// `add_noise(original, noise, timesteps[index])` after `set_begin_index(index)`).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
     /// Advances `sample` by one step. `step_index` must count 0, 1, 2, ... in order; noise (for
     /// stochastic schedulers) is drawn from `noise` with the model output's shape.
     fn step(

@@ -1,6 +1,11 @@
-//! The VAE decoder (`AutoencoderKL.decode`), built from `vae/config.json` with the same tensor
-//! names as diffusers. Assembled here rather than with candle's `AutoEncoderKL` so that its
-//! convolutions and group norms run the fused CPU kernels of [`crate::layers`].
+//! The VAE (`AutoencoderKL`): its decoder here, its encoder in [`encoder`], built from
+//! `vae/config.json` with the same tensor names as diffusers. Assembled here rather than with
+//! candle's `AutoEncoderKL` so that its convolutions and group norms run the fused CPU kernels
+//! of [`crate::layers`].
+
+mod encoder;
+
+pub use encoder::LatentDistribution;
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -10,8 +15,19 @@ use crate::config::VaeConfig;
 use crate::conv::{Conv2d, conv2d};
 use crate::layers::{GroupNorm, Linear, ResnetBlock, ResnetConfig, group_norm, linear};
 
-/// diffusers' `Decoder` resnets and norms use eps 1e-6 whatever the config says.
+/// diffusers' `Encoder` and `Decoder` resnets and norms use eps 1e-6 whatever the config says.
 const EPS: f64 = 1e-6;
+
+/// The VAE's resnets: no time embedding, unit output scale.
+fn resnet_config(out_channels: usize, groups: usize) -> ResnetConfig {
+    ResnetConfig {
+        out_channels,
+        temb_channels: None,
+        groups,
+        eps: EPS,
+        output_scale_factor: 1.0,
+    }
+}
 
 /// The single-head self-attention of the mid block (diffusers' `Attention` with
 /// `residual_connection=True`, group norm, no rescale).
@@ -92,6 +108,7 @@ impl UpBlock {
 }
 
 pub struct Vae {
+    encoder: Option<encoder::Encoder>,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid_resnets: [ResnetBlock; 2],
@@ -114,13 +131,12 @@ impl Vae {
             padding: 1,
             ..Default::default()
         };
-        let resnet_cfg = |out_channels| ResnetConfig {
-            out_channels,
-            temb_channels: None,
-            groups,
-            eps: EPS,
-            output_scale_factor: 1.0,
-        };
+        let resnet_cfg = |out_channels| resnet_config(out_channels, groups);
+        // Folders made for decoding only may lack the encoder: such a model takes no images.
+        let encoder = vb
+            .contains_tensor("encoder.conv_in.weight")
+            .then(|| encoder::Encoder::new(vb.clone(), config))
+            .transpose()?;
         let post_quant_conv = config
             .use_post_quant_conv
             .then(|| {
@@ -161,6 +177,7 @@ impl Vae {
         }
         let bottom = channels.first().copied().unwrap_or(top);
         Ok(Self {
+            encoder,
             post_quant_conv,
             conv_in,
             mid_resnets,
@@ -179,6 +196,25 @@ impl Vae {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether the folder has the encoder, which image inputs need.
+    pub fn has_encoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// The latent distribution of images `(B, 3, H, W)` in `[-1, 1]`, one image at a time
+    /// (which bounds peak memory).
+    pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
+        let Some(encoder) = &self.encoder else {
+            return Err(candle_core::Error::Msg(
+                "this VAE has no encoder weights".into(),
+            ));
+        };
+        let moments = (0..images.dim(0)?)
+            .map(|i| encoder.moments(&images.narrow(0, i, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        LatentDistribution::from_moments(&Tensor::cat(&moments, 0)?)
     }
 
     /// Denoised latents `(B, C, h, w)` (still multiplied by `scaling_factor`) to images in about

@@ -1,0 +1,193 @@
+//! Image-to-image against diffusers' `StableDiffusion(XL)Img2ImgPipeline` on the tiny models
+//! (`models/reference/img2img/`, made by `models/scripts/make_image_references.py`).
+//!
+//! Every run is replayed with diffusers' own draws (the encoder's latent sample, the noise
+//! `add_noise` used, the ancestral scheduler's noise) and must match its images within 2/255;
+//! the encoder's latent distribution must match within 1e-4.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use sdserve_generation::{
+    ImageSpec, ImageToImage, Job, JobSettings, RgbImage, StepControl, StopReason, TimeIds,
+    decode_rgb,
+};
+use sdserve_pipeline::image_to_image::image_tensor;
+use serde_json::Value;
+
+use common::{Replay, load_tensors, max_abs, model, models};
+
+fn dir() -> PathBuf {
+    models().join("reference").join("img2img")
+}
+
+fn index(key: &str) -> Value {
+    let path = dir().join(key).join("index.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// An input PNG through the server's own decoder.
+fn input(name: &str) -> RgbImage {
+    decode_rgb(&std::fs::read(dir().join(name)).unwrap(), 1 << 20).unwrap()
+}
+
+fn job_for(key: &str, run: &Value) -> Job {
+    let [h, w] = [0, 1].map(|i| run["output_size"][i].as_u64().unwrap() as usize);
+    let text = |v: &Value| v.as_str().unwrap().to_string();
+    let prompts = run["prompts"].as_array().unwrap();
+    let negatives = run["negative_prompts"].as_array().unwrap();
+    let inputs = run["inputs"].as_array().unwrap();
+    Job {
+        settings: JobSettings {
+            num_inference_steps: run["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+            height: h,
+            width: w,
+            scheduler: text(&run["scheduler"]),
+            eta: 0.0,
+            time_ids: (key == "sdxl").then(|| TimeIds::defaults(h, w)),
+            image_to_image: Some(ImageToImage {
+                strength: run["strength"].as_f64().unwrap(),
+            }),
+        },
+        images: (0..prompts.len())
+            .map(|i| ImageSpec {
+                negative_prompt: Some(text(&negatives[i])),
+                // Resized exactly as diffusers' VaeImageProcessor resizes.
+                image: Some(input(inputs[i].as_str().unwrap()).resized(w, h)),
+                ..ImageSpec::new(text(&prompts[i]), 0)
+            })
+            .collect(),
+    }
+}
+
+/// Records the progress the pipeline reports.
+#[derive(Default)]
+struct Progress(Vec<(usize, usize)>);
+
+impl StepControl for Progress {
+    fn after_step(&mut self, done: usize, total: usize) -> ControlFlow<StopReason> {
+        self.0.push((done, total));
+        ControlFlow::Continue(())
+    }
+}
+
+/// Replays every run of `key`; returns `(run, max 8-bit diff, max float diff in 1/255)`.
+fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
+    let sd = model(key);
+    let mut results = Vec::new();
+    for run in index(key)["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let arrays = load_tensors(&dir().join(key).join(format!("{name}.safetensors")));
+        let job = job_for(key, run);
+        let mut draws = vec![arrays["encoder_noise"].clone()];
+        if let Some(steps) = arrays.get("step_noise") {
+            draws.extend((0..steps.dim(0).unwrap()).map(|k| steps.get(k).unwrap()));
+        }
+        let mut replay = Replay { draws, next: 0 };
+        let mut progress = Progress::default();
+        let images = sd
+            .run(&job, &arrays["noise"], &mut replay, &mut progress)
+            .unwrap_or_else(|e| panic!("{key}/{name}: {e}"));
+        assert_eq!(
+            replay.next,
+            replay.draws.len(),
+            "{key}/{name}: draws left unused"
+        );
+        let steps = run["timesteps"].as_array().unwrap().len();
+        let expected: Vec<_> = (1..=steps).map(|k| (k, steps)).collect();
+        assert_eq!(
+            progress.0, expected,
+            "{key}/{name}: progress counts the steps that run"
+        );
+
+        let ours = Tensor::from_vec(
+            images.data.clone(),
+            (images.batch, 3, images.height, images.width),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
+        let theirs = &arrays["images"];
+        let float_diff = max_abs(&ours, theirs) * 255.0;
+        let theirs: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
+        let plane = images.height * images.width * 3;
+        let mut pixel_diff = 0u8;
+        for i in 0..images.batch {
+            let expected = theirs[i * plane..(i + 1) * plane]
+                .iter()
+                .map(|x| (x * 255.0).round_ties_even() as u8);
+            let d = images
+                .rgb8(i)
+                .iter()
+                .zip(expected)
+                .map(|(a, b)| a.abs_diff(b))
+                .max();
+            pixel_diff = pixel_diff.max(d.unwrap());
+        }
+        println!(
+            "{key}/{name}: max |diff| {pixel_diff}/255 on 8-bit pixels, {float_diff:.4}/255 on floats"
+        );
+        results.push((format!("{key}/{name}"), pixel_diff, float_diff));
+    }
+    results
+}
+
+fn check_model(key: &str) {
+    let results = replay_all(key);
+    assert_eq!(
+        results.len(),
+        17,
+        "8 schedulers × 2 strengths + a resized input"
+    );
+    let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
+    assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
+}
+
+#[test]
+fn sd1_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
+    check_model("sd1");
+}
+
+#[test]
+fn sd2_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
+    check_model("sd2");
+}
+
+#[test]
+fn sdxl_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
+    check_model("sdxl");
+}
+
+#[test]
+fn the_encoders_latent_distribution_matches_diffusers() {
+    for key in ["sd1", "sd2", "sdxl"] {
+        let sd = model(key);
+        let run = &index(key)["runs"][0];
+        let job = job_for(key, run);
+        let reference = load_tensors(&dir().join(key).join("encoder.safetensors"));
+        let images = image_tensor(&job, &Device::Cpu).unwrap();
+        let dist = sd.vae().encode(&images).unwrap();
+        let (dm, ds) = (
+            max_abs(&dist.mean, &reference["mean"]),
+            max_abs(&dist.std, &reference["std"]),
+        );
+        let eps = load_tensors(
+            &dir()
+                .join(key)
+                .join(format!("{}.safetensors", run["name"].as_str().unwrap())),
+        )["encoder_noise"]
+            .clone();
+        let latents = (dist.sample(&eps).unwrap() * sd.vae().config().scaling_factor).unwrap();
+        let dl = max_abs(&latents, &reference["image_latents"]);
+        println!("{key}: encoder mean {dm:.2e}, std {ds:.2e}, scaled latents {dl:.2e}");
+        assert!(
+            dm <= 1e-4 && ds <= 1e-4 && dl <= 1e-4,
+            "{key}: {dm} {ds} {dl}"
+        );
+    }
+}

@@ -1,0 +1,259 @@
+"""Run diffusers' image-to-image pipelines (CPU, float32) on the tiny models; write references.
+
+    .venv/bin/python models/scripts/make_image_references.py [--out models/reference/img2img]
+
+Inputs (written to <out>/): input_0.png, input_1.png (64x64) and input_odd.png (67x61), RGB
+pictures drawn from a seeded RNG; resize_<w>x<h>.png: input_odd.png resized by Pillow's
+Lanczos filter, as diffusers' VaeImageProcessor resizes. Hostile files: bomb.png (a valid
+header declaring 100000x100000 pixels, one tiny IDAT), truncated.jpg (the first half of a JPEG
+of input_0.png), input_0.jpg and input_0.webp (the same picture, whole).
+
+For each model (sd1, sd2, sdxl), <out>/<model>/:
+  <run>.safetensors   "images" (B, H, W, 3) float output_type="np",
+                      "encoder_noise": the draw of the VAE's latent sample (B, 4, h, w),
+                      "noise": the draw add_noise used, "step_noise" (if any): every draw a
+                      stochastic scheduler made, in order, "timesteps": those that ran
+  encoder.safetensors "mean", "std": the VAE encoder's latent distribution of the two inputs,
+                      "image_latents": scaling_factor * (mean + std * encoder_noise)
+  index.json          every run's settings
+The pipelines are loaded with from_pretrained from the model folders, as users load them.
+"""
+
+import argparse
+import importlib
+import io
+import json
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+from safetensors.torch import save_file as _save_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODELS = {
+    "sd1": ("tiny-sd1", StableDiffusionImg2ImgPipeline),
+    "sd2": ("tiny-sd2", StableDiffusionImg2ImgPipeline),
+    "sdxl": ("tiny-sdxl", StableDiffusionXLImg2ImgPipeline),
+}
+PROMPTS = ["a red circle on a blue background", "two green squares"]
+NEGATIVE_PROMPTS = ["blurry", ""]
+STEPS = 10
+GUIDANCE = 7.5
+STRENGTHS = (0.35, 0.8)
+NOISE_SEED = 7
+SCHEDULERS = [
+    ("ddim", DDIMScheduler, {}),
+    ("pndm", PNDMScheduler, {}),
+    ("euler", EulerDiscreteScheduler, {}),
+    ("euler_ancestral", EulerAncestralDiscreteScheduler, {}),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {}),
+    ("dpmpp_2m_karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    ("lms", LMSDiscreteScheduler, {}),
+    ("unipc", UniPCMultistepScheduler, {}),
+]
+# Modules whose randn_tensor the pipelines draw from: the VAE's latent sample, the pipelines'
+# add_noise noise, the stochastic schedulers.
+NOISE_MODULES = [
+    "diffusers.models.autoencoders.vae",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    "diffusers.schedulers.scheduling_ddim",
+    "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+]
+RESIZES = [(64, 56), (32, 24), (128, 96), (67, 61)]
+
+
+class NoiseRecorder:
+    def __init__(self):
+        self.draws = []
+        self.patched = []
+
+    def __enter__(self):
+        for name in NOISE_MODULES:
+            module = importlib.import_module(name)
+            original = getattr(module, "randn_tensor", None)
+            if original is None:
+                raise SystemExit(f"{name} has no randn_tensor")
+
+            def recording(*args, _original=original, **kwargs):
+                out = _original(*args, **kwargs)
+                self.draws.append(out.detach().clone())
+                return out
+
+            module.randn_tensor = recording
+            self.patched.append((module, original))
+        return self
+
+    def __exit__(self, *exc):
+        for module, original in self.patched:
+            module.randn_tensor = original
+
+
+def save_file(tensors, path):
+    _save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def picture(seed, width, height):
+    """A smooth background with a few discs and boxes, from a seeded RNG."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    t = (x / max(width - 1, 1))[..., None]
+    img = c0 * (1 - t) + c1 * t
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(4, width / 3)
+        disc = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+        img[disc] = rng.uniform(0, 255, 3)
+    x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    img[y0 : y0 + height // 4, x0 : x0 + width // 3] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), mode="RGB")
+
+
+@torch.no_grad()
+def run(pipe, base_config, cls, overrides, images, strength, capture):
+    pipe.scheduler = cls.from_config(base_config, **overrides)
+    enc = {}
+    original_encode = pipe.vae.encode
+    if capture:
+
+        def encode(x, *args, **kwargs):
+            out = original_encode(x, *args, **kwargs)
+            enc["mean"] = out.latent_dist.mean.detach().clone()
+            enc["std"] = out.latent_dist.std.detach().clone()
+            return out
+
+        pipe.vae.encode = encode
+    timesteps = []
+
+    def on_step_end(_pipe, _i, t, kwargs):
+        timesteps.append(float(t))
+        return kwargs
+
+    try:
+        with NoiseRecorder() as rec:
+            out = pipe(
+                prompt=PROMPTS,
+                negative_prompt=NEGATIVE_PROMPTS,
+                image=images,
+                strength=strength,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(NOISE_SEED),
+                output_type="np",
+                callback_on_step_end=on_step_end,
+            ).images
+    finally:
+        if capture:
+            del pipe.vae.encode
+    draws = rec.draws
+    arrays = {
+        "images": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
+        "encoder_noise": draws[0],
+        "noise": draws[1],
+        "timesteps": torch.tensor(timesteps, dtype=torch.float64),
+    }
+    if len(draws) > 2:
+        arrays["step_noise"] = torch.stack(draws[2:])
+    if capture:
+        enc["image_latents"] = pipe.vae.config.scaling_factor * (enc["mean"] + enc["std"] * draws[0])
+    return arrays, enc
+
+
+def write_model(key, models_root, out_root, inputs, odd):
+    folder, cls = MODELS[key]
+    out = os.path.join(out_root, key)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    kwargs = {"safety_checker": None} if cls is StableDiffusionImg2ImgPipeline else {}
+    pipe = cls.from_pretrained(os.path.join(models_root, folder), **kwargs).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    base_config = dict(pipe.scheduler.config)
+    index = {"model": key, "model_dir": f"models/{folder}", "pipeline": cls.__name__, "runs": []}
+    plan = [(f"{name}_s{s}", sc, ov, inputs, s) for name, sc, ov in SCHEDULERS for s in STRENGTHS]
+    plan.append(("ddim_resized", DDIMScheduler, {}, [odd, odd], 0.8))
+    for i, (name, sc, ov, images, strength) in enumerate(plan):
+        arrays, enc = run(pipe, base_config, sc, ov, images, strength, capture=i == 0)
+        if enc:
+            save_file(enc, os.path.join(out, "encoder.safetensors"))
+        save_file(arrays, os.path.join(out, f"{name}.safetensors"))
+        index["runs"].append(
+            {
+                "name": name,
+                "scheduler": name.rsplit("_s", 1)[0] if "_s" in name else "ddim",
+                "scheduler_class": sc.__name__,
+                "strength": strength,
+                "inputs": ["input_odd.png"] * 2 if images[0] is odd else ["input_0.png", "input_1.png"],
+                "prompts": PROMPTS,
+                "negative_prompts": NEGATIVE_PROMPTS,
+                "num_inference_steps": STEPS,
+                "guidance_scale": GUIDANCE,
+                "timesteps": [float(t) for t in arrays["timesteps"]],
+                "output_size": list(arrays["images"].shape[1:3]),
+                "step_noise_draws": int(arrays["step_noise"].shape[0]) if "step_noise" in arrays else 0,
+            }
+        )
+        print(f"{key}/{name}: {len(index['runs'][-1]['timesteps'])} steps", flush=True)
+    with open(os.path.join(out, "index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+        f.write("\n")
+
+
+def png_chunk(kind, data):
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def write_hostile(out, picture_0):
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+    bomb += png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + png_chunk(b"IEND", b"")
+    with open(os.path.join(out, "bomb.png"), "wb") as f:
+        f.write(bomb)
+    buf = io.BytesIO()
+    picture_0.save(buf, format="JPEG", quality=90)
+    with open(os.path.join(out, "input_0.jpg"), "wb") as f:
+        f.write(buf.getvalue())
+    with open(os.path.join(out, "truncated.jpg"), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    picture_0.save(os.path.join(out, "input_0.webp"), format="WEBP", lossless=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=os.path.join(REPO, "models"))
+    parser.add_argument("--out", default=os.path.join(REPO, "models", "reference", "img2img"))
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    inputs = [picture(1, 64, 64), picture(2, 64, 64)]
+    odd = picture(3, 67, 61)
+    for i, im in enumerate(inputs):
+        im.save(os.path.join(args.out, f"input_{i}.png"))
+    odd.save(os.path.join(args.out, "input_odd.png"))
+    write_hostile(args.out, inputs[0])
+    for w, h in RESIZES:
+        odd.resize((w, h), resample=Image.LANCZOS).save(os.path.join(args.out, f"resize_{w}x{h}.png"))
+    for key in MODELS:
+        write_model(key, args.models, args.out, inputs, odd)
+
+
+if __name__ == "__main__":
+    main()
