@@ -162,6 +162,31 @@ def test_binary_tensor_extension(triton, model_name, native_size):
     assert [png_size(i) for i in triton_images(result)] == [native_size]
 
 
+# A 67×61 RGB picture: image-to-image makes a 64×56 image of it (sides rounded down to 8).
+INPUT_IMAGE = Path(__file__).resolve().parents[2] / "models/reference/img2img/input_odd.png"
+
+
+def test_image_to_image_with_the_image_as_raw_bytes(triton, model_name):
+    """tritonclient sends the PNG file as a binary BYTES tensor; strength as an FP32 input."""
+    image = httpclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([INPUT_IMAGE.read_bytes()], dtype=np.object_), binary_data=True)
+    strength = httpclient.InferInput("strength", [1], "FP32")
+    strength.set_data_from_numpy(np.array([0.6], dtype=np.float32), binary_data=False)
+    result = triton.infer(
+        model_name,
+        [prompt_input(["a red circle"]), image, strength],
+        outputs=image_output(),
+        parameters={"seed": 4, "num_inference_steps": 5},
+    )
+    assert [png_size(i) for i in triton_images(result)] == [(64, 56)]
+    # A file that is not an image is a 400 naming the input.
+    image.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_), binary_data=True)
+    with pytest.raises(InferenceServerException) as error:
+        triton.infer(model_name, [prompt_input(["a"]), image], outputs=image_output())
+    assert error.value.status() == "400"
+    assert "input 'image' element 0" in error.value.message()
+
+
 def test_unknown_model_infer_is_404(triton):
     with pytest.raises(InferenceServerException) as error:
         triton.infer("no-such-model", [prompt_input(["x"])], outputs=image_output())
@@ -212,6 +237,24 @@ def test_mlserver_string_codec_request(base_url, model_name, native_size):
     assert reply.json()["parameters"]["seeds"] == [3]
     images = mlserver_images(reply.json())
     assert [png_size(i) for i in images] == [native_size]
+
+
+def test_mlserver_base64_codec_image_input(base_url, model_name):
+    """MLServer's Base64Codec marks the image input `content_type: base64`."""
+    image = Base64Codec.encode_input("image", [INPUT_IMAGE.read_bytes()], use_bytes=False)
+    assert image.parameters.content_type == "base64"
+    request = InferenceRequest(
+        inputs=[StringCodec.encode_input("prompt", ["a red circle"]), image],
+        parameters=Parameters(seed=3, num_inference_steps=4, strength=0.5),
+    )
+    reply = requests.post(
+        infer_url(base_url, model_name),
+        data=request.model_dump_json(),
+        headers={"content-type": "application/json"},
+        timeout=TIMEOUT,
+    )
+    assert reply.status_code == 200, reply.text
+    assert [png_size(i) for i in mlserver_images(reply.json())] == [(64, 56)]
 
 
 @pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")

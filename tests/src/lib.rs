@@ -1355,3 +1355,47 @@ mod tests {
         assert!(!is_uuid_v4("req-42"));
     }
 }
+
+// ---- Triton's binary tensor extension -------------------------------------------------------
+
+/// A serialised BYTES tensor: each element a 4-byte little-endian length, then its bytes.
+pub fn bytes_tensor(items: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in items {
+        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
+        out.extend_from_slice(i);
+    }
+    out
+}
+
+/// The JSON header followed by the tensors; returns the body and the header's length.
+pub fn binary_body(header: &Value, tensors: &[&[u8]]) -> (Vec<u8>, usize) {
+    let mut body = header.to_string().into_bytes();
+    let n = body.len();
+    for t in tensors {
+        body.extend_from_slice(t);
+    }
+    (body, n)
+}
+
+pub fn post_binary(s: &Server, path: &str, header_length: &str, body: Vec<u8>) -> Reply {
+    s.send(
+        s.client()
+            .post(s.url(path))
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", header_length)
+            .body(body),
+    )
+}
+
+/// Resident memory of a process, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .expect("VmRSS of the server")
+}

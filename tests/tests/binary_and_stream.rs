@@ -9,36 +9,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use sdserve_tests::*;
 
-/// A serialised BYTES tensor: each element a 4-byte little-endian length, then its bytes.
-fn bytes_tensor(items: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in items {
-        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
-        out.extend_from_slice(i);
-    }
-    out
-}
-
-/// The JSON header followed by the tensors; returns the body and the header's length.
-fn binary_body(header: &Value, tensors: &[&[u8]]) -> (Vec<u8>, usize) {
-    let mut body = header.to_string().into_bytes();
-    let n = body.len();
-    for t in tensors {
-        body.extend_from_slice(t);
-    }
-    (body, n)
-}
-
-fn post_binary(s: &Server, path: &str, header_length: &str, body: Vec<u8>) -> Reply {
-    s.send(
-        s.client()
-            .post(s.url(path))
-            .header("content-type", "application/octet-stream")
-            .header("inference-header-content-length", header_length)
-            .body(body),
-    )
-}
-
 /// A binary answer split into its JSON header and the image output's PNG files.
 fn binary_reply(r: &Reply) -> (Value, Vec<Vec<u8>>) {
     r.expect(200);

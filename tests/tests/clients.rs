@@ -72,7 +72,7 @@ fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
         &python,
         &s,
         &["tests/python", "--ignore=tests/python/grpc"],
-        14,
+        16,
     );
-    pytest(&python, &s, &["tests/python/grpc"], 8);
+    pytest(&python, &s, &["tests/python/grpc"], 9);
 }

@@ -76,10 +76,10 @@ impl Prepared {
     /// `k` must be between 1 and the request's steps.
     pub fn with_preview_every(mut self, k: Option<i64>) -> Result<Self, EngineError> {
         let Some(k) = k else { return Ok(self) };
-        let steps = self.job.settings.num_inference_steps;
+        let steps = self.job.settings.steps_to_run();
         if k < 1 || k as u64 > steps as u64 {
             return Err(EngineError::Invalid(format!(
-                "parameter 'preview_every' is {k}; it must be between 1 and num_inference_steps ({steps})"
+                "parameter 'preview_every' is {k}; it must be between 1 and the steps that run ({steps})"
             )));
         }
         self.preview_every = Some(k as usize);
@@ -285,7 +285,7 @@ impl Engine {
         // A deadline too far away to represent is no deadline.
         let deadline = timeout.and_then(|t| admission.arrived().checked_add(t));
         let timeout_ms = timeout.map(|t| t.as_millis() as u64).unwrap_or(0);
-        let steps = job.settings.num_inference_steps;
+        let steps = job.settings.steps_to_run();
         let control = Arc::new(JobControl::new(deadline, progress, preview_every, steps));
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(EngineError::DeadlineExceeded {

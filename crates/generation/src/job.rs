@@ -57,6 +57,16 @@ pub struct TimeIds {
 pub const TIME_IDS: usize = 6;
 
 impl JobSettings {
+    /// The scheduler steps that run: all of them for text-to-image, those `strength` keeps for
+    /// image-to-image (diffusers' adjusted `num_inference_steps`). Progress counts these.
+    pub fn steps_to_run(&self) -> usize {
+        let steps = self.num_inference_steps;
+        match self.image_to_image {
+            Some(mode) => steps - mode.first_step(steps),
+            None => steps,
+        }
+    }
+
     /// Whether `eta` means anything for this job's scheduler (and is reported back).
     pub fn uses_eta(&self) -> bool {
         self.scheduler == ETA_SCHEDULER

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-pub use sdserve_generation::ConditioningInputs;
+pub use sdserve_generation::{ConditioningInputs, ModelDescription};
 use sdserve_generation::{GenerationRequest, LatentsInput, SizeConditioningInput};
 use serde_json::Value;
 
@@ -680,7 +680,10 @@ fn merge<T: PartialEq + std::fmt::Debug>(
 
 /// The contract's inputs for a model conditioned on `conditioning`, as model metadata reports
 /// them.
-pub fn input_metadata(conditioning: ConditioningInputs) -> Vec<crate::v2::MetadataTensor> {
+/// The inputs a model takes; `None` (a model still loading) lists the text-to-image ones.
+pub fn input_metadata(model: Option<&ModelDescription>) -> Vec<crate::v2::MetadataTensor> {
+    let conditioning = model.map(|m| m.conditioning).unwrap_or_default();
+    let takes_images = model.is_some_and(|m| m.default_strength.is_some());
     let t = |name: &str, datatype: Datatype, shape: &[i64], content_type: Option<&str>| {
         crate::v2::MetadataTensor {
             name: name.into(),
@@ -706,6 +709,11 @@ pub fn input_metadata(conditioning: ConditioningInputs) -> Vec<crate::v2::Metada
         t("eta", Datatype::Fp32, &[1], None),
         t("latents", Datatype::Fp32, &[-1, -1, -1, -1], None),
     ];
+    if takes_images {
+        // Files: base64 text in JSON, raw bytes in binary tensors and gRPC.
+        inputs.push(t("image", Datatype::Bytes, &[-1], Some("base64")));
+        inputs.push(t("strength", Datatype::Fp32, &[1], None));
+    }
     if conditioning == ConditioningInputs::PromptsAndSizes {
         inputs.push(t("prompt_2", Datatype::Bytes, &[-1], Some("str")));
         inputs.push(t("negative_prompt_2", Datatype::Bytes, &[-1], Some("str")));

@@ -32,8 +32,8 @@ impl Service {
             versions: Some(spec.versions.clone()),
             platform: spec.platform.clone(),
             inputs: Some(input_metadata(match &status {
-                ModelStatus::Ready(m) => m.description().conditioning,
-                ModelStatus::Loading(_) => Default::default(),
+                ModelStatus::Ready(m) => Some(m.description()),
+                ModelStatus::Loading(_) => None,
             })),
             outputs: Some(output_metadata()),
             parameters: Some(model_parameters(&status)),

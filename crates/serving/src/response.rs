@@ -47,6 +47,10 @@ pub fn effective_parameters(outcome: &InferOutcome) -> Parameters {
     if s.uses_eta() {
         p.insert("eta".into(), json!(s.eta));
     }
+    if let Some(mode) = s.image_to_image {
+        p.insert("strength".into(), json!(mode.strength));
+        p.insert("steps_run".into(), json!(s.steps_to_run()));
+    }
     p.insert("queue_seconds".into(), json!(round_ms(outcome.queue_wait)));
     p.insert(
         "generation_seconds".into(),

@@ -5,6 +5,7 @@ bidirectional stream."""
 import io
 import queue
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,31 @@ def test_sdxl_inputs(client, sdxl_model_name):
         generate(int_pair("crops_coords_top_left", (-3, 0)))
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "crops_coords_top_left" in error.value.message()
+
+
+def test_image_to_image_over_grpc(client, model_name):
+    """The PNG file travels as raw bytes (`raw_input_contents`); 67×61 gives 64×56."""
+    path = Path(__file__).resolve().parents[3] / "models/reference/img2img/input_odd.png"
+    image = grpcclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([path.read_bytes()], dtype=np.object_))
+    result = client.infer(
+        model_name,
+        [prompt_input(["a red circle"]), image],
+        outputs=[grpcclient.InferRequestedOutput("image")],
+        parameters={"seed": 5, "num_inference_steps": 4, "strength": 0.5},
+        client_timeout=TIMEOUT,
+    )
+    (png,) = images(result)
+    assert png_size(png) == (64, 56)
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(
+            model_name,
+            [prompt_input(["a"])],
+            parameters={"strength": 0.5},
+            client_timeout=TIMEOUT,
+        )
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "'strength' (0.5) applies only to image-to-image" in error.value.message()
 
 
 def test_unknown_model_is_not_found(client):

@@ -4,9 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::Html;
-use sdserve_protocol::diffusers::{
-    ConditioningInputs, input_metadata, input_names, parameter_names,
-};
+use sdserve_protocol::diffusers::{ModelDescription, input_metadata, input_names, parameter_names};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -151,10 +149,12 @@ pub fn dataplane() -> Value {
 pub fn model_dataplane(
     model: &str,
     version: Option<&str>,
-    schedulers: &[String],
-    conditioning: ConditioningInputs,
+    description: Option<&ModelDescription>,
 ) -> Value {
-    let inputs: Vec<Value> = input_metadata(conditioning)
+    let schedulers = description
+        .map(|d| d.schedulers.clone())
+        .unwrap_or_default();
+    let inputs: Vec<Value> = input_metadata(description)
         .into_iter()
         .map(|t| {
             json!({"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
@@ -180,6 +180,8 @@ pub fn model_dataplane(
                 "minItems": 2, "maxItems": 2, "description": "SDXL models only"}),
             "scheduler" => json!({"type": "string", "enum": schedulers}),
             "guidance_scale" | "eta" => json!({"type": "number"}),
+            "strength" => json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                "description": "image-to-image only: how far to depart from the input image"}),
             "timeout" => json!({"type": "number", "description": "deadline in milliseconds"}),
             "preview_every" => json!({"type": "integer", "minimum": 1,
                 "description": "stream routes only: a preview image every k steps"}),
@@ -233,19 +235,11 @@ fn model_doc(
     version: Option<&str>,
 ) -> Result<Json<Value>, ApiError> {
     let status = state.service.engine.model(name, version)?;
-    let (schedulers, conditioning) = match &status {
-        sdserve_engine::ModelStatus::Ready(m) => {
-            let d = m.description();
-            (d.schedulers.clone(), d.conditioning)
-        }
-        sdserve_engine::ModelStatus::Loading(_) => (Vec::new(), Default::default()),
+    let description = match &status {
+        sdserve_engine::ModelStatus::Ready(m) => Some(m.description()),
+        sdserve_engine::ModelStatus::Loading(_) => None,
     };
-    Ok(Json(model_dataplane(
-        name,
-        version,
-        &schedulers,
-        conditioning,
-    )))
+    Ok(Json(model_dataplane(name, version, description)))
 }
 
 fn swagger(title: &str, spec_url: &str) -> Html<String> {
