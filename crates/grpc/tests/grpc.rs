@@ -592,14 +592,23 @@ async fn bytes_that_are_not_text_reach_the_validator_as_bytes() {
         }),
         ..Default::default()
     };
-    // Typed contents: an input the contract does not know is refused by name, bytes and all;
-    // a prompt that is not text is refused by the contract, naming the element.
+    // Typed contents: an image's bytes reach the validator as they are (this truncated PNG is
+    // refused naming the element); an input the contract does not know is refused by name,
+    // bytes and all; a prompt that is not text is refused by the contract, naming the element.
     let mut req = infer_request("tiny", "a cat", 1, 2);
     req.inputs.push(bytes_input("image", PNG_BYTES));
+    let err = c.model_infer(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("input 'image' element 0 cannot be decoded"),
+        "{}",
+        err.message()
+    );
+    req.inputs.last_mut().unwrap().name = "picture".into();
     let err = c.model_infer(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
-        err.message().starts_with("unknown input 'image'"),
+        err.message().starts_with("unknown input 'picture'"),
         "{}",
         err.message()
     );
@@ -636,7 +645,7 @@ async fn bytes_that_are_not_text_reach_the_validator_as_bytes() {
     req.raw_input_contents = vec![raw_bytes(&[b"a cat"]), raw_bytes(&[PNG_BYTES])];
     let err = c.model_infer(req).await.unwrap_err();
     assert!(
-        err.message().starts_with("unknown input 'image'"),
+        err.message().starts_with("input 'image' element 0 cannot be decoded"),
         "{}",
         err.message()
     );
