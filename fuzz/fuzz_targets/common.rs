@@ -20,6 +20,7 @@ pub fn model() -> ModelDescription {
         family: "sdxl".into(),
         conditioning: ConditioningInputs::PromptsAndSizes,
         default_strength: Some(0.8),
+        masks: sdserve_generation::MaskInput::Optional,
         dtype: "f32".into(),
         device: "cpu".into(),
     }

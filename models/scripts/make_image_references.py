@@ -8,7 +8,11 @@ Lanczos filter, as diffusers' VaeImageProcessor resizes. Hostile files: bomb.png
 header declaring 100000x100000 pixels, one tiny IDAT), truncated.jpg (the first half of a JPEG
 of input_0.png), input_0.jpg and input_0.webp (the same picture, whole).
 
-For each model (sd1, sd2, sdxl), <out>/<model>/:
+Inpainting (StableDiffusionInpaintPipeline; masks mask_0.png (L), mask_1.png (RGB) and
+mask_odd.png (RGB, 67x61), white = repaint): <out>/sd1_inpaint/ (tiny-sd1, a 4-channel UNet)
+and <out>/sd1_inpaint9/ (tiny-sd1-inpaint, 9 channels), documented in their index.json.
+
+For each image-to-image model (sd1, sd2, sdxl), <out>/<model>/:
   <run>.safetensors   "images" (B, H, W, 3) float output_type="np",
                       "encoder_noise": the draw of the VAE's latent sample (B, 4, h, w),
                       "noise": the draw add_noise used, "step_noise" (if any): every draw a
@@ -38,6 +42,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
     UniPCMultistepScheduler,
 )
@@ -72,6 +77,7 @@ NOISE_MODULES = [
     "diffusers.models.autoencoders.vae",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
     "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
     "diffusers.schedulers.scheduling_ddim",
     "diffusers.schedulers.scheduling_euler_ancestral_discrete",
 ]
@@ -81,6 +87,7 @@ RESIZES = [(64, 56), (32, 24), (128, 96), (67, 61)]
 class NoiseRecorder:
     def __init__(self):
         self.draws = []
+        self.sources = []
         self.patched = []
 
     def __enter__(self):
@@ -90,9 +97,10 @@ class NoiseRecorder:
             if original is None:
                 raise SystemExit(f"{name} has no randn_tensor")
 
-            def recording(*args, _original=original, **kwargs):
+            def recording(*args, _original=original, _name=name, **kwargs):
                 out = _original(*args, **kwargs)
                 self.draws.append(out.detach().clone())
+                self.sources.append(_name)
                 return out
 
             module.randn_tensor = recording
@@ -235,10 +243,110 @@ def write_hostile(out, picture_0):
     picture_0.save(os.path.join(out, "input_0.webp"), format="WEBP", lossless=True)
 
 
+# Inpainting: tiny-sd1 (a 4-channel UNet: diffusers blends the known region back in after every
+# step) and tiny-sd1-inpaint (a 9-channel UNet conditioned on the mask and the masked image).
+INPAINT_MODELS = {
+    "sd1_inpaint": "tiny-sd1",
+    "sd1_inpaint9": "tiny-sd1-inpaint",
+}
+INPAINT_DOC = (
+    "<run>.safetensors: images (B, H, W, 3); draws (K, B, 4, h, w): every randn_tensor draw in "
+    "order (the VAE's latent samples of the image and of the masked image, and the pipeline's "
+    "noise at index noise_draw, then the ancestral scheduler's); timesteps that ran"
+)
+
+
+def mask_picture(seed, width, height, mode):
+    """White (repaint) discs and a box on black, from a seeded RNG, in PIL mode L or RGB."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    m = np.zeros((height, width))
+    for _ in range(2):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(6, width / 3)
+        m[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = 255
+    x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    m[y0 : y0 + height // 3, x0 : x0 + width // 4] = 200
+    m = np.clip(m + rng.normal(0, 20, m.shape), 0, 255).round().astype(np.uint8)
+    image = Image.fromarray(m, mode="L")
+    return image.convert("RGB") if mode == "RGB" else image
+
+
+@torch.no_grad()
+def inpaint_run(pipe, base_config, cls, overrides, images, masks, strength):
+    pipe.scheduler = cls.from_config(base_config, **overrides)
+    timesteps = []
+
+    def on_step_end(_pipe, _i, t, kwargs):
+        timesteps.append(float(t))
+        return kwargs
+
+    with NoiseRecorder() as rec:
+        out = pipe(
+            prompt=PROMPTS,
+            negative_prompt=NEGATIVE_PROMPTS,
+            image=images,
+            mask_image=masks,
+            strength=strength,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(NOISE_SEED),
+            output_type="np",
+            callback_on_step_end=on_step_end,
+        ).images
+    noise_draw = rec.sources.index("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint")
+    arrays = {
+        "images": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
+        "draws": torch.stack(rec.draws),
+        "timesteps": torch.tensor(timesteps, dtype=torch.float64),
+    }
+    return arrays, noise_draw
+
+
+def write_inpaint(key, models_root, out_root, inputs, odd, masks, mask_odd):
+    out = os.path.join(out_root, key)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    folder = INPAINT_MODELS[key]
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        os.path.join(models_root, folder), safety_checker=None
+    ).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    base_config = dict(pipe.scheduler.config)
+    index = {"model": key, "model_dir": f"models/{folder}", "pipeline": "StableDiffusionInpaintPipeline",
+             "unet_in_channels": pipe.unet.config.in_channels, "doc": INPAINT_DOC, "runs": []}
+    pair = (["input_0.png", "input_1.png"], ["mask_0.png", "mask_1.png"])
+    plan = [(f"{name}_s1.0", name, sc, ov, inputs, masks, 1.0, pair) for name, sc, ov in SCHEDULERS]
+    plan.append(("ddim_s0.6", "ddim", DDIMScheduler, {}, inputs, masks, 0.6, pair))
+    plan.append(("euler_ancestral_s0.6", "euler_ancestral", EulerAncestralDiscreteScheduler, {}, inputs, masks, 0.6, pair))
+    plan.append(("ddim_resized", "ddim", DDIMScheduler, {}, [odd, odd], [mask_odd, mask_odd], 1.0,
+                 (["input_odd.png"] * 2, ["mask_odd.png"] * 2)))
+    for name, scheduler, sc, ov, images, mks, strength, files in plan:
+        arrays, noise_draw = inpaint_run(pipe, base_config, sc, ov, images, mks, strength)
+        save_file(arrays, os.path.join(out, f"{name}.safetensors"))
+        index["runs"].append({
+            "name": name, "scheduler": scheduler, "scheduler_class": sc.__name__, "strength": strength,
+            "inputs": files[0], "masks": files[1], "prompts": PROMPTS, "negative_prompts": NEGATIVE_PROMPTS,
+            "num_inference_steps": STEPS, "guidance_scale": GUIDANCE,
+            "timesteps": [float(t) for t in arrays["timesteps"]],
+            "output_size": list(arrays["images"].shape[1:3]), "noise_draw": noise_draw,
+            "draws": int(arrays["draws"].shape[0]),
+        })
+        print(f"{key}/{name}: {len(timesteps_of(arrays))} steps, {arrays['draws'].shape[0]} draws", flush=True)
+    with open(os.path.join(out, "index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+        f.write("\n")
+
+
+def timesteps_of(arrays):
+    return arrays["timesteps"].tolist()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=os.path.join(REPO, "models"))
     parser.add_argument("--out", default=os.path.join(REPO, "models", "reference", "img2img"))
+    parser.add_argument("--only", choices=sorted([*MODELS, *INPAINT_MODELS]), help="only this model")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -251,8 +359,17 @@ def main():
     write_hostile(args.out, inputs[0])
     for w, h in RESIZES:
         odd.resize((w, h), resample=Image.LANCZOS).save(os.path.join(args.out, f"resize_{w}x{h}.png"))
+    masks = [mask_picture(11, 64, 64, "L"), mask_picture(12, 64, 64, "RGB")]
+    mask_odd = mask_picture(13, 67, 61, "RGB")
+    for i, m in enumerate(masks):
+        m.save(os.path.join(args.out, f"mask_{i}.png"))
+    mask_odd.save(os.path.join(args.out, "mask_odd.png"))
     for key in MODELS:
-        write_model(key, args.models, args.out, inputs, odd)
+        if args.only in (None, key):
+            write_model(key, args.models, args.out, inputs, odd)
+    for key in INPAINT_MODELS:
+        if args.only in (None, key):
+            write_inpaint(key, args.models, args.out, inputs, odd, masks, mask_odd)
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ fn malformed_binary_bodies_are_400s_naming_the_input() {
         &["input 'prompt' element 0 is not valid UTF-8"],
     ));
     // Bytes that are not text travel as bytes to the validator, which names the input: here
-    // the start of a PNG file as an input the contract does not know.
+    // the start of a PNG file, cut off after its header.
     let png = bytes_tensor(&[b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"]);
     let (b, n) = binary_body(
         &json!({"inputs": [
@@ -349,7 +349,7 @@ fn malformed_binary_bodies_are_400s_naming_the_input() {
         "an image input",
         b,
         n.to_string(),
-        &["unknown input 'image'"],
+        &["input 'image' element 0 cannot be decoded"],
     ));
     let (b, n) = binary_body(
         &json!({"inputs": [
@@ -636,12 +636,12 @@ fn stream_previews_every_k_steps() {
         (
             "/v2/models/tiny/infer_stream",
             json!(0),
-            "between 1 and num_inference_steps (3)",
+            "between 1 and the steps that run (3)",
         ),
         (
             "/v2/models/tiny/infer_stream",
             json!(4),
-            "between 1 and num_inference_steps (3)",
+            "between 1 and the steps that run (3)",
         ),
         ("/v2/models/tiny/infer_stream", json!("2"), "preview_every"),
         ("/v2/models/tiny/infer", json!(1), "needs a streaming route"),

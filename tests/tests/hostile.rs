@@ -322,9 +322,9 @@ fn corpus() -> Vec<Case> {
         ),
         json_case(
             "unknown parameter",
-            params(json!({"strength": 0.5})),
+            params(json!({"denoise": 0.5})),
             400,
-            "unknown parameter 'strength'",
+            "unknown parameter 'denoise'",
         ),
         json_case(
             "unknown output",

@@ -180,7 +180,7 @@ mod tests {
     use super::*;
     use crate::batch_key::BatchKey;
     use sdserve_generation::{
-        ImageSpec, ImageToImage, Job, JobSettings, Latents, RgbImage, TimeIds,
+        ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents, Mask, RgbImage, TimeIds,
     };
 
     #[derive(Debug, Clone, PartialEq)]
@@ -231,6 +231,7 @@ mod tests {
             seed: 1,
             latents: None,
             image: None,
+            mask: None,
         }
     }
 
@@ -462,6 +463,7 @@ mod tests {
                 JobSettings {
                     image_to_image: Some(ImageToImage {
                         strength: image_to_image.map_or(0.5, |m| m.strength / 2.0),
+                        task: ImageTask::Img2Img,
                     }),
                     ..base.clone()
                 },
@@ -479,6 +481,7 @@ mod tests {
             seed,
             latents,
             image,
+            mask,
         } = base.clone();
         let other = |text: Option<String>| Some(format!("{}blurry", text.unwrap_or_default()));
         vec![
@@ -538,6 +541,20 @@ mod tests {
                             width: 1,
                             height: 1,
                             rgb: vec![1, 2, 3].into(),
+                        }),
+                        Some(_) => None,
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "mask",
+                ImageSpec {
+                    mask: match mask {
+                        None => Some(Mask {
+                            width: 1,
+                            height: 1,
+                            repaint: vec![true].into(),
                         }),
                         Some(_) => None,
                     },

@@ -75,6 +75,7 @@ impl ModelLoader for Loader {
                 family: "sd1".into(),
                 conditioning: Default::default(),
                 default_strength: None,
+                masks: Default::default(),
                 dtype: "f32".into(),
                 device: "cpu".into(),
             },

@@ -30,6 +30,8 @@ pub struct ModelDescription {
     /// `Some` when the model takes input images (image-to-image): the strength of a request
     /// that gives none (diffusers' pipelines: 0.8 for SD 1.x / 2.x, 0.3 for SDXL).
     pub default_strength: Option<f64>,
+    /// Whether the model inpaints (`mask_image`), and whether it needs a mask.
+    pub masks: MaskInput,
     /// "f32" / "f16" / "bf16", informational.
     pub dtype: String,
     /// "cpu" / "cuda:0", informational.
@@ -45,6 +47,18 @@ pub enum ConditioningInputs {
     Prompt,
     /// SDXL: also a second prompt per text encoder and the size/crop time ids.
     PromptsAndSizes,
+}
+
+/// How a model takes inpainting masks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MaskInput {
+    /// No inpainting (SDXL models, for now; models whose VAE has no encoder).
+    #[default]
+    NotServed,
+    /// A 4-channel UNet inpaints by blending the known region back after every step.
+    Optional,
+    /// A 9-channel inpainting UNet (latents, mask, masked image): every request needs a mask.
+    Required,
 }
 
 /// One generated image.

@@ -29,11 +29,21 @@ pub struct JobSettings {
 }
 
 /// Image-to-image: the input image is encoded, noised to a timestep part-way down the
-/// schedule, and denoised from there.
+/// schedule, and denoised from there; inpainting redraws only where the mask is white.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ImageToImage {
     /// In (0, 1]: 1 starts from pure noise, small values stay close to the image.
     pub strength: f64,
+    pub task: ImageTask,
+}
+
+/// Which of diffusers' image pipelines a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageTask {
+    /// `StableDiffusion(XL)Img2ImgPipeline`: the whole image is redrawn.
+    Img2Img,
+    /// `StableDiffusionInpaintPipeline`: every image has a mask.
+    Inpaint,
 }
 
 impl ImageToImage {
@@ -93,6 +103,8 @@ pub struct Latents {
     pub data: Vec<f32>,
 }
 
+use std::sync::Arc;
+
 use crate::image_input::RgbImage;
 
 /// One image to produce: everything in which images of one batch may differ.
@@ -111,6 +123,48 @@ pub struct ImageSpec {
     pub latents: Option<Latents>,
     /// Image-to-image: the input image, already at the job's size.
     pub image: Option<RgbImage>,
+    /// Inpainting: which pixels to repaint, at the job's size.
+    pub mask: Option<Mask>,
+}
+
+/// An inpainting mask binarised as diffusers' mask processor does: the image resized like the
+/// input image, converted to grey as Pillow's `convert("L")`, and `L / 255 ≥ 0.5` repainted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Mask {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major, one per pixel: `true` = repaint.
+    pub repaint: Arc<[bool]>,
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mask({}×{})", self.width, self.height)
+    }
+}
+
+impl Mask {
+    /// The mask of an RGB image already at the job's size. Pillow's `L = (19595 R + 38470 G
+    /// + 7471 B + 2^15) >> 16`, then diffusers' float32 `L / 255 ≥ 0.5`.
+    pub fn from_rgb(image: &RgbImage) -> Self {
+        let repaint = image
+            .rgb
+            .chunks_exact(3)
+            .map(|p| {
+                let l = (19595 * u32::from(p[0])
+                    + 38470 * u32::from(p[1])
+                    + 7471 * u32::from(p[2])
+                    + 0x8000)
+                    >> 16;
+                l as f32 / 255.0 >= 0.5
+            })
+            .collect();
+        Self {
+            width: image.width,
+            height: image.height,
+            repaint,
+        }
+    }
 }
 
 impl ImageSpec {
@@ -124,6 +178,7 @@ impl ImageSpec {
             seed,
             latents: None,
             image: None,
+            mask: None,
         }
     }
 }

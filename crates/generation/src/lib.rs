@@ -21,12 +21,13 @@ pub mod resolve;
 pub mod sdxl;
 
 pub use generator::{
-    ConditioningInputs, GenerateError, GeneratedImage, Generator, ModelDescription, RunToEnd,
-    StepControl, StopReason,
+    ConditioningInputs, GenerateError, GeneratedImage, Generator, MaskInput, ModelDescription,
+    RunToEnd, StepControl, StopReason,
 };
 pub use image_input::{ImageError, RgbImage, decode_rgb};
 pub use job::{
-    ETA_SCHEDULER, ImageSpec, ImageToImage, Job, JobSettings, Latents, TIME_IDS, TimeIds,
+    ETA_SCHEDULER, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents, Mask, TIME_IDS,
+    TimeIds,
 };
 pub use limits::{GenerationDefaults, Limits};
 pub use request::{GenerationRequest, LatentsInput, SizeConditioningInput};

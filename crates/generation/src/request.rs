@@ -26,6 +26,9 @@ pub struct GenerationRequest {
     /// Image-to-image: the input images as encoded files (PNG, JPEG or WebP), one for all
     /// prompts or one per prompt. Giving them selects the mode.
     pub images: Option<Vec<Vec<u8>>>,
+    /// Inpainting: the masks as encoded files (white = repaint), one for all prompts or one per
+    /// prompt. Giving them (with images) selects the mode.
+    pub mask_images: Option<Vec<Vec<u8>>>,
     /// How far image-to-image departs from the image, in (0, 1].
     pub strength: Option<f64>,
 }

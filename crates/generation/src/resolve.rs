@@ -3,9 +3,11 @@
 //! Defaults are held to the limits too: a model whose defaults exceed them must not serve
 //! such requests quietly.
 
-use crate::generator::ModelDescription;
+use crate::generator::{MaskInput, ModelDescription};
 use crate::image_input::{RgbImage, decode_rgb};
-use crate::job::{ETA_SCHEDULER, ImageSpec, ImageToImage, Job, JobSettings, Latents};
+use crate::job::{
+    ETA_SCHEDULER, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents, Mask,
+};
 use crate::limits::{GenerationDefaults, Limits};
 use crate::request::{GenerationRequest, LatentsInput};
 
@@ -17,6 +19,9 @@ pub struct ValidationError(pub String);
 fn invalid(msg: impl Into<String>) -> ValidationError {
     ValidationError(msg.into())
 }
+
+const REQUIRES_MASK: &str =
+    "this is an inpainting model: it needs an 'image' and a 'mask_image' input";
 
 /// Said of a value the request did not give.
 const DEFAULT: &str = " (the model's default)";
@@ -63,9 +68,13 @@ impl GenerationRequest {
         let (scheduler, eta) = self.scheduler_and_eta(&b)?;
         self.check_output_format()?;
         let image_to_image = self.image_to_image(&b, num_inference_steps)?;
+        let inpainting = image_to_image.is_some_and(|m| m.task == ImageTask::Inpaint);
         // Decoded last: every cheaper check has passed.
-        let inputs = self.input_images(&b)?;
-        let (height, width) = self.size(&b, inputs.as_ref().map(|i| &i[0]))?;
+        let inputs = self.files(&b, "image", &self.images)?;
+        let masks = self.files(&b, "mask_image", &self.mask_images)?;
+        // Inpainting keeps the model's size by default, as diffusers' inpaint pipeline does.
+        let size_from = inputs.as_ref().filter(|_| !inpainting).map(|i| &i[0]);
+        let (height, width) = self.size(&b, size_from)?;
         let time_ids = crate::sdxl::time_ids(&self.sizes, model, (height, width))?;
         let settings = JobSettings {
             num_inference_steps,
@@ -78,8 +87,12 @@ impl GenerationRequest {
             image_to_image,
         };
         // Every image at the output size, as diffusers resizes them.
-        let inputs: Option<Vec<RgbImage>> =
-            inputs.map(|i| i.iter().map(|im| im.resized(width, height)).collect());
+        let resized = |images: Vec<RgbImage>| -> Vec<RgbImage> {
+            images.iter().map(|im| im.resized(width, height)).collect()
+        };
+        let inputs = inputs.map(resized);
+        let masks: Option<Vec<Mask>> =
+            masks.map(|m| resized(m).iter().map(Mask::from_rgb).collect());
         let n_images = self.prompts.len() * per_prompt;
         let seeds = self.seeds(n_images, random_seed)?;
         let latents = self.latents(model, &settings, n_images)?;
@@ -89,6 +102,7 @@ impl GenerationRequest {
         let mut per_image = per_image.into_iter();
         for (k, p) in prompts.iter().enumerate() {
             let image = inputs.as_ref().map(|i| i[k % i.len()].clone());
+            let mask = masks.as_ref().map(|m| m[k % m.len()].clone());
             for (seed, latents) in per_image.by_ref().take(per_prompt) {
                 images.push(ImageSpec {
                     prompt: p.prompt.clone(),
@@ -98,6 +112,7 @@ impl GenerationRequest {
                     seed,
                     latents,
                     image: image.clone(),
+                    mask: mask.clone(),
                 });
             }
         }
@@ -247,25 +262,50 @@ impl GenerationRequest {
         Ok((scheduler, eta))
     }
 
-    /// Image-to-image settings when the request gives images: the model takes them, and the
-    /// strength leaves at least one step to run.
+    /// Image-to-image settings when the request gives images: the model takes them (and masks,
+    /// for inpainting), and the strength leaves at least one step to run.
     fn image_to_image(
         &self,
         b: &Bounds,
         steps: usize,
     ) -> Result<Option<ImageToImage>, ValidationError> {
-        let Some(_) = &self.images else {
+        let masks = b.model.masks;
+        if self.images.is_none() {
+            if self.mask_images.is_some() {
+                return Err(invalid(
+                    "input 'mask_image' needs an 'image' input to inpaint",
+                ));
+            }
+            if masks == MaskInput::Required {
+                return Err(invalid(REQUIRES_MASK));
+            }
             if let Some(s) = self.strength {
                 return Err(invalid(format!(
                     "'strength' ({s}) applies only to image-to-image; give an 'image' input"
                 )));
             }
             return Ok(None);
-        };
+        }
         let Some(default) = b.model.default_strength else {
             return Err(invalid(
                 "input 'image': this model takes no input images (its VAE has no encoder)",
             ));
+        };
+        let task = match (self.mask_images.is_some(), masks) {
+            (true, MaskInput::NotServed) => {
+                return Err(invalid(
+                    "input 'mask_image': this model does not serve inpainting",
+                ));
+            }
+            (false, MaskInput::Required) => return Err(invalid(REQUIRES_MASK)),
+            (true, _) => ImageTask::Inpaint,
+            (false, _) => ImageTask::Img2Img,
+        };
+        // diffusers' inpaint pipeline starts from pure noise unless told otherwise.
+        let default = if task == ImageTask::Inpaint {
+            1.0
+        } else {
+            default
         };
         let (strength, source) = match self.strength {
             Some(s) => (s, ""),
@@ -276,7 +316,7 @@ impl GenerationRequest {
                 "'strength' is {strength}{source}; it must be a number in (0, 1]"
             )));
         }
-        let mode = ImageToImage { strength };
+        let mode = ImageToImage { strength, task };
         if mode.first_step(steps) >= steps {
             return Err(invalid(format!(
                 "'strength' {strength}{source} with {steps} 'num_inference_steps' runs no step: \
@@ -286,16 +326,21 @@ impl GenerationRequest {
         Ok(Some(mode))
     }
 
-    /// The input images, decoded: one for all prompts or one per prompt, each within
+    /// The files of input `name`, decoded: one for all prompts or one per prompt, each within
     /// `max_pixels` before it is decoded.
-    fn input_images(&self, b: &Bounds) -> Result<Option<Vec<RgbImage>>, ValidationError> {
-        let Some(files) = &self.images else {
+    fn files(
+        &self,
+        b: &Bounds,
+        name: &str,
+        files: &Option<Vec<Vec<u8>>>,
+    ) -> Result<Option<Vec<RgbImage>>, ValidationError> {
+        let Some(files) = files else {
             return Ok(None);
         };
         let n = self.prompts.len();
         if files.len() != 1 && files.len() != n {
             return Err(invalid(format!(
-                "input 'image' has {} element(s); give one for all prompts or one per prompt ({n})",
+                "input '{name}' has {} element(s); give one for all prompts or one per prompt ({n})",
                 files.len()
             )));
         }
@@ -304,7 +349,7 @@ impl GenerationRequest {
             .enumerate()
             .map(|(k, file)| {
                 decode_rgb(file, b.limits.max_pixels)
-                    .map_err(|e| invalid(format!("input 'image' element {k} {e}")))
+                    .map_err(|e| invalid(format!("input '{name}' element {k} {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(images))
@@ -462,6 +507,7 @@ mod tests {
             family: "sd1".into(),
             conditioning: Default::default(),
             default_strength: Some(0.8),
+            masks: crate::generator::MaskInput::Optional,
             dtype: "f32".into(),
             device: "cpu".into(),
         }
@@ -717,7 +763,10 @@ mod tests {
             let s = &job.settings;
             assert_eq!(
                 s.image_to_image,
-                Some(ImageToImage { strength: 0.8 }),
+                Some(ImageToImage {
+                    strength: 0.8,
+                    task: ImageTask::Img2Img
+                }),
                 "{file}"
             );
             assert_eq!((s.height, s.width), (64, 64));
@@ -804,6 +853,7 @@ mod tests {
         }
         let no_encoder = ModelDescription {
             default_strength: None,
+            masks: Default::default(),
             ..model()
         };
         let err = with_image(png())
@@ -828,7 +878,11 @@ mod tests {
             (3, 0.99, 1),
         ] {
             assert_eq!(
-                ImageToImage { strength }.first_step(steps),
+                ImageToImage {
+                    strength,
+                    task: ImageTask::Img2Img
+                }
+                .first_step(steps),
                 first,
                 "{steps} {strength}"
             );

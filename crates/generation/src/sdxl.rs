@@ -116,6 +116,7 @@ mod tests {
             family: "sdxl".into(),
             conditioning,
             default_strength: Some(0.3),
+            masks: crate::generator::MaskInput::Optional,
             dtype: "f32".into(),
             device: "cpu".into(),
         }

@@ -600,7 +600,8 @@ async fn bytes_that_are_not_text_reach_the_validator_as_bytes() {
     let err = c.model_infer(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
-        err.message().starts_with("input 'image' element 0 cannot be decoded"),
+        err.message()
+            .starts_with("input 'image' element 0 cannot be decoded"),
         "{}",
         err.message()
     );
@@ -645,7 +646,8 @@ async fn bytes_that_are_not_text_reach_the_validator_as_bytes() {
     req.raw_input_contents = vec![raw_bytes(&[b"a cat"]), raw_bytes(&[PNG_BYTES])];
     let err = c.model_infer(req).await.unwrap_err();
     assert!(
-        err.message().starts_with("input 'image' element 0 cannot be decoded"),
+        err.message()
+            .starts_with("input 'image' element 0 cannot be decoded"),
         "{}",
         err.message()
     );

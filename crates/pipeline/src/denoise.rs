@@ -10,6 +10,7 @@ use sdserve_generation::{GenerateError, GeneratedImage, StepControl};
 
 use crate::conditioning::Conditioning;
 use crate::error::internal;
+use crate::inpaint::Inpainting;
 use crate::noise::NoiseSource;
 use crate::schedulers::Scheduler;
 use crate::unet::UNet;
@@ -59,6 +60,8 @@ pub struct Denoiser<'a> {
     pub dtype: DType,
     pub guidance: Guidance,
     pub conditioning: &'a Conditioning,
+    /// Inpainting's extra UNet channels or blending.
+    pub inpainting: Option<&'a Inpainting>,
 }
 
 impl Denoiser<'_> {
@@ -83,10 +86,22 @@ impl Denoiser<'_> {
             let input = scheduler
                 .scale_model_input(&latents, i)
                 .map_err(internal(stage()))?;
-            let guided = self.predict(&input, t).map_err(internal(stage()))?;
+            let unet_input = match self.inpainting {
+                Some(inpainting) => inpainting.unet_input(&input),
+                None => Ok(input.clone()),
+            };
+            let guided = unet_input
+                .and_then(|x| self.predict(&x, t))
+                .map_err(internal(stage()))?;
             latents = scheduler
                 .step(&guided, i, &latents, noise)
                 .map_err(internal(format!("scheduler step {pass}")))?;
+            if let Some(inpainting) = self.inpainting {
+                let next = (pass < total).then_some(i + 1);
+                latents = inpainting
+                    .after_step(scheduler, latents, next)
+                    .map_err(internal(format!("inpainting blend {pass}")))?;
+            }
             if control.wants_preview(pass, total) {
                 control.preview(preview(&StepOutput {
                     guided: &guided,

@@ -45,8 +45,17 @@ pub fn image_latents(
     device: &Device,
     noise: &mut dyn NoiseSource,
 ) -> Result<Tensor, GenerateError> {
+    encode_latents(vae, &image_tensor(job, device)?, device, noise)
+}
+
+/// The same for images `(B, 3, H, W)` in `[-1, 1]` (diffusers' `_encode_vae_image`).
+pub fn encode_latents(
+    vae: &Vae,
+    images: &Tensor,
+    device: &Device,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor, GenerateError> {
     let stage = "vae encode";
-    let images = image_tensor(job, device)?;
     let dist = images
         .to_dtype(vae.dtype())
         .and_then(|x| vae.encode(&x))

@@ -13,6 +13,8 @@
 //!   the items of a batch run in parallel.
 //! - [`vae`]: the VAE decoder and encoder built from the parsed config.
 //! - [`image_to_image`]: input images to the clean latents image-to-image starts from.
+//! - [`inpaint`]: masks, and what inpainting adds to the denoising loop (9-channel UNet
+//!   conditioning, or blending the known region back for a plain UNet).
 //! - [`attention`]: the one scaled dot-product attention of the UNet, VAE and text encoder,
 //!   with a kernel per device and dtype.
 //! - [`conv`]: 2D convolution, chunked on the CPU.
@@ -37,6 +39,7 @@ pub mod device;
 pub mod error;
 pub mod image;
 pub mod image_to_image;
+pub mod inpaint;
 pub mod layers;
 pub mod load;
 pub mod memory;

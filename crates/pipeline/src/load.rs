@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::DType;
-use sdserve_generation::{ConditioningInputs, ModelDescription, TIME_IDS};
+use sdserve_generation::{ConditioningInputs, MaskInput, ModelDescription, TIME_IDS};
 
 use crate::config::{
     Activation, ModelIndex, PipelineKind, TextEncoderConfig, UNetConfig, VaeConfig,
@@ -123,6 +123,7 @@ impl Configs {
             conditioning,
             // Set once the VAE is loaded: image inputs need its encoder.
             default_strength: None,
+            masks: MaskInput::NotServed,
             dtype: placement.dtype_name().to_string(),
             device: placement.device_name.clone(),
         }
@@ -162,6 +163,11 @@ impl StableDiffusion {
         let vae = Vae::new(vae_store.var_builder(vae_dtype, device), &configs.vae)
             .map_err(|e| PipelineError::model("vae", e))?;
         description.default_strength = vae.has_encoder().then_some(default_strength(configs.kind));
+        description.masks = mask_input(
+            configs.kind,
+            configs.unet.in_channels == inpainting_channels(configs.vae.latent_channels),
+            vae.has_encoder(),
+        );
         Ok(Self {
             dir: dir.to_path_buf(),
             description,
@@ -175,6 +181,22 @@ impl StableDiffusion {
             scheduler_config: configs.scheduler,
             placement,
         })
+    }
+}
+
+/// An inpainting UNet's input: the latents, the mask and the masked image's latents.
+fn inpainting_channels(latent_channels: usize) -> usize {
+    2 * latent_channels + 1
+}
+
+/// How the folder inpaints: a 9-channel UNet needs a mask; an SD 1.x / 2.x UNet inpaints by
+/// blending (diffusers' inpaint pipeline on a plain UNet); SDXL inpainting is not served yet.
+fn mask_input(kind: PipelineKind, inpainting_unet: bool, has_encoder: bool) -> MaskInput {
+    match kind {
+        _ if !has_encoder => MaskInput::NotServed,
+        _ if inpainting_unet => MaskInput::Required,
+        PipelineKind::StableDiffusion => MaskInput::Optional,
+        PipelineKind::StableDiffusionXl { .. } => MaskInput::NotServed,
     }
 }
 
@@ -219,14 +241,25 @@ fn check_compatible(
     texts: &[TowerConfig],
 ) -> Result<(), PipelineError> {
     let unet_path = dir.join("unet/config.json");
-    if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
+    let latent = vae.latent_channels;
+    let inpainting = unet.in_channels == inpainting_channels(latent);
+    if (unet.in_channels != latent && !inpainting) || unet.out_channels != latent {
         return Err(PipelineError::config(
             &unet_path,
             format!(
-                "in_channels {} / out_channels {} must both equal the VAE's latent_channels {} (inpainting UNets are not supported)",
-                unet.in_channels, unet.out_channels, vae.latent_channels
+                "in_channels {} / out_channels {}: both must equal the VAE's latent_channels {latent} (in_channels {} for an inpainting UNet)",
+                unet.in_channels,
+                unet.out_channels,
+                inpainting_channels(latent)
             ),
         ));
+    }
+    if inpainting && kind != PipelineKind::StableDiffusion {
+        return Err(PipelineError::Unsupported(format!(
+            "{}: an SDXL inpainting UNet ({} input channels) is not served yet",
+            unet_path.display(),
+            unet.in_channels
+        )));
     }
     // SDXL's context is both encoders' hidden states side by side.
     let context: usize = texts.iter().map(|t| t.config.hidden_size).sum();

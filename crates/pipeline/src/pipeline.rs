@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_generation::{
-    GenerateError, GeneratedImage, Generator, Job, ModelDescription, StepControl,
+    GenerateError, GeneratedImage, Generator, ImageTask, Job, MaskInput, ModelDescription,
+    StepControl,
 };
 
 use crate::conditioning::Conditioning;
@@ -18,6 +19,7 @@ use crate::device::Placement;
 use crate::error::internal;
 use crate::image::{FloatImages, encode_png};
 use crate::image_to_image::image_latents;
+use crate::inpaint::Inpainting;
 use crate::noise::{NoiseSource, PerImageNoise};
 use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
@@ -160,12 +162,13 @@ impl StableDiffusion {
         let conditioning = self.conditioning(job)?;
         // Stage 2: denoising. Scheduler arithmetic stays in F32; only the UNet runs in the
         // model dtype.
-        let (first, latents) = self.start(job, initial_latents, scheduler.as_mut(), noise)?;
+        let start = self.start(job, initial_latents, scheduler.as_mut(), noise)?;
         let denoiser = Denoiser {
             unet: &self.unet,
             dtype: self.placement.dtype,
             guidance,
             conditioning: &conditioning,
+            inpainting: start.inpainting.as_ref(),
         };
         let mut previews = Previews {
             model: self,
@@ -174,8 +177,8 @@ impl StableDiffusion {
         };
         let latents = denoiser.run(
             scheduler.as_mut(),
-            first,
-            latents,
+            start.first,
+            start.latents,
             noise,
             control,
             &mut |step| previews.make(step),
@@ -184,35 +187,74 @@ impl StableDiffusion {
         self.decode(&latents)
     }
 
-    /// The first timestep index that runs and the latents it starts from (F32): for
-    /// text-to-image the initial noise times `init_noise_sigma` at index 0; for image-to-image
-    /// the encoded input images noised with the initial noise to the first step `strength`
-    /// keeps (the scheduler is started there).
+    /// Where the denoising starts: for text-to-image the initial noise times
+    /// `init_noise_sigma` at index 0; for image-to-image the encoded input images noised with
+    /// the initial noise to the first step `strength` keeps (the scheduler is started there);
+    /// inpainting as diffusers' inpaint pipeline (pure noise at strength 1) with what its
+    /// loop needs.
     fn start(
         &self,
         job: &Job,
         initial_latents: &Tensor,
         scheduler: &mut dyn Scheduler,
         noise: &mut dyn NoiseSource,
-    ) -> Result<(usize, Tensor), GenerateError> {
+    ) -> Result<Start, GenerateError> {
         let stage = "initial latents";
+        let device = &self.placement.device;
         let initial = initial_latents
-            .to_device(&self.placement.device)
+            .to_device(device)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(internal(stage))?;
+        let sigma = scheduler.init_noise_sigma();
+        let from_noise = |initial: &Tensor| (initial * sigma).map_err(internal(stage));
         let Some(mode) = job.settings.image_to_image else {
-            let latents = (initial * scheduler.init_noise_sigma()).map_err(internal(stage))?;
-            return Ok((0, latents));
+            return Ok(Start {
+                first: 0,
+                latents: from_noise(&initial)?,
+                inpainting: None,
+            });
         };
         let first = mode.first_step(job.settings.num_inference_steps);
         scheduler
             .start_at(first)
             .map_err(|e| GenerateError::Invalid(e.to_string()))?;
-        let clean = image_latents(&self.vae, job, &self.placement.device, noise)?;
-        let latents = scheduler
-            .add_noise(&clean, &initial, first)
-            .map_err(internal(stage))?;
-        Ok((first, latents))
+        let noised = |clean: &Tensor| {
+            scheduler
+                .add_noise(clean, &initial, first)
+                .map_err(internal(stage))
+        };
+        let full_strength = mode.strength == 1.0;
+        let (latents, inpainting) = match mode.task {
+            ImageTask::Img2Img => {
+                let clean = image_latents(&self.vae, job, device, noise)?;
+                (noised(&clean)?, None)
+            }
+            // A 9-channel UNet: the image's latents only where the start needs them.
+            ImageTask::Inpaint if self.description.masks == MaskInput::Required => {
+                let latents = if full_strength {
+                    from_noise(&initial)?
+                } else {
+                    noised(&image_latents(&self.vae, job, device, noise)?)?
+                };
+                let conditioned = Inpainting::conditioned(&self.vae, job, device, noise)?;
+                (latents, Some(conditioned))
+            }
+            ImageTask::Inpaint => {
+                let clean = image_latents(&self.vae, job, device, noise)?;
+                let latents = if full_strength {
+                    from_noise(&initial)?
+                } else {
+                    noised(&clean)?
+                };
+                let blended = Inpainting::blended(&self.vae, job, device, clean, initial.clone())?;
+                (latents, Some(blended))
+            }
+        };
+        Ok(Start {
+            first,
+            latents,
+            inpainting,
+        })
     }
 
     /// The job has images and steps, and the initial latents fit it.
@@ -275,6 +317,14 @@ impl StableDiffusion {
         let initial = self.initial_latents(job, &mut noise)?;
         self.run(job, &initial, &mut noise, control)
     }
+}
+
+/// Where a run starts: the first timestep index, its latents (F32) and, for inpainting, what
+/// the loop does besides.
+struct Start {
+    first: usize,
+    latents: Tensor,
+    inpainting: Option<Inpainting>,
 }
 
 /// Preview images of a step: the clean image the model predicts there, decoded. The estimate

@@ -103,6 +103,7 @@ fn job_for(key: &str, run: &Value) -> Job {
                 seed: 0,
                 latents: None,
                 image: None,
+                mask: None,
             })
             .collect(),
     }
@@ -331,6 +332,7 @@ fn seeded_job_for(key: &str, prompts: &[(&str, u64)], scheduler: &str) -> Job {
                 seed: *seed,
                 latents: None,
                 image: None,
+                mask: None,
             })
             .collect(),
     }

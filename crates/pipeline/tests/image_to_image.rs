@@ -7,13 +7,14 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sdserve_generation::{
-    ImageSpec, ImageToImage, Job, JobSettings, RgbImage, StepControl, StopReason, TimeIds,
-    decode_rgb,
+    ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Mask, RgbImage, StepControl, StopReason,
+    TimeIds, decode_rgb,
 };
 use sdserve_pipeline::image_to_image::image_tensor;
 use serde_json::Value;
@@ -51,6 +52,11 @@ fn job_for(key: &str, run: &Value) -> Job {
             time_ids: (key == "sdxl").then(|| TimeIds::defaults(h, w)),
             image_to_image: Some(ImageToImage {
                 strength: run["strength"].as_f64().unwrap(),
+                task: if run.get("masks").is_some() {
+                    ImageTask::Inpaint
+                } else {
+                    ImageTask::Img2Img
+                },
             }),
         },
         images: (0..prompts.len())
@@ -58,6 +64,9 @@ fn job_for(key: &str, run: &Value) -> Job {
                 negative_prompt: Some(text(&negatives[i])),
                 // Resized exactly as diffusers' VaeImageProcessor resizes.
                 image: Some(input(inputs[i].as_str().unwrap()).resized(w, h)),
+                mask: run
+                    .get("masks")
+                    .map(|m| Mask::from_rgb(&input(m[i].as_str().unwrap()).resized(w, h))),
                 ..ImageSpec::new(text(&prompts[i]), 0)
             })
             .collect(),
@@ -75,22 +84,45 @@ impl StepControl for Progress {
     }
 }
 
+/// diffusers' draws of a run, in our order: the initial noise (what `add_noise` used, or the
+/// pure-noise start), then the encoder's samples and the scheduler's draws as they come.
+/// Inpainting on a 4-channel UNet: diffusers also encodes the masked image, which only a
+/// 9-channel UNet reads; that draw is skipped here, as the pipeline skips the encoding.
+fn recorded_draws(
+    key: &str,
+    run: &Value,
+    arrays: &HashMap<String, Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let Some(all) = arrays.get("draws") else {
+        let mut draws = vec![arrays["encoder_noise"].clone()];
+        if let Some(steps) = arrays.get("step_noise") {
+            draws.extend((0..steps.dim(0).unwrap()).map(|k| steps.get(k).unwrap()));
+        }
+        return (arrays["noise"].clone(), draws);
+    };
+    let n = run["noise_draw"].as_u64().unwrap() as usize;
+    let skip_masked = key == "sd1_inpaint";
+    let draws = (0..all.dim(0).unwrap())
+        .filter(|&k| k != n && !(skip_masked && k == n + 1))
+        .map(|k| all.get(k).unwrap())
+        .collect();
+    (all.get(n).unwrap(), draws)
+}
+
 /// Replays every run of `key`; returns `(run, max 8-bit diff, max float diff in 1/255)`.
 fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
-    let sd = model(key);
+    // The plain-UNet inpainting references ran on tiny-sd1 itself.
+    let sd = model(if key == "sd1_inpaint" { "sd1" } else { key });
     let mut results = Vec::new();
     for run in index(key)["runs"].as_array().unwrap() {
         let name = run["name"].as_str().unwrap();
         let arrays = load_tensors(&dir().join(key).join(format!("{name}.safetensors")));
         let job = job_for(key, run);
-        let mut draws = vec![arrays["encoder_noise"].clone()];
-        if let Some(steps) = arrays.get("step_noise") {
-            draws.extend((0..steps.dim(0).unwrap()).map(|k| steps.get(k).unwrap()));
-        }
+        let (initial, draws) = recorded_draws(key, run, &arrays);
         let mut replay = Replay { draws, next: 0 };
         let mut progress = Progress::default();
         let images = sd
-            .run(&job, &arrays["noise"], &mut replay, &mut progress)
+            .run(&job, &initial, &mut replay, &mut progress)
             .unwrap_or_else(|e| panic!("{key}/{name}: {e}"));
         assert_eq!(
             replay.next,
@@ -139,11 +171,14 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
 
 fn check_model(key: &str) {
     let results = replay_all(key);
-    assert_eq!(
-        results.len(),
-        17,
-        "8 schedulers × 2 strengths + a resized input"
-    );
+    let runs = if key.contains("inpaint") {
+        // 8 schedulers at strength 1, two at 0.6, a resized image and mask.
+        11
+    } else {
+        // 8 schedulers × 2 strengths + a resized input.
+        17
+    };
+    assert_eq!(results.len(), runs);
     let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
     assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
 }
@@ -161,6 +196,16 @@ fn sd2_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
 #[test]
 fn sdxl_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
     check_model("sdxl");
+}
+
+#[test]
+fn inpainting_with_a_plain_unet_matches_diffusers() {
+    check_model("sd1_inpaint");
+}
+
+#[test]
+fn inpainting_with_a_nine_channel_unet_matches_diffusers() {
+    check_model("sd1_inpaint9");
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-pub use sdserve_generation::{ConditioningInputs, ModelDescription};
+pub use sdserve_generation::{ConditioningInputs, MaskInput, ModelDescription};
 use sdserve_generation::{GenerationRequest, LatentsInput, SizeConditioningInput};
 use serde_json::Value;
 
@@ -79,6 +79,7 @@ const FIELDS: &[(&str, Place)] = &[
     ("negative_crops_coords_top_left", Place::Either),
     ("negative_target_size", Place::Either),
     ("image", Place::Input),
+    ("mask_image", Place::Input),
     ("strength", Place::Either),
     ("output_format", Place::Parameter),
     ("timeout", Place::Parameter),
@@ -163,6 +164,7 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
     let scheduler = f.text("scheduler")?;
     let latents = f.latents()?;
     let images = f.files("image")?;
+    let mask_images = f.files("mask_image")?;
     let output_format = f.param_as("output_format", json_text)?;
     let options = RequestOptions {
         timeout: f.timeout()?,
@@ -185,6 +187,7 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         negative_prompts_2,
         sizes,
         images,
+        mask_images,
         strength: f.float("strength")?,
     };
     Ok(Decoded {
@@ -713,6 +716,9 @@ pub fn input_metadata(model: Option<&ModelDescription>) -> Vec<crate::v2::Metada
         // Files: base64 text in JSON, raw bytes in binary tensors and gRPC.
         inputs.push(t("image", Datatype::Bytes, &[-1], Some("base64")));
         inputs.push(t("strength", Datatype::Fp32, &[1], None));
+    }
+    if model.is_some_and(|m| m.masks != MaskInput::NotServed) {
+        inputs.push(t("mask_image", Datatype::Bytes, &[-1], Some("base64")));
     }
     if conditioning == ConditioningInputs::PromptsAndSizes {
         inputs.push(t("prompt_2", Datatype::Bytes, &[-1], Some("str")));

@@ -30,6 +30,7 @@ pub struct ModelIndex {
 const PIPELINES: &[(&str, &[(&str, &[&str])])] = &[
     ("StableDiffusionPipeline", SD_COMPONENTS),
     ("StableDiffusionImg2ImgPipeline", SD_COMPONENTS),
+    ("StableDiffusionInpaintPipeline", SD_COMPONENTS),
     ("StableDiffusionXLPipeline", SDXL_COMPONENTS),
     ("StableDiffusionXLImg2ImgPipeline", SDXL_COMPONENTS),
 ];

@@ -18,6 +18,7 @@ pub fn models() -> PathBuf {
 
 pub fn model(key: &str) -> &'static StableDiffusion {
     static SD1: OnceLock<StableDiffusion> = OnceLock::new();
+    static SD1_INPAINT9: OnceLock<StableDiffusion> = OnceLock::new();
     static SD2: OnceLock<StableDiffusion> = OnceLock::new();
     static SHAPES: OnceLock<StableDiffusion> = OnceLock::new();
     static SDXL: OnceLock<StableDiffusion> = OnceLock::new();
@@ -27,6 +28,7 @@ pub fn model(key: &str) -> &'static StableDiffusion {
         "sd_turbo" => (&SD_TURBO, "tiny-sd-turbo"),
         "sdxl_turbo" => (&SDXL_TURBO, "tiny-sdxl-turbo"),
         "sd1" => (&SD1, "tiny-sd1"),
+        "sd1_inpaint9" => (&SD1_INPAINT9, "tiny-sd1-inpaint"),
         "sd2" => (&SD2, "tiny-sd2"),
         "sdxl" => (&SDXL, "tiny-sdxl"),
         "shapes" => (&SHAPES, "tiny-shapes"),
