@@ -74,5 +74,5 @@ fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
         &["tests/python", "--ignore=tests/python/grpc"],
         16,
     );
-    pytest(&python, &s, &["tests/python/grpc"], 9);
+    pytest(&python, &s, &["tests/python/grpc"], 10);
 }

@@ -1,7 +1,7 @@
-//! Image-to-image through the real binary: the input image as base64 in JSON and as raw bytes
-//! through the binary tensor extension give the same picture, progress counts the steps that
-//! run, previews stream, and hostile images are 400s naming the field that leave the server's
-//! memory and queue as they were. (gRPC and `tritonclient`: `tests/python`, run by
+//! Image-to-image and inpainting through the real binary: the input image (and mask) as base64
+//! in JSON and as raw bytes through the binary tensor extension give the same picture, progress
+//! counts the steps that run, previews stream, and hostile images are 400s naming the field that
+//! leave the server's memory and queue as they were. (gRPC and `tritonclient`: `tests/python`, run by
 //! `clients.rs`.)
 
 use base64::Engine as _;
@@ -234,4 +234,116 @@ fn hostile_images_are_400s_that_leave_memory_and_queue_unchanged() {
         rss_after <= rss_before + 16 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
+}
+
+/// `json_request` with a mask beside the image.
+fn inpaint_request(image: &[u8], mask: &[u8], parameters: Value) -> Value {
+    let mut r = json_request(image, parameters);
+    r["inputs"].as_array_mut().unwrap().push(json!(
+        {"name": "mask_image", "shape": [1], "datatype": "BYTES",
+         "parameters": {"content_type": "base64"}, "data": [b64(mask)]}));
+    r
+}
+
+#[test]
+fn inpainting_over_json_and_binary_on_plain_and_inpainting_unets() {
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    for (name, folder) in [
+        ("inpaint", "models/tiny-sd1-inpaint"),
+        ("xl", "models/tiny-sdxl"),
+    ] {
+        let mut settings = tiny_settings(name, None);
+        settings["parameters"]["uri"] = json!(workspace_root().join(folder));
+        repo.model(name, settings);
+    }
+    let s = launch(&repo).start();
+    let (image, mask) = (fixture("input_0.png"), fixture("mask_0.png"));
+    let params = json!({"seed": 2, "num_inference_steps": 4});
+    for model in ["tiny", "inpaint"] {
+        let v = s
+            .infer(model, &inpaint_request(&image, &mask, params.clone()))
+            .expect(200)
+            .json();
+        assert_eq!(image_sizes(&v), vec![(64, 64)], "{model}");
+        assert_eq!(
+            v["parameters"]["strength"],
+            json!(1.0),
+            "inpainting's default"
+        );
+        let from_json = v["outputs"][0]["data"][0].as_str().unwrap().to_owned();
+        // Raw bytes through the binary extension: the same image.
+        let tensors: Vec<Vec<u8>> = [b"a red circle".as_slice(), &image, &mask]
+            .iter()
+            .map(|t| bytes_tensor(&[t]))
+            .collect();
+        let inputs: Vec<Value> = ["prompt", "image", "mask_image"]
+            .iter()
+            .zip(&tensors)
+            .map(|(n, t)| {
+                json!({"name": n, "shape": [1], "datatype": "BYTES",
+                       "parameters": {"binary_data_size": t.len()}})
+            })
+            .collect();
+        let header = json!({"inputs": inputs, "parameters": params});
+        let refs: Vec<&[u8]> = tensors.iter().map(Vec::as_slice).collect();
+        let (body, n) = binary_body(&header, &refs);
+        let v = post_binary(
+            &s,
+            &format!("/v2/models/{model}/infer"),
+            &n.to_string(),
+            body,
+        )
+        .expect(200)
+        .json();
+        assert_eq!(
+            v["outputs"][0]["data"][0].as_str().unwrap(),
+            from_json,
+            "{model}"
+        );
+        // Another mask, of another size (resized like the image), changes the picture.
+        let other = s
+            .infer(
+                model,
+                &inpaint_request(&image, &fixture("mask_odd.png"), params.clone()),
+            )
+            .expect(200)
+            .json();
+        assert_ne!(
+            other["outputs"][0]["data"][0].as_str().unwrap(),
+            from_json,
+            "{model}"
+        );
+    }
+    // The inpainting model lists mask_image in its metadata and needs it.
+    let meta = s.get("/v2/models/inpaint").expect(200).json();
+    assert!(
+        meta["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "mask_image")
+    );
+    for body in [
+        json_request(&image, json!({})),
+        prompt_request("a", json!({})),
+    ] {
+        let e = s.infer("inpaint", &body).expect(400).error();
+        assert!(e.contains("this is an inpainting model"), "{e}");
+    }
+    let e = s
+        .infer("tiny", &{
+            let mut r = prompt_request("a", json!({}));
+            r["inputs"].as_array_mut().unwrap().push(json!({"name": "mask_image", "shape": [1],
+                "datatype": "BYTES", "parameters": {"content_type": "base64"}, "data": [b64(&mask)]}));
+            r
+        })
+        .expect(400)
+        .error();
+    assert!(e.contains("'mask_image' needs an 'image'"), "{e}");
+    let e = s
+        .infer("xl", &inpaint_request(&image, &mask, json!({})))
+        .expect(400)
+        .error();
+    assert!(e.contains("does not serve inpainting"), "{e}");
 }

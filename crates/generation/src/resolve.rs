@@ -888,4 +888,91 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_mask_selects_inpainting_at_the_models_size() {
+        let r = GenerationRequest {
+            mask_images: Some(vec![fixture("mask_odd.png")]),
+            ..with_image(fixture("input_odd.png"))
+        };
+        let job = resolve(&r).unwrap();
+        let s = &job.settings;
+        // diffusers' inpaint pipeline: the model's size, strength 1.
+        assert_eq!((s.width, s.height), (64, 64));
+        assert_eq!(
+            s.image_to_image,
+            Some(ImageToImage {
+                strength: 1.0,
+                task: ImageTask::Inpaint
+            })
+        );
+        let mask = job.images[1].mask.as_ref().unwrap();
+        assert_eq!(
+            (mask.width, mask.height, mask.repaint.len()),
+            (64, 64, 64 * 64)
+        );
+        assert!(mask.repaint.iter().any(|&r| r) && mask.repaint.iter().any(|&r| !r));
+    }
+
+    #[test]
+    fn masks_are_refused_where_they_cannot_apply() {
+        let with_mask = |model: &ModelDescription, r: GenerationRequest| {
+            r.resolve(
+                model,
+                &GenerationDefaults::default(),
+                &Limits::default(),
+                || 1,
+            )
+        };
+        let mask = || Some(vec![fixture("mask_0.png")]);
+        let cases: Vec<(ModelDescription, GenerationRequest, &str)> = vec![
+            (
+                model(),
+                GenerationRequest {
+                    mask_images: mask(),
+                    ..req(&["a"])
+                },
+                "input 'mask_image' needs an 'image' input",
+            ),
+            (
+                ModelDescription {
+                    masks: MaskInput::NotServed,
+                    ..model()
+                },
+                GenerationRequest {
+                    mask_images: mask(),
+                    ..with_image(fixture("input_0.png"))
+                },
+                "input 'mask_image': this model does not serve inpainting",
+            ),
+            (
+                ModelDescription {
+                    masks: MaskInput::Required,
+                    ..model()
+                },
+                with_image(fixture("input_0.png")),
+                "this is an inpainting model",
+            ),
+            (
+                ModelDescription {
+                    masks: MaskInput::Required,
+                    ..model()
+                },
+                req(&["a"]),
+                "this is an inpainting model",
+            ),
+            (
+                model(),
+                GenerationRequest {
+                    mask_images: Some(vec![fixture("bomb.png")]),
+                    ..with_image(fixture("input_0.png"))
+                },
+                "input 'mask_image' element 0 declares 100000×100000 pixels",
+            ),
+        ];
+        for (m, r, expected) in cases {
+            let err = with_mask(&m, r).unwrap_err();
+            assert!(err.0.starts_with(expected), "{expected:?}: got {err}");
+        }
+    }
 }

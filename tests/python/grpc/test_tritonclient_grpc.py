@@ -149,6 +149,25 @@ def test_image_to_image_over_grpc(client, model_name):
     assert "'strength' (0.5) applies only to image-to-image" in error.value.message()
 
 
+def test_inpainting_over_grpc(client, model_name):
+    """Image and mask as raw bytes: the model's size (64×64), white = repaint."""
+    folder = Path(__file__).resolve().parents[3] / "models/reference/img2img"
+    tensors = []
+    for name, file in (("image", "input_0.png"), ("mask_image", "mask_0.png")):
+        tensor = grpcclient.InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([(folder / file).read_bytes()], dtype=np.object_))
+        tensors.append(tensor)
+    result = client.infer(
+        model_name,
+        [prompt_input(["a red circle"]), *tensors],
+        outputs=[grpcclient.InferRequestedOutput("image")],
+        parameters={"seed": 6, "num_inference_steps": 3},
+        client_timeout=TIMEOUT,
+    )
+    (png,) = images(result)
+    assert png_size(png) == (64, 64)
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(InferenceServerException) as error:
         client.infer("no-such-model", [prompt_input(["a"])], client_timeout=TIMEOUT)
