@@ -133,10 +133,23 @@ def picture(seed, width, height):
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
+# SDXL only: size conditioning, which image-to-image pairs with the negative rows its own way.
+SDXL_SIZES = dict(original_size=(32, 48), crops_coords_top_left=(4, 8), negative_original_size=(16, 16),
+                  negative_crops_coords_top_left=(1, 1))
+
+
 @torch.no_grad()
-def run(pipe, base_config, cls, overrides, images, strength, capture):
+def run(pipe, base_config, cls, overrides, images, strength, capture, extra=None):
     pipe.scheduler = cls.from_config(base_config, **overrides)
     enc = {}
+    time_ids = []
+
+    def unet_hook(_module, _args, kwargs, _output):
+        added = kwargs.get("added_cond_kwargs")
+        if added and not time_ids:
+            time_ids.append(added["time_ids"].detach().clone())
+
+    hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
     original_encode = pipe.vae.encode
     if capture:
 
@@ -165,8 +178,10 @@ def run(pipe, base_config, cls, overrides, images, strength, capture):
                 generator=torch.Generator().manual_seed(NOISE_SEED),
                 output_type="np",
                 callback_on_step_end=on_step_end,
+                **(extra or {}),
             ).images
     finally:
+        hook.remove()
         if capture:
             del pipe.vae.encode
     draws = rec.draws
@@ -178,9 +193,19 @@ def run(pipe, base_config, cls, overrides, images, strength, capture):
     }
     if len(draws) > 2:
         arrays["step_noise"] = torch.stack(draws[2:])
+    if time_ids:
+        arrays["add_time_ids"] = time_ids[0]
     if capture:
         enc["image_latents"] = pipe.vae.config.scaling_factor * (enc["mean"] + enc["std"] * draws[0])
     return arrays, enc
+
+
+def sc_name(run_name):
+    """The request's scheduler name of a run: its name up to the strength or a suffix."""
+    for name, _, _ in sorted(SCHEDULERS, key=lambda t: -len(t[0])):
+        if run_name.startswith(name + "_"):
+            return name
+    raise SystemExit(f"no scheduler for {run_name}")
 
 
 def write_model(key, models_root, out_root, inputs, odd):
@@ -194,17 +219,20 @@ def write_model(key, models_root, out_root, inputs, odd):
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     index = {"model": key, "model_dir": f"models/{folder}", "pipeline": cls.__name__, "runs": []}
-    plan = [(f"{name}_s{s}", sc, ov, inputs, s) for name, sc, ov in SCHEDULERS for s in STRENGTHS]
-    plan.append(("ddim_resized", DDIMScheduler, {}, [odd, odd], 0.8))
-    for i, (name, sc, ov, images, strength) in enumerate(plan):
-        arrays, enc = run(pipe, base_config, sc, ov, images, strength, capture=i == 0)
+    plan = [(f"{name}_s{s}", sc, ov, inputs, s, None) for name, sc, ov in SCHEDULERS for s in STRENGTHS]
+    plan.append(("ddim_resized", DDIMScheduler, {}, [odd, odd], 0.8, None))
+    if key == "sdxl":
+        plan.append(("euler_sizes_s0.6", EulerDiscreteScheduler, {}, inputs, 0.6, SDXL_SIZES))
+    for i, (name, sc, ov, images, strength, extra) in enumerate(plan):
+        arrays, enc = run(pipe, base_config, sc, ov, images, strength, capture=i == 0, extra=extra)
         if enc:
             save_file(enc, os.path.join(out, "encoder.safetensors"))
         save_file(arrays, os.path.join(out, f"{name}.safetensors"))
         index["runs"].append(
             {
                 "name": name,
-                "scheduler": name.rsplit("_s", 1)[0] if "_s" in name else "ddim",
+                "scheduler": sc_name(name),
+                "sdxl_inputs": {k: list(v) for k, v in (extra or {}).items()},
                 "scheduler_class": sc.__name__,
                 "strength": strength,
                 "inputs": ["input_odd.png"] * 2 if images[0] is odd else ["input_0.png", "input_1.png"],

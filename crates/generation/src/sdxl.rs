@@ -5,6 +5,9 @@
 //! output size and `crops_coords_top_left` to `(0, 0)`; the negative rows get their own time ids
 //! only when both `negative_original_size` and `negative_target_size` are given (then with
 //! `negative_crops_coords_top_left`, default `(0, 0)`), and otherwise the prompt rows' ids.
+//! `StableDiffusionXLImg2ImgPipeline` builds the negative ids differently: each negative size
+//! defaults to its positive one on its own, and the crop is always the prompt rows'
+//! `crops_coords_top_left` (its `negative_crops_coords_top_left` is read only by refiners).
 
 use crate::generator::{ConditioningInputs, ModelDescription};
 use crate::job::{TIME_IDS, TimeIds};
@@ -42,6 +45,7 @@ pub(crate) fn time_ids(
     sizes: &SizeConditioningInput,
     model: &ModelDescription,
     (height, width): (usize, usize),
+    image_to_image: bool,
 ) -> Result<Option<TimeIds>, ValidationError> {
     if model.conditioning != ConditioningInputs::PromptsAndSizes {
         return Ok(None);
@@ -59,6 +63,19 @@ pub(crate) fn time_ids(
         [0, 0],
     )?;
     let negative = match (sizes.negative_original_size, sizes.negative_target_size) {
+        (original, target) if image_to_image => ids(
+            checked(
+                "negative_original_size",
+                original,
+                [positive[0], positive[1]].map(i64::from),
+            )?,
+            crop,
+            checked(
+                "negative_target_size",
+                target,
+                [positive[4], positive[5]].map(i64::from),
+            )?,
+        ),
         (Some(original), Some(target)) => ids(
             checked("negative_original_size", Some(original), output)?,
             negative_crop,
@@ -218,5 +235,23 @@ mod tests {
         r.sizes.negative_original_size = Some([0, -5]);
         let err = resolve(&r, SDXL).unwrap_err().0;
         assert!(err.contains("'negative_original_size'"), "{err}");
+    }
+
+    #[test]
+    fn image_to_image_negative_ids_default_side_by_side_with_the_prompt_crop() {
+        let sizes = SizeConditioningInput {
+            original_size: Some([32, 48]),
+            crops_coords_top_left: Some([4, 8]),
+            negative_original_size: Some([16, 16]),
+            negative_crops_coords_top_left: Some([1, 1]),
+            ..Default::default()
+        };
+        let m = model(ConditioningInputs::PromptsAndSizes);
+        let i2i = time_ids(&sizes, &m, (64, 64), true).unwrap().unwrap();
+        assert_eq!(i2i.positive, [32, 48, 4, 8, 64, 64]);
+        assert_eq!(i2i.negative, [16, 16, 4, 8, 64, 64]);
+        // Text-to-image: one negative size alone leaves the prompt rows' ids.
+        let t2i = time_ids(&sizes, &m, (64, 64), false).unwrap().unwrap();
+        assert_eq!(t2i.negative, t2i.positive);
     }
 }

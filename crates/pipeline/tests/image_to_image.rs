@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sdserve_generation::{
-    ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Mask, RgbImage, StepControl, StopReason,
-    TimeIds, decode_rgb,
+    GenerationDefaults, GenerationRequest, Generator, ImageTask, Job, Limits,
+    SizeConditioningInput, StepControl, StopReason,
 };
 use sdserve_pipeline::image_to_image::image_tensor;
 use serde_json::Value;
@@ -30,47 +30,68 @@ fn index(key: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-/// An input PNG through the server's own decoder.
-fn input(name: &str) -> RgbImage {
-    decode_rgb(&std::fs::read(dir().join(name)).unwrap(), 1 << 20).unwrap()
+/// The run's request through the server's own decoding, resizing and validation.
+fn job_for(key: &str, run: &Value) -> Job {
+    let texts = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let files = |v: &Value| -> Vec<Vec<u8>> {
+        texts(v)
+            .iter()
+            .map(|name| std::fs::read(dir().join(name)).unwrap())
+            .collect()
+    };
+    let pair = |name: &str| {
+        run["sdxl_inputs"]
+            .get(name)
+            .map(|v| [0, 1].map(|i| v[i].as_i64().unwrap()))
+    };
+    let request = GenerationRequest {
+        prompts: texts(&run["prompts"]),
+        negative_prompts: Some(texts(&run["negative_prompts"])),
+        num_inference_steps: run["num_inference_steps"].as_i64(),
+        guidance_scale: run["guidance_scale"].as_f64(),
+        scheduler: Some(run["scheduler"].as_str().unwrap().to_string()),
+        seeds: Some(vec![0]),
+        images: Some(files(&run["inputs"])),
+        mask_images: run.get("masks").map(files),
+        strength: run["strength"].as_f64(),
+        sizes: SizeConditioningInput {
+            original_size: pair("original_size"),
+            crops_coords_top_left: pair("crops_coords_top_left"),
+            target_size: pair("target_size"),
+            negative_original_size: pair("negative_original_size"),
+            negative_crops_coords_top_left: pair("negative_crops_coords_top_left"),
+            negative_target_size: pair("negative_target_size"),
+        },
+        ..Default::default()
+    };
+    let sd = model_of(key);
+    let job = request
+        .resolve(
+            sd.description(),
+            &GenerationDefaults::default(),
+            &Limits::default(),
+            || 0,
+        )
+        .unwrap_or_else(|e| panic!("{key}/{}: {e}", run["name"]));
+    let [h, w] = [0, 1].map(|i| run["output_size"][i].as_u64().unwrap() as usize);
+    assert_eq!((job.settings.height, job.settings.width), (h, w));
+    let task = match run.get("masks") {
+        Some(_) => ImageTask::Inpaint,
+        None => ImageTask::Img2Img,
+    };
+    assert_eq!(job.settings.image_to_image.map(|m| m.task), Some(task));
+    job
 }
 
-fn job_for(key: &str, run: &Value) -> Job {
-    let [h, w] = [0, 1].map(|i| run["output_size"][i].as_u64().unwrap() as usize);
-    let text = |v: &Value| v.as_str().unwrap().to_string();
-    let prompts = run["prompts"].as_array().unwrap();
-    let negatives = run["negative_prompts"].as_array().unwrap();
-    let inputs = run["inputs"].as_array().unwrap();
-    Job {
-        settings: JobSettings {
-            num_inference_steps: run["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-            height: h,
-            width: w,
-            scheduler: text(&run["scheduler"]),
-            eta: 0.0,
-            time_ids: (key == "sdxl").then(|| TimeIds::defaults(h, w)),
-            image_to_image: Some(ImageToImage {
-                strength: run["strength"].as_f64().unwrap(),
-                task: if run.get("masks").is_some() {
-                    ImageTask::Inpaint
-                } else {
-                    ImageTask::Img2Img
-                },
-            }),
-        },
-        images: (0..prompts.len())
-            .map(|i| ImageSpec {
-                negative_prompt: Some(text(&negatives[i])),
-                // Resized exactly as diffusers' VaeImageProcessor resizes.
-                image: Some(input(inputs[i].as_str().unwrap()).resized(w, h)),
-                mask: run
-                    .get("masks")
-                    .map(|m| Mask::from_rgb(&input(m[i].as_str().unwrap()).resized(w, h))),
-                ..ImageSpec::new(text(&prompts[i]), 0)
-            })
-            .collect(),
-    }
+/// The loaded model a reference ran on (the plain-UNet inpainting runs used tiny-sd1 itself).
+fn model_of(key: &str) -> &'static sdserve_pipeline::StableDiffusion {
+    model(if key == "sd1_inpaint" { "sd1" } else { key })
 }
 
 /// Records the progress the pipeline reports.
@@ -111,13 +132,29 @@ fn recorded_draws(
 
 /// Replays every run of `key`; returns `(run, max 8-bit diff, max float diff in 1/255)`.
 fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
-    // The plain-UNet inpainting references ran on tiny-sd1 itself.
-    let sd = model(if key == "sd1_inpaint" { "sd1" } else { key });
+    let sd = model_of(key);
     let mut results = Vec::new();
     for run in index(key)["runs"].as_array().unwrap() {
         let name = run["name"].as_str().unwrap();
         let arrays = load_tensors(&dir().join(key).join(format!("{name}.safetensors")));
         let job = job_for(key, run);
+        if let Some(recorded) = arrays.get("add_time_ids") {
+            // diffusers' rows: the negative ones, then the prompt ones.
+            let ids = job.settings.time_ids.expect("SDXL time ids");
+            let b = job.images.len();
+            let rows: Vec<Vec<f32>> = recorded.to_vec2().unwrap();
+            let as_f32 = |ids: [u32; 6]| ids.map(|v| v as f32).to_vec();
+            assert_eq!(
+                rows[..b],
+                vec![as_f32(ids.negative); b],
+                "{key}/{name}: negative ids"
+            );
+            assert_eq!(
+                rows[b..],
+                vec![as_f32(ids.positive); b],
+                "{key}/{name}: prompt ids"
+            );
+        }
         let (initial, draws) = recorded_draws(key, run, &arrays);
         let mut replay = Replay { draws, next: 0 };
         let mut progress = Progress::default();
@@ -171,14 +208,14 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
 
 fn check_model(key: &str) {
     let results = replay_all(key);
-    let runs = if key.contains("inpaint") {
+    let at_least = if key.contains("inpaint") {
         // 8 schedulers at strength 1, two at 0.6, a resized image and mask.
         11
     } else {
-        // 8 schedulers × 2 strengths + a resized input.
+        // 8 schedulers × 2 strengths + a resized input (SDXL: + size conditioning).
         17
     };
-    assert_eq!(results.len(), runs);
+    assert!(results.len() >= at_least, "{} runs", results.len());
     let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
     assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
 }
