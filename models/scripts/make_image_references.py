@@ -12,7 +12,8 @@ Inpainting (StableDiffusionInpaintPipeline; masks mask_0.png (L), mask_1.png (RG
 mask_odd.png (RGB, 67x61), white = repaint): <out>/sd1_inpaint/ (tiny-sd1, a 4-channel UNet)
 and <out>/sd1_inpaint9/ (tiny-sd1-inpaint, 9 channels), documented in their index.json.
 
-For each image-to-image model (sd1, sd2, sdxl), <out>/<model>/:
+For each image-to-image model (sd1, sd2, sdxl, and sdxl_refiner: models/tiny-sdxl-refiner
+refining tiny-sdxl's text-to-image references), <out>/<model>/:
   <run>.safetensors   "images" (B, H, W, 3) float output_type="np",
                       "encoder_noise": the draw of the VAE's latent sample (B, 4, h, w),
                       "noise": the draw add_noise used, "step_noise" (if any): every draw a
@@ -54,7 +55,13 @@ MODELS = {
     "sd1": ("tiny-sd1", StableDiffusionImg2ImgPipeline),
     "sd2": ("tiny-sd2", StableDiffusionImg2ImgPipeline),
     "sdxl": ("tiny-sdxl", StableDiffusionXLImg2ImgPipeline),
+    # Refines tiny-sdxl's own text-to-image references (models/reference/sdxl/euler_*.png).
+    "sdxl_refiner": ("tiny-sdxl-refiner", StableDiffusionXLImg2ImgPipeline),
 }
+REFINER_INPUTS = ["../sdxl/euler_0.png", "../sdxl/euler_1.png"]
+REFINER_SCORES = dict(aesthetic_score=7.5, negative_aesthetic_score=1.0, original_size=(32, 48),
+                      crops_coords_top_left=(4, 8), negative_original_size=(16, 16),
+                      negative_crops_coords_top_left=(1, 1))
 PROMPTS = ["a red circle on a blue background", "two green squares"]
 NEGATIVE_PROMPTS = ["blurry", ""]
 STEPS = 10
@@ -208,7 +215,7 @@ def sc_name(run_name):
     raise SystemExit(f"no scheduler for {run_name}")
 
 
-def write_model(key, models_root, out_root, inputs, odd):
+def write_model(key, models_root, out_root, inputs, odd, input_names=("input_0.png", "input_1.png")):
     folder, cls = MODELS[key]
     out = os.path.join(out_root, key)
     if os.path.exists(out):
@@ -223,6 +230,8 @@ def write_model(key, models_root, out_root, inputs, odd):
     plan.append(("ddim_resized", DDIMScheduler, {}, [odd, odd], 0.8, None))
     if key == "sdxl":
         plan.append(("euler_sizes_s0.6", EulerDiscreteScheduler, {}, inputs, 0.6, SDXL_SIZES))
+    if key == "sdxl_refiner":
+        plan.append(("euler_aesthetic_s0.6", EulerDiscreteScheduler, {}, inputs, 0.6, REFINER_SCORES))
     for i, (name, sc, ov, images, strength, extra) in enumerate(plan):
         arrays, enc = run(pipe, base_config, sc, ov, images, strength, capture=i == 0, extra=extra)
         if enc:
@@ -232,10 +241,10 @@ def write_model(key, models_root, out_root, inputs, odd):
             {
                 "name": name,
                 "scheduler": sc_name(name),
-                "sdxl_inputs": {k: list(v) for k, v in (extra or {}).items()},
+                "sdxl_inputs": {k: list(v) if isinstance(v, tuple) else v for k, v in (extra or {}).items()},
                 "scheduler_class": sc.__name__,
                 "strength": strength,
-                "inputs": ["input_odd.png"] * 2 if images[0] is odd else ["input_0.png", "input_1.png"],
+                "inputs": ["input_odd.png"] * 2 if images[0] is odd else list(input_names),
                 "prompts": PROMPTS,
                 "negative_prompts": NEGATIVE_PROMPTS,
                 "num_inference_steps": STEPS,
@@ -393,7 +402,12 @@ def main():
         m.save(os.path.join(args.out, f"mask_{i}.png"))
     mask_odd.save(os.path.join(args.out, "mask_odd.png"))
     for key in MODELS:
-        if args.only in (None, key):
+        if args.only not in (None, key):
+            continue
+        if key == "sdxl_refiner":
+            refined = [Image.open(os.path.join(args.out, name)).convert("RGB") for name in REFINER_INPUTS]
+            write_model(key, args.models, args.out, refined, odd, REFINER_INPUTS)
+        else:
             write_model(key, args.models, args.out, inputs, odd)
     for key in INPAINT_MODELS:
         if args.only in (None, key):

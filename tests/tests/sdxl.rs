@@ -1,6 +1,7 @@
 //! SDXL folders through the real binary: the tiny SDXL model served over REST with its own
 //! inputs (second prompts, size and crop conditioning), their 400s on an SD 1.x model, the
-//! metadata that names them, and an SDXL refiner refused at startup. (gRPC: the
+//! metadata that names them, an SDXL refiner that only refines images, and a half-refiner
+//! folder refused at startup. (gRPC: the
 //! `tritonclient.grpc` tests in `tests/python/grpc`, run by `clients.rs`.)
 
 use std::path::PathBuf;
@@ -149,8 +150,10 @@ fn metadata_reports_the_family_and_sdxl_inputs() {
     assert!(!names(&sd1).iter().any(|n| n == "prompt_2"), "{sd1}");
 }
 
+/// A folder without the first text encoder that does not say `requires_aesthetics_score`: no
+/// diffusers pipeline runs it as it stands.
 #[test]
-fn a_refiner_folder_is_refused_at_startup_naming_the_component() {
+fn a_half_refiner_folder_is_refused_at_startup_naming_the_keys() {
     let repo = Repo::new();
     let folder = repo.assets().join("refiner");
     std::fs::create_dir_all(&folder).unwrap();
@@ -163,16 +166,73 @@ fn a_refiner_folder_is_refused_at_startup_naming_the_component() {
     index["_class_name"] = json!("StableDiffusionXLImg2ImgPipeline");
     index["text_encoder"] = json!([null, null]);
     index["tokenizer"] = json!([null, null]);
-    index["requires_aesthetics_score"] = json!(true);
+    index["requires_aesthetics_score"] = json!(false);
     std::fs::write(folder.join("model_index.json"), index.to_string()).unwrap();
     let mut settings = tiny_settings("refiner", None);
     settings["parameters"]["uri"] = json!(folder);
     repo.model("refiner", settings);
 
     let exit = launch(&repo).run_to_exit(Duration::from_secs(60));
-    assert!(!exit.status.success(), "the server started with a refiner");
+    assert!(
+        !exit.status.success(),
+        "the server started with a half refiner"
+    );
     let log = format!("{}{}", exit.stdout, exit.stderr);
     for needle in ["refiner", "text_encoder", "requires_aesthetics_score"] {
         assert!(log.contains(needle), "the log lacks {needle:?}:\n{log}");
     }
+}
+
+#[test]
+fn a_refiner_refines_images_with_aesthetic_scores_and_refuses_text_to_image() {
+    let repo = Repo::new();
+    let mut settings = tiny_settings("refiner", None);
+    settings["parameters"]["uri"] = json!(workspace_root().join("models/tiny-sdxl-refiner"));
+    repo.model("refiner", settings);
+    let s = launch(&repo).start();
+    let picture =
+        std::fs::read(workspace_root().join("models/reference/sdxl/euler_0.png")).unwrap();
+    let request = |parameters: Value| {
+        json!({"inputs": [
+            {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a red circle"]},
+            {"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+             "data": [base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &picture)]}],
+         "parameters": parameters})
+    };
+    let refine = |parameters: Value| {
+        let v = s.infer("refiner", &request(parameters)).expect(200).json();
+        assert_eq!(image_sizes(&v), vec![(64, 64)]);
+        assert_eq!(
+            v["parameters"]["strength"],
+            json!(0.3),
+            "SDXL image-to-image's default"
+        );
+        png(&v, 0)
+    };
+    let base = json!({"seed": 1, "num_inference_steps": 10});
+    let plain = refine(base.clone());
+    let explicit = refine(json!({"seed": 1, "num_inference_steps": 10,
+                                 "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}));
+    assert_eq!(
+        plain, explicit,
+        "the defaults, given explicitly, change nothing"
+    );
+    assert_ne!(
+        refine(json!({"seed": 1, "num_inference_steps": 10, "aesthetic_score": 9.0})),
+        plain
+    );
+    let meta = s.get("/v2/models/refiner").expect(200).json();
+    assert_eq!(meta["parameters"]["family"], "sdxl-refiner");
+    assert!(
+        meta["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "aesthetic_score")
+    );
+    let e = s
+        .infer("refiner", &prompt_request("a", json!({})))
+        .expect(400)
+        .error();
+    assert!(e.contains("only refines images"), "{e}");
 }

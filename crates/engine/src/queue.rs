@@ -450,10 +450,7 @@ mod tests {
                             positive: [64, 64, 0, 0, 64, 72],
                             ..ids
                         },
-                        None => TimeIds {
-                            positive: [64, 64, 0, 0, 64, 64],
-                            negative: [64, 64, 0, 0, 64, 64],
-                        },
+                        None => TimeIds::defaults(64, 64),
                     }),
                     ..base.clone()
                 },

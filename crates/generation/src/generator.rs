@@ -47,6 +47,16 @@ pub enum ConditioningInputs {
     Prompt,
     /// SDXL: also a second prompt per text encoder and the size/crop time ids.
     PromptsAndSizes,
+    /// An SDXL refiner: the size/crop time ids with aesthetic scores in the target size's
+    /// place; it only refines images (image-to-image).
+    Refiner,
+}
+
+impl ConditioningInputs {
+    /// Whether the model is conditioned on SDXL's time ids.
+    pub fn has_time_ids(self) -> bool {
+        self != Self::Prompt
+    }
 }
 
 /// How a model takes inpainting masks.

@@ -57,10 +57,21 @@ impl ImageToImage {
 
 /// SDXL's `add_time_ids` of one batch, each `[original height, original width, crop top,
 /// crop left, target height, target width]`: for the prompt rows and for the negative rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TimeIds {
     pub positive: [u32; TIME_IDS],
     pub negative: [u32; TIME_IDS],
+    /// Refiners (`requires_aesthetics_score`): the aesthetic scores, which take the target
+    /// size's place (five ids per row).
+    pub aesthetic: Option<AestheticScores>,
+}
+
+/// A refiner's aesthetic scores: of the prompt rows (diffusers' default 6) and of the negative
+/// rows (2.5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AestheticScores {
+    pub positive: f32,
+    pub negative: f32,
 }
 
 /// SDXL's time ids per UNet row: original size, crop top-left, target size.
@@ -92,6 +103,25 @@ impl TimeIds {
         Self {
             positive: ids,
             negative: ids,
+            aesthetic: None,
+        }
+    }
+
+    /// One UNet row's ids as the UNet embeds them: six, or five for a refiner.
+    pub fn row(&self, negative: bool) -> Vec<f32> {
+        let sizes = if negative {
+            self.negative
+        } else {
+            self.positive
+        };
+        let as_f32 = |ids: &[u32]| ids.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        match self.aesthetic {
+            None => as_f32(&sizes),
+            Some(a) => {
+                let mut row = as_f32(&sizes[..4]);
+                row.push(if negative { a.negative } else { a.positive });
+                row
+            }
         }
     }
 }

@@ -26,8 +26,8 @@ pub use generator::{
 };
 pub use image_input::{ImageError, RgbImage, decode_rgb};
 pub use job::{
-    ETA_SCHEDULER, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents, Mask, TIME_IDS,
-    TimeIds,
+    AestheticScores, ETA_SCHEDULER, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents,
+    Mask, TIME_IDS, TimeIds,
 };
 pub use limits::{GenerationDefaults, Limits};
 pub use request::{GenerationRequest, LatentsInput, SizeConditioningInput};

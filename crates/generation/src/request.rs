@@ -23,6 +23,9 @@ pub struct GenerationRequest {
     pub negative_prompts_2: Option<Vec<String>>,
     /// SDXL's micro-conditioning.
     pub sizes: SizeConditioningInput,
+    /// SDXL refiners: the aesthetic scores of the prompt and the negative rows.
+    pub aesthetic_score: Option<f64>,
+    pub negative_aesthetic_score: Option<f64>,
     /// Image-to-image: the input images as encoded files (PNG, JPEG or WebP), one for all
     /// prompts or one per prompt. Giving them selects the mode.
     pub images: Option<Vec<Vec<u8>>>,

@@ -75,12 +75,8 @@ impl GenerationRequest {
         // Inpainting keeps the model's size by default, as diffusers' inpaint pipeline does.
         let size_from = inputs.as_ref().filter(|_| !inpainting).map(|i| &i[0]);
         let (height, width) = self.size(&b, size_from)?;
-        let time_ids = crate::sdxl::time_ids(
-            &self.sizes,
-            model,
-            (height, width),
-            image_to_image.is_some(),
-        )?;
+        let time_ids =
+            crate::sdxl::time_ids(self, model, (height, width), image_to_image.is_some())?;
         let settings = JobSettings {
             num_inference_steps,
             guidance_scale,

@@ -8,30 +8,65 @@
 //! `StableDiffusionXLImg2ImgPipeline` builds the negative ids differently: each negative size
 //! defaults to its positive one on its own, and the crop is always the prompt rows'
 //! `crops_coords_top_left` (its `negative_crops_coords_top_left` is read only by refiners).
+//! A refiner (`requires_aesthetics_score`) puts the aesthetic score where the target size was:
+//! `aesthetic_score` (default 6) for the prompt rows, and for the negative rows
+//! `negative_original_size` (default the original size), `negative_crops_coords_top_left`
+//! (default `(0, 0)`) and `negative_aesthetic_score` (default 2.5).
 
 use crate::generator::{ConditioningInputs, ModelDescription};
-use crate::job::{TIME_IDS, TimeIds};
-use crate::request::{GenerationRequest, SizeConditioningInput};
+use crate::job::{AestheticScores, TIME_IDS, TimeIds};
+use crate::request::GenerationRequest;
 use crate::resolve::ValidationError;
 
 /// Largest size or crop coordinate a time id may hold: far beyond any training resolution, and
 /// exact in the F32 the UNet embeds it in.
 pub const MAX_TIME_ID: i64 = 1 << 16;
 
-/// Refuses SDXL-only fields for models that are not conditioned on them.
+/// diffusers' `StableDiffusionXLImg2ImgPipeline` defaults.
+const AESTHETIC_SCORE: f64 = 6.0;
+const NEGATIVE_AESTHETIC_SCORE: f64 = 2.5;
+
+/// Refuses SDXL-only fields for models that are not conditioned on them, aesthetic scores for
+/// models that are not refiners, and text-to-image for refiners.
 pub(crate) fn check_applies(
     request: &GenerationRequest,
     model: &ModelDescription,
 ) -> Result<(), ValidationError> {
-    if model.conditioning == ConditioningInputs::PromptsAndSizes {
-        return Ok(());
+    let aesthetic = [
+        ("aesthetic_score", request.aesthetic_score.is_some()),
+        (
+            "negative_aesthetic_score",
+            request.negative_aesthetic_score.is_some(),
+        ),
+    ];
+    match model.conditioning {
+        ConditioningInputs::Refiner if request.images.is_none() => {
+            return Err(ValidationError(
+                "this SDXL refiner only refines images: give an 'image' input".into(),
+            ));
+        }
+        ConditioningInputs::Refiner => return Ok(()),
+        ConditioningInputs::PromptsAndSizes => {
+            return match aesthetic.iter().find(|(_, given)| *given) {
+                Some((name, _)) => Err(ValidationError(format!(
+                    "'{name}' only applies to SDXL refiners (requires_aesthetics_score)"
+                ))),
+                None => Ok(()),
+            };
+        }
+        ConditioningInputs::Prompt => {}
     }
     let prompts = [
         ("prompt_2", request.prompts_2.is_some()),
         ("negative_prompt_2", request.negative_prompts_2.is_some()),
     ];
     let sizes = request.sizes.named().map(|(name, v)| (name, v.is_some()));
-    match prompts.iter().chain(&sizes).find(|(_, given)| *given) {
+    match prompts
+        .iter()
+        .chain(&sizes)
+        .chain(&aesthetic)
+        .find(|(_, given)| *given)
+    {
         Some((name, _)) => Err(ValidationError(format!(
             "'{name}' only applies to SDXL models; this model is {}",
             model.family
@@ -42,13 +77,16 @@ pub(crate) fn check_applies(
 
 /// The job's time ids for an image of `height × width`; `None` for models without them.
 pub(crate) fn time_ids(
-    sizes: &SizeConditioningInput,
+    request: &GenerationRequest,
     model: &ModelDescription,
     (height, width): (usize, usize),
     image_to_image: bool,
 ) -> Result<Option<TimeIds>, ValidationError> {
-    if model.conditioning != ConditioningInputs::PromptsAndSizes {
-        return Ok(None);
+    let sizes = &request.sizes;
+    match model.conditioning {
+        ConditioningInputs::Prompt => return Ok(None),
+        ConditioningInputs::Refiner => return refiner_ids(request, (height, width)).map(Some),
+        ConditioningInputs::PromptsAndSizes => {}
     }
     let output = [height as i64, width as i64];
     let crop = checked("crops_coords_top_left", sizes.crops_coords_top_left, [0, 0])?;
@@ -88,7 +126,63 @@ pub(crate) fn time_ids(
             positive
         }
     };
-    Ok(Some(TimeIds { positive, negative }))
+    Ok(Some(TimeIds {
+        positive,
+        negative,
+        aesthetic: None,
+    }))
+}
+
+/// A refiner's ids: sizes and crops as the prompt rows', the negative rows' own (or the
+/// original size and no crop), and the aesthetic scores.
+fn refiner_ids(
+    request: &GenerationRequest,
+    (height, width): (usize, usize),
+) -> Result<TimeIds, ValidationError> {
+    let sizes = &request.sizes;
+    let output = [height as i64, width as i64];
+    let original = checked("original_size", sizes.original_size, output)?;
+    let target = checked("target_size", sizes.target_size, output)?;
+    let positive = ids(
+        original,
+        checked("crops_coords_top_left", sizes.crops_coords_top_left, [0, 0])?,
+        target,
+    );
+    let negative = ids(
+        checked(
+            "negative_original_size",
+            sizes.negative_original_size,
+            original.map(i64::from),
+        )?,
+        checked(
+            "negative_crops_coords_top_left",
+            sizes.negative_crops_coords_top_left,
+            [0, 0],
+        )?,
+        checked("negative_target_size", sizes.negative_target_size, output)?,
+    );
+    let score = |name: &str, given: Option<f64>, default: f64| {
+        let v = given.unwrap_or(default);
+        if v.is_finite() && v.abs() <= MAX_TIME_ID as f64 {
+            Ok(v as f32)
+        } else {
+            Err(ValidationError(format!(
+                "'{name}' is {v}; it must be a finite number between -{MAX_TIME_ID} and {MAX_TIME_ID}"
+            )))
+        }
+    };
+    Ok(TimeIds {
+        positive,
+        negative,
+        aesthetic: Some(AestheticScores {
+            positive: score("aesthetic_score", request.aesthetic_score, AESTHETIC_SCORE)?,
+            negative: score(
+                "negative_aesthetic_score",
+                request.negative_aesthetic_score,
+                NEGATIVE_AESTHETIC_SCORE,
+            )?,
+        }),
+    })
 }
 
 fn ids(original: [u32; 2], crop: [u32; 2], target: [u32; 2]) -> [u32; TIME_IDS] {
@@ -121,6 +215,7 @@ fn checked(
 mod tests {
     use super::*;
     use crate::limits::{GenerationDefaults, Limits};
+    use crate::request::SizeConditioningInput;
 
     fn model(conditioning: ConditioningInputs) -> ModelDescription {
         ModelDescription {
@@ -247,11 +342,60 @@ mod tests {
             ..Default::default()
         };
         let m = model(ConditioningInputs::PromptsAndSizes);
-        let i2i = time_ids(&sizes, &m, (64, 64), true).unwrap().unwrap();
+        let r = GenerationRequest {
+            sizes,
+            ..Default::default()
+        };
+        let i2i = time_ids(&r, &m, (64, 64), true).unwrap().unwrap();
         assert_eq!(i2i.positive, [32, 48, 4, 8, 64, 64]);
         assert_eq!(i2i.negative, [16, 16, 4, 8, 64, 64]);
         // Text-to-image: one negative size alone leaves the prompt rows' ids.
-        let t2i = time_ids(&sizes, &m, (64, 64), false).unwrap().unwrap();
+        let t2i = time_ids(&r, &m, (64, 64), false).unwrap().unwrap();
         assert_eq!(t2i.negative, t2i.positive);
+    }
+
+    #[test]
+    fn refiners_take_aesthetic_scores_and_only_refine_images() {
+        let m = model(ConditioningInputs::Refiner);
+        let plain = GenerationRequest {
+            sizes: SizeConditioningInput {
+                original_size: Some([32, 48]),
+                crops_coords_top_left: Some([4, 8]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let ids = time_ids(&plain, &m, (64, 64), true).unwrap().unwrap();
+        assert_eq!(ids.row(false), [32.0, 48.0, 4.0, 8.0, 6.0]);
+        assert_eq!(ids.row(true), [32.0, 48.0, 0.0, 0.0, 2.5]);
+        let scored = GenerationRequest {
+            aesthetic_score: Some(7.5),
+            negative_aesthetic_score: Some(1.0),
+            ..plain.clone()
+        };
+        let ids = time_ids(&scored, &m, (64, 64), true).unwrap().unwrap();
+        assert_eq!((ids.row(false)[4], ids.row(true)[4]), (7.5, 1.0));
+        let bad = GenerationRequest {
+            aesthetic_score: Some(f64::INFINITY),
+            ..plain
+        };
+        assert!(
+            time_ids(&bad, &m, (64, 64), true)
+                .unwrap_err()
+                .0
+                .contains("'aesthetic_score'")
+        );
+        // Text-to-image on a refiner; scores on a base model.
+        let err = resolve(&req(), ConditioningInputs::Refiner).unwrap_err().0;
+        assert!(err.contains("only refines images"), "{err}");
+        let scored_base = GenerationRequest {
+            aesthetic_score: Some(5.0),
+            ..req()
+        };
+        let err = resolve(&scored_base, SDXL).unwrap_err().0;
+        assert!(
+            err.contains("'aesthetic_score' only applies to SDXL refiners"),
+            "{err}"
+        );
     }
 }

@@ -78,6 +78,7 @@ impl Configs {
         let vae = VaeConfig::read(&dir.join("vae/config.json"))?;
         let towers = match kind {
             PipelineKind::StableDiffusion => &TOWERS[..1],
+            PipelineKind::StableDiffusionXl { refiner: true, .. } => &TOWERS[1..],
             PipelineKind::StableDiffusionXl { .. } => &TOWERS[..],
         };
         let texts = towers
@@ -105,6 +106,9 @@ impl Configs {
         let v2 = self.texts[0].config.hidden_act != Activation::QuickGelu
             || self.unet.use_linear_projection;
         let (family, conditioning) = match self.kind {
+            PipelineKind::StableDiffusionXl { refiner: true, .. } => {
+                ("sdxl-refiner", ConditioningInputs::Refiner)
+            }
             PipelineKind::StableDiffusionXl { .. } => ("sdxl", ConditioningInputs::PromptsAndSizes),
             PipelineKind::StableDiffusion if v2 => ("sd2", ConditioningInputs::Prompt),
             PipelineKind::StableDiffusion => ("sd1", ConditioningInputs::Prompt),
@@ -310,15 +314,17 @@ fn check_text_time(
             &dir.join("text_encoder_2/config.json"),
             "text_encoder_2 must be a CLIPTextModelWithProjection (key `architectures`)",
         )),
-        (PipelineKind::StableDiffusionXl { .. }, Some(t), Some(p)) => {
-            let expected = p + TIME_IDS * t.time_embed_dim;
+        (PipelineKind::StableDiffusionXl { refiner, .. }, Some(t), Some(p)) => {
+            // A refiner's aesthetic score takes the target size's two ids.
+            let ids = if refiner { TIME_IDS - 1 } else { TIME_IDS };
+            let expected = p + ids * t.time_embed_dim;
             if t.input_dim == expected {
                 Ok(())
             } else {
                 Err(PipelineError::config(
                     unet_path,
                     format!(
-                        "key `projection_class_embeddings_input_dim`: {} differs from text_encoder_2's projection_dim {p} + {TIME_IDS} time ids × addition_time_embed_dim {} = {expected}",
+                        "key `projection_class_embeddings_input_dim`: {} differs from text_encoder_2's projection_dim {p} + {ids} time ids × addition_time_embed_dim {} = {expected}",
                         t.input_dim, t.time_embed_dim
                     ),
                 ))

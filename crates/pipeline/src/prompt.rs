@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use sdserve_generation::{GenerateError, ImageSpec, TIME_IDS, TimeIds};
+use sdserve_generation::{GenerateError, ImageSpec, TimeIds};
 
 use crate::conditioning::{Conditioning, TextTime};
 use crate::config::PipelineKind;
@@ -81,7 +81,8 @@ impl PromptEncoder {
         let zeros = matches!(
             self.kind,
             PipelineKind::StableDiffusionXl {
-                force_zeros_for_empty_prompt: true
+                force_zeros_for_empty_prompt: true,
+                ..
             }
         ) && image.negative_prompt.is_none();
         if zeros {
@@ -114,44 +115,49 @@ impl PromptEncoder {
     }
 
     /// SDXL: both towers' penultimate states side by side, the second's pooled projection,
-    /// and the time ids (negative rows first).
+    /// and the time ids (negative rows first). A refiner has the second tower alone, which
+    /// reads the prompt and the negative prompt (diffusers pairs prompts with the encoders
+    /// present, so `prompt_2` goes unread).
     fn sdxl_conditioning(
         &self,
         rows: &[RowTexts],
         negatives: usize,
         ids: TimeIds,
     ) -> Result<Conditioning, GenerateError> {
-        let [first, second] = self.towers.as_slice() else {
-            return Err(GenerateError::Internal {
-                stage: STAGE.into(),
-                message: format!(
-                    "SDXL needs two text encoders, the model has {}",
-                    self.towers.len()
-                ),
-            });
-        };
         let firsts: Vec<Option<&str>> = rows.iter().map(|r| r.first).collect();
         let seconds: Vec<Option<&str>> = rows.iter().map(|r| r.second).collect();
-        let (h1, _) = self.encode_rows(first, &firsts, HiddenState::Penultimate)?;
-        let (h2, pooled) = self.encode_rows(second, &seconds, HiddenState::Penultimate)?;
+        let (hidden, pooled, second) = match self.towers.as_slice() {
+            [first, second] => {
+                let (h1, _) = self.encode_rows(first, &firsts, HiddenState::Penultimate)?;
+                let (h2, pooled) = self.encode_rows(second, &seconds, HiddenState::Penultimate)?;
+                (vec![h1, h2], pooled, second)
+            }
+            [only] => {
+                let (h, pooled) = self.encode_rows(only, &firsts, HiddenState::Penultimate)?;
+                (vec![h], pooled, only)
+            }
+            towers => {
+                return Err(GenerateError::Internal {
+                    stage: STAGE.into(),
+                    message: format!(
+                        "SDXL needs one or two text encoders, the model has {}",
+                        towers.len()
+                    ),
+                });
+            }
+        };
         let pooled = pooled.ok_or_else(|| GenerateError::Internal {
             stage: STAGE.into(),
             message: "text_encoder_2 has no projection".into(),
         })?;
-        let device = first.encoder.device();
+        let device = second.encoder.device();
+        let per_row = ids.row(false).len();
         let time_ids: Vec<f32> = (0..rows.len())
-            .flat_map(|r| {
-                if r < negatives {
-                    ids.negative
-                } else {
-                    ids.positive
-                }
-            })
-            .map(|v| v as f32)
+            .flat_map(|r| ids.row(r < negatives))
             .collect();
         let build = || -> candle_core::Result<Conditioning> {
-            let context = Tensor::cat(&[&h1, &h2], 2)?.to_dtype(self.dtype)?;
-            let time_ids = Tensor::from_vec(time_ids, (rows.len(), TIME_IDS), device)?;
+            let context = Tensor::cat(&hidden, 2)?.to_dtype(self.dtype)?;
+            let time_ids = Tensor::from_vec(time_ids, (rows.len(), per_row), device)?;
             Ok(Conditioning {
                 context,
                 text_time: Some(TextTime {

@@ -64,6 +64,7 @@ fn time_ids(inputs: &Value, (height, width): (u32, u32)) -> TimeIds {
     TimeIds {
         positive: ids,
         negative: ids,
+        aesthetic: None,
     }
 }
 

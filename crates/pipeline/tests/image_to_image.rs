@@ -68,6 +68,8 @@ fn job_for(key: &str, run: &Value) -> Job {
             negative_crops_coords_top_left: pair("negative_crops_coords_top_left"),
             negative_target_size: pair("negative_target_size"),
         },
+        aesthetic_score: run["sdxl_inputs"]["aesthetic_score"].as_f64(),
+        negative_aesthetic_score: run["sdxl_inputs"]["negative_aesthetic_score"].as_f64(),
         ..Default::default()
     };
     let sd = model_of(key);
@@ -143,15 +145,14 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
             let ids = job.settings.time_ids.expect("SDXL time ids");
             let b = job.images.len();
             let rows: Vec<Vec<f32>> = recorded.to_vec2().unwrap();
-            let as_f32 = |ids: [u32; 6]| ids.map(|v| v as f32).to_vec();
             assert_eq!(
                 rows[..b],
-                vec![as_f32(ids.negative); b],
+                vec![ids.row(true); b],
                 "{key}/{name}: negative ids"
             );
             assert_eq!(
                 rows[b..],
-                vec![as_f32(ids.positive); b],
+                vec![ids.row(false); b],
                 "{key}/{name}: prompt ids"
             );
         }
@@ -233,6 +234,12 @@ fn sd2_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
 #[test]
 fn sdxl_image_to_image_matches_diffusers_for_every_scheduler_and_strength() {
     check_model("sdxl");
+}
+
+/// An SDXL-refiner-style folder refining tiny-sdxl's own outputs.
+#[test]
+fn an_sdxl_refiner_matches_diffusers_for_every_scheduler_and_strength() {
+    check_model("sdxl_refiner");
 }
 
 #[test]

@@ -78,6 +78,8 @@ const FIELDS: &[(&str, Place)] = &[
     ("negative_original_size", Place::Either),
     ("negative_crops_coords_top_left", Place::Either),
     ("negative_target_size", Place::Either),
+    ("aesthetic_score", Place::Either),
+    ("negative_aesthetic_score", Place::Either),
     ("image", Place::Input),
     ("mask_image", Place::Input),
     ("strength", Place::Either),
@@ -189,6 +191,8 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         images,
         mask_images,
         strength: f.float("strength")?,
+        aesthetic_score: f.float("aesthetic_score")?,
+        negative_aesthetic_score: f.float("negative_aesthetic_score")?,
     };
     Ok(Decoded {
         generation,
@@ -720,7 +724,11 @@ pub fn input_metadata(model: Option<&ModelDescription>) -> Vec<crate::v2::Metada
     if model.is_some_and(|m| m.masks != MaskInput::NotServed) {
         inputs.push(t("mask_image", Datatype::Bytes, &[-1], Some("base64")));
     }
-    if conditioning == ConditioningInputs::PromptsAndSizes {
+    if conditioning == ConditioningInputs::Refiner {
+        inputs.push(t("aesthetic_score", Datatype::Fp32, &[1], None));
+        inputs.push(t("negative_aesthetic_score", Datatype::Fp32, &[1], None));
+    }
+    if conditioning.has_time_ids() {
         inputs.push(t("prompt_2", Datatype::Bytes, &[-1], Some("str")));
         inputs.push(t("negative_prompt_2", Datatype::Bytes, &[-1], Some("str")));
         for name in SIZE_FIELDS {

@@ -180,6 +180,9 @@ pub fn model_dataplane(
                 "minItems": 2, "maxItems": 2, "description": "SDXL models only"}),
             "scheduler" => json!({"type": "string", "enum": schedulers}),
             "guidance_scale" | "eta" => json!({"type": "number"}),
+            "aesthetic_score" | "negative_aesthetic_score" => {
+                json!({"type": "number", "description": "SDXL refiners only"})
+            }
             "strength" => json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                 "description": "image-to-image only: how far to depart from the input image"}),
             "timeout" => json!({"type": "number", "description": "deadline in milliseconds"}),

@@ -17,6 +17,10 @@ pub enum PipelineKind {
     StableDiffusionXl {
         /// An absent negative prompt conditions on zeros rather than on the empty prompt.
         force_zeros_for_empty_prompt: bool,
+        /// A refiner (`StableDiffusionXLImg2ImgPipeline` without `text_encoder`, with
+        /// `requires_aesthetics_score`): the second encoder alone, aesthetic-score time ids,
+        /// image-to-image only.
+        refiner: bool,
     },
 }
 
@@ -42,6 +46,13 @@ const SD_COMPONENTS: &[(&str, &[&str])] = &[
     ("vae", &["AutoencoderKL"]),
     ("text_encoder", &["CLIPTextModel"]),
     ("tokenizer", TOKENIZERS),
+];
+
+const REFINER_COMPONENTS: &[(&str, &[&str])] = &[
+    ("unet", &["UNet2DConditionModel"]),
+    ("vae", &["AutoencoderKL"]),
+    ("text_encoder_2", &["CLIPTextModelWithProjection"]),
+    ("tokenizer_2", TOKENIZERS),
 ];
 
 const SDXL_COMPONENTS: &[(&str, &[&str])] = &[
@@ -72,8 +83,13 @@ impl ModelIndex {
                 served.join(", ")
             )));
         };
-        refuse_refiner(&file)?;
-        for (key, classes) in *components {
+        let refiner = is_refiner(&file, &class_name)?;
+        let components = if refiner {
+            REFINER_COMPONENTS
+        } else {
+            components
+        };
+        for (key, classes) in components {
             check_component(&file, key, classes)?;
         }
         if file.get("scheduler").is_none() {
@@ -82,6 +98,7 @@ impl ModelIndex {
         let kind = if components.iter().any(|(key, _)| *key == "text_encoder_2") {
             PipelineKind::StableDiffusionXl {
                 force_zeros_for_empty_prompt: file.bool("force_zeros_for_empty_prompt", true)?,
+                refiner,
             }
         } else {
             PipelineKind::StableDiffusion
@@ -90,21 +107,28 @@ impl ModelIndex {
     }
 }
 
-/// An SDXL refiner (no first text encoder, aesthetic-score time ids) refines images: it is an
-/// image-to-image model, which this server does not run yet.
-fn refuse_refiner(file: &JsonFile) -> Result<()> {
+/// Whether the folder is an SDXL refiner: an image-to-image folder without the first text
+/// encoder whose time ids carry aesthetic scores. Half of that (one without the other) is a
+/// folder no diffusers pipeline runs as it stands, refused naming the keys.
+fn is_refiner(file: &JsonFile, class_name: &str) -> Result<bool> {
     let without_first_encoder = matches!(
         file.get("text_encoder"),
         Some(Value::Array(pair)) if pair.iter().all(Value::is_null)
     );
-    if file.bool("requires_aesthetics_score", false)? || without_first_encoder {
-        return Err(PipelineError::Unsupported(format!(
-            "{}: an SDXL refiner folder (component `text_encoder` is null, `requires_aesthetics_score` is {}): refiners only refine images, and image-to-image is not served yet",
+    let aesthetic = file.bool("requires_aesthetics_score", false)?;
+    match (without_first_encoder, aesthetic) {
+        (false, false) => Ok(false),
+        (true, true) if class_name == "StableDiffusionXLImg2ImgPipeline" => Ok(true),
+        _ => Err(PipelineError::Unsupported(format!(
+            "{}: `text_encoder` is {} and `requires_aesthetics_score` is {aesthetic}: only SDXL refiners (StableDiffusionXLImg2ImgPipeline with neither the first text encoder nor size time ids) come without the first encoder or with aesthetic scores",
             file.path.display(),
-            file.bool("requires_aesthetics_score", false)?
-        )));
+            if without_first_encoder {
+                "null"
+            } else {
+                "present"
+            },
+        ))),
     }
-    Ok(())
 }
 
 fn check_component(file: &JsonFile, key: &str, classes: &[&str]) -> Result<()> {

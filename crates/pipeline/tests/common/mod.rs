@@ -22,6 +22,7 @@ pub fn model(key: &str) -> &'static StableDiffusion {
     static SD2: OnceLock<StableDiffusion> = OnceLock::new();
     static SHAPES: OnceLock<StableDiffusion> = OnceLock::new();
     static SDXL: OnceLock<StableDiffusion> = OnceLock::new();
+    static SDXL_REFINER: OnceLock<StableDiffusion> = OnceLock::new();
     static SD_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
     static SDXL_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
     let (cell, folder) = match key {
@@ -31,6 +32,7 @@ pub fn model(key: &str) -> &'static StableDiffusion {
         "sd1_inpaint9" => (&SD1_INPAINT9, "tiny-sd1-inpaint"),
         "sd2" => (&SD2, "tiny-sd2"),
         "sdxl" => (&SDXL, "tiny-sdxl"),
+        "sdxl_refiner" => (&SDXL_REFINER, "tiny-sdxl-refiner"),
         "shapes" => (&SHAPES, "tiny-shapes"),
         _ => unreachable!(),
     };
