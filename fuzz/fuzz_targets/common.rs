@@ -19,7 +19,7 @@ pub fn model() -> ModelDescription {
         // SDXL's conditioning, so that its extra fields are fuzzed too.
         family: "sdxl".into(),
         conditioning: ConditioningInputs::PromptsAndSizes,
-        default_strength: Some(0.8),
+        default_strength: Some(sdserve_generation::DefaultStrength::SD),
         masks: sdserve_generation::MaskInput::Optional,
         dtype: "f32".into(),
         device: "cpu".into(),

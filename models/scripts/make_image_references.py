@@ -10,7 +10,9 @@ of input_0.png), input_0.jpg and input_0.webp (the same picture, whole).
 
 Inpainting (StableDiffusionInpaintPipeline; masks mask_0.png (L), mask_1.png (RGB) and
 mask_odd.png (RGB, 67x61), white = repaint): <out>/sd1_inpaint/ (tiny-sd1, a 4-channel UNet)
-and <out>/sd1_inpaint9/ (tiny-sd1-inpaint, 9 channels), documented in their index.json.
+and <out>/sd1_inpaint9/ (tiny-sd1-inpaint, 9 channels); StableDiffusionXLInpaintPipeline:
+<out>/sdxl_inpaint/ (tiny-sdxl) and <out>/sdxl_inpaint9/ (tiny-sdxl-inpaint); documented in their
+index.json.
 
 For each image-to-image model (sd1, sd2, sdxl, and sdxl_refiner: models/tiny-sdxl-refiner
 refining tiny-sdxl's text-to-image references), <out>/<model>/:
@@ -45,6 +47,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     UniPCMultistepScheduler,
 )
 from PIL import Image
@@ -85,6 +88,7 @@ NOISE_MODULES = [
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
     "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
     "diffusers.schedulers.scheduling_ddim",
     "diffusers.schedulers.scheduling_euler_ancestral_discrete",
 ]
@@ -282,9 +286,13 @@ def write_hostile(out, picture_0):
 
 # Inpainting: tiny-sd1 (a 4-channel UNet: diffusers blends the known region back in after every
 # step) and tiny-sd1-inpaint (a 9-channel UNet conditioned on the mask and the masked image).
-INPAINT_MODELS = {
-    "sd1_inpaint": "tiny-sd1",
-    "sd1_inpaint9": "tiny-sd1-inpaint",
+# SDXL: tiny-sdxl (plain) and tiny-sdxl-inpaint (9 channels), at StableDiffusionXLInpaintPipeline's
+# default strength 0.9999, which skips the first step and starts from the image noised.
+INPAINT_MODELS = {  # folder, pipeline, the strength most runs use
+    "sd1_inpaint": ("tiny-sd1", StableDiffusionInpaintPipeline, 1.0),
+    "sd1_inpaint9": ("tiny-sd1-inpaint", StableDiffusionInpaintPipeline, 1.0),
+    "sdxl_inpaint": ("tiny-sdxl", StableDiffusionXLInpaintPipeline, 0.9999),
+    "sdxl_inpaint9": ("tiny-sdxl-inpaint", StableDiffusionXLInpaintPipeline, 0.9999),
 }
 INPAINT_DOC = (
     "<run>.safetensors: images (B, H, W, 3); draws (K, B, 4, h, w): every randn_tensor draw in "
@@ -312,11 +320,18 @@ def mask_picture(seed, width, height, mode):
 def inpaint_run(pipe, base_config, cls, overrides, images, masks, strength):
     pipe.scheduler = cls.from_config(base_config, **overrides)
     timesteps = []
+    time_ids = []
 
     def on_step_end(_pipe, _i, t, kwargs):
         timesteps.append(float(t))
         return kwargs
 
+    def unet_hook(_module, _args, kwargs, _output):
+        added = kwargs.get("added_cond_kwargs")
+        if added and not time_ids:
+            time_ids.append(added["time_ids"].detach().clone())
+
+    hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
     with NoiseRecorder() as rec:
         out = pipe(
             prompt=PROMPTS,
@@ -330,12 +345,15 @@ def inpaint_run(pipe, base_config, cls, overrides, images, masks, strength):
             output_type="np",
             callback_on_step_end=on_step_end,
         ).images
-    noise_draw = rec.sources.index("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint")
+    hook.remove()
+    noise_draw = rec.sources.index(type(pipe).__module__)
     arrays = {
         "images": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
         "draws": torch.stack(rec.draws),
         "timesteps": torch.tensor(timesteps, dtype=torch.float64),
     }
+    if time_ids:
+        arrays["add_time_ids"] = time_ids[0]
     return arrays, noise_draw
 
 
@@ -344,19 +362,18 @@ def write_inpaint(key, models_root, out_root, inputs, odd, masks, mask_odd):
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    folder = INPAINT_MODELS[key]
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        os.path.join(models_root, folder), safety_checker=None
-    ).to("cpu")
+    folder, cls, full = INPAINT_MODELS[key]
+    kwargs = {"safety_checker": None} if cls is StableDiffusionInpaintPipeline else {}
+    pipe = cls.from_pretrained(os.path.join(models_root, folder), **kwargs).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
-    index = {"model": key, "model_dir": f"models/{folder}", "pipeline": "StableDiffusionInpaintPipeline",
+    index = {"model": key, "model_dir": f"models/{folder}", "pipeline": cls.__name__,
              "unet_in_channels": pipe.unet.config.in_channels, "doc": INPAINT_DOC, "runs": []}
     pair = (["input_0.png", "input_1.png"], ["mask_0.png", "mask_1.png"])
-    plan = [(f"{name}_s1.0", name, sc, ov, inputs, masks, 1.0, pair) for name, sc, ov in SCHEDULERS]
+    plan = [(f"{name}_s{full}", name, sc, ov, inputs, masks, full, pair) for name, sc, ov in SCHEDULERS]
     plan.append(("ddim_s0.6", "ddim", DDIMScheduler, {}, inputs, masks, 0.6, pair))
     plan.append(("euler_ancestral_s0.6", "euler_ancestral", EulerAncestralDiscreteScheduler, {}, inputs, masks, 0.6, pair))
-    plan.append(("ddim_resized", "ddim", DDIMScheduler, {}, [odd, odd], [mask_odd, mask_odd], 1.0,
+    plan.append(("ddim_resized", "ddim", DDIMScheduler, {}, [odd, odd], [mask_odd, mask_odd], full,
                  (["input_odd.png"] * 2, ["mask_odd.png"] * 2)))
     for name, scheduler, sc, ov, images, mks, strength, files in plan:
         arrays, noise_draw = inpaint_run(pipe, base_config, sc, ov, images, mks, strength)

@@ -341,9 +341,16 @@ fn inpainting_over_json_and_binary_on_plain_and_inpainting_unets() {
         .expect(400)
         .error();
     assert!(e.contains("'mask_image' needs an 'image'"), "{e}");
-    let e = s
-        .infer("xl", &inpaint_request(&image, &mask, json!({})))
-        .expect(400)
-        .error();
-    assert!(e.contains("does not serve inpainting"), "{e}");
+    // SDXL inpaints as StableDiffusionXLInpaintPipeline: strength 0.9999 by default.
+    let v = s
+        .infer("xl", &inpaint_request(&image, &mask, params.clone()))
+        .expect(200)
+        .json();
+    assert_eq!(image_sizes(&v), vec![(64, 64)]);
+    assert_eq!(v["parameters"]["strength"], json!(0.9999));
+    assert_eq!(
+        v["parameters"]["steps_run"],
+        json!(3),
+        "int(4 × 0.9999) = 3"
+    );
 }

@@ -235,4 +235,13 @@ fn a_refiner_refines_images_with_aesthetic_scores_and_refuses_text_to_image() {
         .expect(400)
         .error();
     assert!(e.contains("only refines images"), "{e}");
+    let mut masked = request(json!({}));
+    masked["inputs"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "mask_image", "shape": [1],
+        "datatype": "BYTES", "parameters": {"content_type": "base64"},
+        "data": [base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &picture)]}));
+    let e = s.infer("refiner", &masked).expect(400).error();
+    assert!(e.contains("does not serve inpainting"), "{e}");
 }

@@ -28,8 +28,8 @@ pub struct ModelDescription {
     /// Which conditioning inputs beyond the prompt the model takes.
     pub conditioning: ConditioningInputs,
     /// `Some` when the model takes input images (image-to-image): the strength of a request
-    /// that gives none (diffusers' pipelines: 0.8 for SD 1.x / 2.x, 0.3 for SDXL).
-    pub default_strength: Option<f64>,
+    /// that gives none.
+    pub default_strength: Option<DefaultStrength>,
     /// Whether the model inpaints (`mask_image`), and whether it needs a mask.
     pub masks: MaskInput,
     /// "f32" / "f16" / "bf16", informational.
@@ -59,10 +59,30 @@ impl ConditioningInputs {
     }
 }
 
+/// The strengths of diffusers' pipelines when a request gives none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DefaultStrength {
+    /// `StableDiffusionImg2ImgPipeline`: 0.8; `StableDiffusionXLImg2ImgPipeline`: 0.3.
+    pub image_to_image: f64,
+    /// `StableDiffusionInpaintPipeline`: 1.0; `StableDiffusionXLInpaintPipeline`: 0.9999.
+    pub inpainting: f64,
+}
+
+impl DefaultStrength {
+    pub const SD: Self = Self {
+        image_to_image: 0.8,
+        inpainting: 1.0,
+    };
+    pub const SDXL: Self = Self {
+        image_to_image: 0.3,
+        inpainting: 0.9999,
+    };
+}
+
 /// How a model takes inpainting masks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MaskInput {
-    /// No inpainting (SDXL models, for now; models whose VAE has no encoder).
+    /// No inpainting (SDXL refiners; models whose VAE has no encoder).
     #[default]
     NotServed,
     /// A 4-channel UNet inpaints by blending the known region back after every step.

@@ -21,8 +21,8 @@ pub mod resolve;
 pub mod sdxl;
 
 pub use generator::{
-    ConditioningInputs, GenerateError, GeneratedImage, Generator, MaskInput, ModelDescription,
-    RunToEnd, StepControl, StopReason,
+    ConditioningInputs, DefaultStrength, GenerateError, GeneratedImage, Generator, MaskInput,
+    ModelDescription, RunToEnd, StepControl, StopReason,
 };
 pub use image_input::{ImageError, RgbImage, decode_rgb};
 pub use job::{

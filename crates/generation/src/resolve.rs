@@ -302,11 +302,9 @@ impl GenerationRequest {
             (true, _) => ImageTask::Inpaint,
             (false, _) => ImageTask::Img2Img,
         };
-        // diffusers' inpaint pipeline starts from pure noise unless told otherwise.
-        let default = if task == ImageTask::Inpaint {
-            1.0
-        } else {
-            default
+        let default = match task {
+            ImageTask::Img2Img => default.image_to_image,
+            ImageTask::Inpaint => default.inpainting,
         };
         let (strength, source) = match self.strength {
             Some(s) => (s, ""),
@@ -507,7 +505,7 @@ mod tests {
             schedulers: vec!["pndm".into(), "ddim".into(), "euler".into()],
             family: "sd1".into(),
             conditioning: Default::default(),
-            default_strength: Some(0.8),
+            default_strength: Some(crate::generator::DefaultStrength::SD),
             masks: crate::generator::MaskInput::Optional,
             dtype: "f32".into(),
             device: "cpu".into(),

@@ -227,7 +227,7 @@ mod tests {
             schedulers: vec!["euler".into()],
             family: "sdxl".into(),
             conditioning,
-            default_strength: Some(0.3),
+            default_strength: Some(crate::generator::DefaultStrength::SDXL),
             masks: crate::generator::MaskInput::Optional,
             dtype: "f32".into(),
             device: "cpu".into(),

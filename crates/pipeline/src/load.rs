@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::DType;
-use sdserve_generation::{ConditioningInputs, MaskInput, ModelDescription, TIME_IDS};
+use sdserve_generation::{
+    ConditioningInputs, DefaultStrength, MaskInput, ModelDescription, TIME_IDS,
+};
 
 use crate::config::{
     Activation, ModelIndex, PipelineKind, TextEncoderConfig, UNetConfig, VaeConfig,
@@ -193,23 +195,22 @@ fn inpainting_channels(latent_channels: usize) -> usize {
     2 * latent_channels + 1
 }
 
-/// How the folder inpaints: a 9-channel UNet needs a mask; an SD 1.x / 2.x UNet inpaints by
-/// blending (diffusers' inpaint pipeline on a plain UNet); SDXL inpainting is not served yet.
+/// How the folder inpaints: a 9-channel UNet needs a mask; a plain UNet inpaints by blending
+/// (diffusers' inpaint pipelines on a plain UNet); refiners do not inpaint.
 fn mask_input(kind: PipelineKind, inpainting_unet: bool, has_encoder: bool) -> MaskInput {
     match kind {
         _ if !has_encoder => MaskInput::NotServed,
+        PipelineKind::StableDiffusionXl { refiner: true, .. } => MaskInput::NotServed,
         _ if inpainting_unet => MaskInput::Required,
-        PipelineKind::StableDiffusion => MaskInput::Optional,
-        PipelineKind::StableDiffusionXl { .. } => MaskInput::NotServed,
+        _ => MaskInput::Optional,
     }
 }
 
-/// Image-to-image strength when a request gives none: the default of diffusers' image-to-image
-/// pipeline for the folder's kind.
-fn default_strength(kind: PipelineKind) -> f64 {
+/// Strengths when a request gives none: those of diffusers' pipelines for the folder's kind.
+fn default_strength(kind: PipelineKind) -> DefaultStrength {
     match kind {
-        PipelineKind::StableDiffusionXl { .. } => 0.3,
-        PipelineKind::StableDiffusion => 0.8,
+        PipelineKind::StableDiffusionXl { .. } => DefaultStrength::SDXL,
+        PipelineKind::StableDiffusion => DefaultStrength::SD,
     }
 }
 
@@ -258,9 +259,9 @@ fn check_compatible(
             ),
         ));
     }
-    if inpainting && kind != PipelineKind::StableDiffusion {
+    if inpainting && matches!(kind, PipelineKind::StableDiffusionXl { refiner: true, .. }) {
         return Err(PipelineError::Unsupported(format!(
-            "{}: an SDXL inpainting UNet ({} input channels) is not served yet",
+            "{}: an inpainting UNet ({} input channels) in an SDXL refiner folder",
             unet_path.display(),
             unet.in_channels
         )));

@@ -91,9 +91,13 @@ fn job_for(key: &str, run: &Value) -> Job {
     job
 }
 
-/// The loaded model a reference ran on (the plain-UNet inpainting runs used tiny-sd1 itself).
+/// The loaded model a reference ran on (the plain-UNet inpainting runs used the base models).
 fn model_of(key: &str) -> &'static sdserve_pipeline::StableDiffusion {
-    model(if key == "sd1_inpaint" { "sd1" } else { key })
+    model(match key {
+        "sd1_inpaint" => "sd1",
+        "sdxl_inpaint" => "sdxl",
+        other => other,
+    })
 }
 
 /// Records the progress the pipeline reports.
@@ -124,7 +128,7 @@ fn recorded_draws(
         return (arrays["noise"].clone(), draws);
     };
     let n = run["noise_draw"].as_u64().unwrap() as usize;
-    let skip_masked = key == "sd1_inpaint";
+    let skip_masked = index(key)["unet_in_channels"] == 4;
     let draws = (0..all.dim(0).unwrap())
         .filter(|&k| k != n && !(skip_masked && k == n + 1))
         .map(|k| all.get(k).unwrap())
@@ -250,6 +254,12 @@ fn inpainting_with_a_plain_unet_matches_diffusers() {
 #[test]
 fn inpainting_with_a_nine_channel_unet_matches_diffusers() {
     check_model("sd1_inpaint9");
+}
+
+#[test]
+fn sdxl_inpainting_matches_diffusers_with_plain_and_nine_channel_unets() {
+    check_model("sdxl_inpaint");
+    check_model("sdxl_inpaint9");
 }
 
 #[test]

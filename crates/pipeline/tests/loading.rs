@@ -1,6 +1,8 @@
 //! Loading real folders and broken copies of them: every failure is an error that names the
 //! file and the key or tensor at fault, never a panic.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -9,6 +11,8 @@ use sdserve_pipeline::weights::find_weights;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
 use serde_json::{Map, Value, json};
 use tempfile::TempDir;
+
+use common::max_abs;
 
 fn model_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -309,19 +313,6 @@ fn unet_probe(sd: &StableDiffusion) -> Tensor {
     let ctx = sd.encode_prompts(&["a red circle", ""]).unwrap();
     let cond = sdserve_pipeline::conditioning::Conditioning::new(ctx);
     sd.unet().forward(&x, 500.0, &cond).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

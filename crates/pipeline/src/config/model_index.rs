@@ -37,6 +37,7 @@ const PIPELINES: &[(&str, &[(&str, &[&str])])] = &[
     ("StableDiffusionInpaintPipeline", SD_COMPONENTS),
     ("StableDiffusionXLPipeline", SDXL_COMPONENTS),
     ("StableDiffusionXLImg2ImgPipeline", SDXL_COMPONENTS),
+    ("StableDiffusionXLInpaintPipeline", SDXL_COMPONENTS),
 ];
 
 const TOKENIZERS: &[&str] = &["CLIPTokenizer", "CLIPTokenizerFast"];

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Params;
-use super::noising::{NoiseLevel, at, start_at};
+use super::noising::{alpha_level, start_at};
 use super::numeric::{Rescale, SPACINGS, TrainSchedule, ddim_timesteps};
 use super::{Scheduler, SchedulerError, StepCount, draw_noise, lincomb, step_inputs};
 use crate::noise::NoiseSource;
@@ -85,9 +85,13 @@ impl Scheduler for Ddim {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let t = at(CLASS, &self.timesteps_i, index)?;
-        NoiseLevel::AlphaCumprod(at(CLASS, &self.schedule.alphas_cumprod, t as usize)?)
-            .apply(original, noise)
+        alpha_level(
+            CLASS,
+            &self.timesteps_i,
+            &self.schedule.alphas_cumprod,
+            index,
+        )?
+        .apply(original, noise)
     }
 
     fn step(

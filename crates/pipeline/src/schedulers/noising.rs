@@ -69,3 +69,16 @@ pub(super) fn at<T: Copy>(class: &str, table: &[T], index: usize) -> Result<T> {
         .copied()
         .ok_or_else(|| step_error(format!("{class}: no timestep at index {index}")))
 }
+
+/// The level of DDIM's and PNDM's timestep index `index`: `alphas_cumprod` at its integer
+/// timestep.
+pub(super) fn alpha_level(
+    class: &str,
+    timesteps: &[i64],
+    alphas_cumprod: &[f32],
+    index: usize,
+) -> Result<NoiseLevel> {
+    let t = at(class, timesteps, index)?;
+    let t = usize::try_from(t).map_err(|_| step_error(format!("{class}: timestep {t}")))?;
+    Ok(NoiseLevel::AlphaCumprod(at(class, alphas_cumprod, t)?))
+}

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::Params;
-use super::noising::{NoiseLevel, at, start_at};
+use super::noising::{alpha_level, start_at};
 use super::numeric::{Rescale, SPACINGS, TrainSchedule, pndm_base_timesteps};
 use super::{Scheduler, SchedulerError, StepCount, lincomb, step_error, step_inputs};
 use crate::noise::NoiseSource;
@@ -221,9 +221,13 @@ impl Scheduler for Pndm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let t = at(CLASS, &self.timesteps_i, index)?;
-        NoiseLevel::AlphaCumprod(at(CLASS, &self.schedule.alphas_cumprod, t as usize)?)
-            .apply(original, noise)
+        alpha_level(
+            CLASS,
+            &self.timesteps_i,
+            &self.schedule.alphas_cumprod,
+            index,
+        )?
+        .apply(original, noise)
     }
 
     fn step(

@@ -23,6 +23,7 @@ pub fn model(key: &str) -> &'static StableDiffusion {
     static SHAPES: OnceLock<StableDiffusion> = OnceLock::new();
     static SDXL: OnceLock<StableDiffusion> = OnceLock::new();
     static SDXL_REFINER: OnceLock<StableDiffusion> = OnceLock::new();
+    static SDXL_INPAINT9: OnceLock<StableDiffusion> = OnceLock::new();
     static SD_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
     static SDXL_TURBO: OnceLock<StableDiffusion> = OnceLock::new();
     let (cell, folder) = match key {
@@ -33,6 +34,7 @@ pub fn model(key: &str) -> &'static StableDiffusion {
         "sd2" => (&SD2, "tiny-sd2"),
         "sdxl" => (&SDXL, "tiny-sdxl"),
         "sdxl_refiner" => (&SDXL_REFINER, "tiny-sdxl-refiner"),
+        "sdxl_inpaint9" => (&SDXL_INPAINT9, "tiny-sdxl-inpaint"),
         "shapes" => (&SHAPES, "tiny-shapes"),
         _ => unreachable!(),
     };
