@@ -232,6 +232,7 @@ mod tests {
             latents: None,
             image: None,
             mask: None,
+            encoder_noise: Vec::new(),
         }
     }
 
@@ -479,6 +480,7 @@ mod tests {
             latents,
             image,
             mask,
+            encoder_noise,
         } = base.clone();
         let other = |text: Option<String>| Some(format!("{}blurry", text.unwrap_or_default()));
         vec![
@@ -554,6 +556,19 @@ mod tests {
                             repaint: vec![true].into(),
                         }),
                         Some(_) => None,
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "encoder_noise",
+                ImageSpec {
+                    encoder_noise: match encoder_noise.len() {
+                        0 => vec![Latents {
+                            shape: [4, 8, 8],
+                            data: vec![0.5; 256],
+                        }],
+                        _ => Vec::new(),
                     },
                     ..base.clone()
                 },

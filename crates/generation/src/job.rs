@@ -155,6 +155,10 @@ pub struct ImageSpec {
     pub image: Option<RgbImage>,
     /// Inpainting: which pixels to repaint, at the job's size.
     pub mask: Option<Mask>,
+    /// Explicit draws for the VAE encoder's latent samples, in the order the image is encoded
+    /// (the image, then for a 9-channel inpainting UNet the masked image); empty: drawn from
+    /// the seed.
+    pub encoder_noise: Vec<Latents>,
 }
 
 /// An inpainting mask binarised as diffusers' mask processor does: the image resized like the
@@ -209,6 +213,7 @@ impl ImageSpec {
             latents: None,
             image: None,
             mask: None,
+            encoder_noise: Vec::new(),
         }
     }
 }

@@ -17,6 +17,10 @@ pub struct GenerationRequest {
     pub scheduler: Option<String>,
     pub eta: Option<f64>,
     pub latents: Option<LatentsInput>,
+    /// Image-to-image and inpainting: the standard-normal draws of the VAE encoder's latent
+    /// samples, `[images, encodings, C, H/f, W/f]` (the counterpart of `latents` for the
+    /// encoder), so that a result can be compared with diffusers draw for draw.
+    pub encoder_noise: Option<LatentsInput>,
     pub output_format: Option<String>,
     /// SDXL: the second text encoder's prompts (one for all prompts, or one per prompt).
     pub prompts_2: Option<Vec<String>>,

@@ -97,14 +97,15 @@ impl GenerationRequest {
         let n_images = self.prompts.len() * per_prompt;
         let seeds = self.seeds(n_images, random_seed)?;
         let latents = self.latents(model, &settings, n_images)?;
+        let encoder_noise = self.encoder_noise(model, &settings, n_images)?;
 
         let mut images = Vec::with_capacity(n_images);
-        let per_image = seeds.into_iter().zip(latents);
+        let per_image = seeds.into_iter().zip(latents).zip(encoder_noise);
         let mut per_image = per_image.into_iter();
         for (k, p) in prompts.iter().enumerate() {
             let image = inputs.as_ref().map(|i| i[k % i.len()].clone());
             let mask = masks.as_ref().map(|m| m[k % m.len()].clone());
-            for (seed, latents) in per_image.by_ref().take(per_prompt) {
+            for ((seed, latents), encoder_noise) in per_image.by_ref().take(per_prompt) {
                 images.push(ImageSpec {
                     prompt: p.prompt.clone(),
                     negative_prompt: p.negative.clone(),
@@ -114,6 +115,7 @@ impl GenerationRequest {
                     latents,
                     image: image.clone(),
                     mask: mask.clone(),
+                    encoder_noise,
                 });
             }
         }
@@ -383,6 +385,54 @@ impl GenerationRequest {
                 s.len()
             ))),
         }
+    }
+
+    /// Each image's explicit encoder draws, if the request gave them: as many per image as the
+    /// job encodes images (two for a 9-channel inpainting UNet below strength 1: the image
+    /// and the masked image).
+    fn encoder_noise(
+        &self,
+        model: &ModelDescription,
+        settings: &JobSettings,
+        n_images: usize,
+    ) -> Result<Vec<Vec<Latents>>, ValidationError> {
+        let Some(LatentsInput { shape, data }) = &self.encoder_noise else {
+            return Ok(vec![Vec::new(); n_images]);
+        };
+        let Some(mode) = settings.image_to_image else {
+            return Err(invalid(
+                "input 'encoder_noise' applies only with an 'image' input",
+            ));
+        };
+        let encodings = match mode.task {
+            ImageTask::Inpaint if model.masks == MaskInput::Required && mode.strength < 1.0 => 2,
+            _ => 1,
+        };
+        let f = model.vae_scale_factor;
+        let latent = [
+            model.latent_channels,
+            settings.height / f,
+            settings.width / f,
+        ];
+        let expected = [n_images, encodings, latent[0], latent[1], latent[2]];
+        if shape.as_slice() != expected {
+            return Err(invalid(format!(
+                "input 'encoder_noise' has shape {shape:?}; this request needs {expected:?} (images, encodings, channels, height/{f}, width/{f})"
+            )));
+        }
+        let per = latent.iter().product::<usize>();
+        Ok(data
+            .chunks(per * encodings)
+            .map(|image| {
+                image
+                    .chunks(per)
+                    .map(|d| Latents {
+                        shape: latent,
+                        data: d.to_vec(),
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// Each image's explicit latents, if the request gave them.
@@ -971,6 +1021,63 @@ mod tests {
         ];
         for (m, r, expected) in cases {
             let err = with_mask(&m, r).unwrap_err();
+            assert!(err.0.starts_with(expected), "{expected:?}: got {err}");
+        }
+    }
+
+    #[test]
+    fn encoder_noise_needs_an_image_and_one_draw_per_encoding() {
+        let noise = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Some(LatentsInput {
+                shape,
+                data: vec![0.25; n],
+            })
+        };
+        let job = resolve(&GenerationRequest {
+            encoder_noise: noise(vec![2, 1, 4, 8, 8]),
+            ..with_image(fixture("input_0.png"))
+        })
+        .unwrap();
+        assert_eq!(job.images[1].encoder_noise.len(), 1);
+        assert_eq!(job.images[1].encoder_noise[0].data.len(), 256);
+        // A 9-channel inpainting UNet below strength 1 encodes the image and the masked image.
+        let nine = ModelDescription {
+            masks: MaskInput::Required,
+            ..model()
+        };
+        let inpaint = GenerationRequest {
+            mask_images: Some(vec![fixture("mask_0.png")]),
+            strength: Some(0.5),
+            encoder_noise: noise(vec![2, 2, 4, 8, 8]),
+            ..with_image(fixture("input_0.png"))
+        };
+        let job = inpaint
+            .resolve(
+                &nine,
+                &GenerationDefaults::default(),
+                &Limits::default(),
+                || 1,
+            )
+            .unwrap();
+        assert_eq!(job.images[0].encoder_noise.len(), 2);
+        for (r, expected) in [
+            (
+                GenerationRequest {
+                    encoder_noise: noise(vec![2, 1, 4, 8, 8]),
+                    ..req(&["a", "b"])
+                },
+                "input 'encoder_noise' applies only with an 'image' input",
+            ),
+            (
+                GenerationRequest {
+                    encoder_noise: noise(vec![2, 2, 4, 8, 8]),
+                    ..with_image(fixture("input_0.png"))
+                },
+                "input 'encoder_noise' has shape [2, 2, 4, 8, 8]; this request needs [2, 1, 4, 8, 8]",
+            ),
+        ] {
+            let err = resolve(&r).unwrap_err();
             assert!(err.0.starts_with(expected), "{expected:?}: got {err}");
         }
     }

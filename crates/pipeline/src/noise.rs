@@ -3,6 +3,8 @@
 //! Every image owns a ChaCha20 stream seeded from its request seed, so the same seed gives the
 //! same noise on CPU and GPU, and an image never depends on what it was batched with.
 
+use std::collections::VecDeque;
+
 use candle_core::{Device, Result, Shape, Tensor};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -12,11 +14,13 @@ pub trait NoiseSource {
     fn randn(&mut self, shape: &Shape, device: &Device) -> Result<Tensor>;
 }
 
-/// One seeded normal stream (Box–Muller over ChaCha20).
+/// One seeded normal stream (Box–Muller over ChaCha20), after any explicit draws queued
+/// ahead of it.
 #[derive(Clone)]
 pub struct NormalStream {
     rng: ChaCha20Rng,
     spare: Option<f32>,
+    explicit: VecDeque<Vec<f32>>,
 }
 
 impl NormalStream {
@@ -24,6 +28,20 @@ impl NormalStream {
         Self {
             rng: ChaCha20Rng::seed_from_u64(seed),
             spare: None,
+            explicit: VecDeque::new(),
+        }
+    }
+
+    /// Queues `draws` to be the next draws of [`NormalStream::draw`], in order.
+    pub fn queue_explicit(&mut self, draws: impl IntoIterator<Item = Vec<f32>>) {
+        self.explicit.extend(draws);
+    }
+
+    /// One draw of `n` values: the next explicit one if it has `n` values, else seeded ones.
+    pub fn draw(&mut self, n: usize) -> Vec<f32> {
+        match self.explicit.front() {
+            Some(d) if d.len() == n => self.explicit.pop_front().unwrap_or_default(),
+            _ => self.fill(n),
         }
     }
 
@@ -78,7 +96,7 @@ impl NoiseSource for PerImageNoise {
         let per_item: usize = dims[1..].iter().product();
         let mut data = Vec::with_capacity(per_item * self.streams.len());
         for stream in &mut self.streams {
-            data.extend(stream.fill(per_item));
+            data.extend(stream.draw(per_item));
         }
         Tensor::from_vec(data, shape.clone(), &Device::Cpu)?.to_device(device)
     }

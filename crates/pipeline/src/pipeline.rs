@@ -315,6 +315,10 @@ impl StableDiffusion {
         let seeds: Vec<u64> = job.images.iter().map(|i| i.seed).collect();
         let mut noise = PerImageNoise::new(&seeds);
         let initial = self.initial_latents(job, &mut noise)?;
+        // The encoder's draws, where the request gave them, come before the seeded ones.
+        for (spec, stream) in job.images.iter().zip(noise.streams_mut()) {
+            stream.queue_explicit(spec.encoder_noise.iter().map(|l| l.data.clone()));
+        }
         self.run(job, &initial, &mut noise, control)
     }
 }

@@ -105,6 +105,7 @@ fn job_for(key: &str, run: &Value) -> Job {
                 latents: None,
                 image: None,
                 mask: None,
+                encoder_noise: Vec::new(),
             })
             .collect(),
     }
@@ -334,6 +335,7 @@ fn seeded_job_for(key: &str, prompts: &[(&str, u64)], scheduler: &str) -> Job {
                 latents: None,
                 image: None,
                 mask: None,
+                encoder_noise: Vec::new(),
             })
             .collect(),
     }

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sdserve_generation::{
-    GenerationDefaults, GenerationRequest, Generator, ImageTask, Job, Limits,
-    SizeConditioningInput, StepControl, StopReason,
+    GenerationDefaults, GenerationRequest, Generator, ImageTask, Job, LatentsInput, Limits,
+    RunToEnd, SizeConditioningInput, StepControl, StopReason,
 };
 use sdserve_pipeline::image_to_image::image_tensor;
 use serde_json::Value;
@@ -32,6 +32,30 @@ fn index(key: &str) -> Value {
 
 /// The run's request through the server's own decoding, resizing and validation.
 fn job_for(key: &str, run: &Value) -> Job {
+    request_for(run)
+        .resolve(
+            model_of(key).description(),
+            &GenerationDefaults::default(),
+            &Limits::default(),
+            || 0,
+        )
+        .map(|job| checked_job(run, job))
+        .unwrap_or_else(|e| panic!("{key}/{}: {e}", run["name"]))
+}
+
+fn checked_job(run: &Value, job: Job) -> Job {
+    let [h, w] = [0, 1].map(|i| run["output_size"][i].as_u64().unwrap() as usize);
+    assert_eq!((job.settings.height, job.settings.width), (h, w));
+    let task = match run.get("masks") {
+        Some(_) => ImageTask::Inpaint,
+        None => ImageTask::Img2Img,
+    };
+    assert_eq!(job.settings.image_to_image.map(|m| m.task), Some(task));
+    job
+}
+
+/// The request a reference run makes, as a client would send it.
+fn request_for(run: &Value) -> GenerationRequest {
     let texts = |v: &Value| -> Vec<String> {
         v.as_array()
             .unwrap()
@@ -50,7 +74,7 @@ fn job_for(key: &str, run: &Value) -> Job {
             .get(name)
             .map(|v| [0, 1].map(|i| v[i].as_i64().unwrap()))
     };
-    let request = GenerationRequest {
+    GenerationRequest {
         prompts: texts(&run["prompts"]),
         negative_prompts: Some(texts(&run["negative_prompts"])),
         num_inference_steps: run["num_inference_steps"].as_i64(),
@@ -71,24 +95,7 @@ fn job_for(key: &str, run: &Value) -> Job {
         aesthetic_score: run["sdxl_inputs"]["aesthetic_score"].as_f64(),
         negative_aesthetic_score: run["sdxl_inputs"]["negative_aesthetic_score"].as_f64(),
         ..Default::default()
-    };
-    let sd = model_of(key);
-    let job = request
-        .resolve(
-            sd.description(),
-            &GenerationDefaults::default(),
-            &Limits::default(),
-            || 0,
-        )
-        .unwrap_or_else(|e| panic!("{key}/{}: {e}", run["name"]));
-    let [h, w] = [0, 1].map(|i| run["output_size"][i].as_u64().unwrap() as usize);
-    assert_eq!((job.settings.height, job.settings.width), (h, w));
-    let task = match run.get("masks") {
-        Some(_) => ImageTask::Inpaint,
-        None => ImageTask::Img2Img,
-    };
-    assert_eq!(job.settings.image_to_image.map(|m| m.task), Some(task));
-    job
+    }
 }
 
 /// The loaded model a reference ran on (the plain-UNet inpainting runs used the base models).
@@ -260,6 +267,66 @@ fn inpainting_with_a_nine_channel_unet_matches_diffusers() {
 fn sdxl_inpainting_matches_diffusers_with_plain_and_nine_channel_unets() {
     check_model("sdxl_inpaint");
     check_model("sdxl_inpaint9");
+}
+
+/// diffusers' draws given as the request's `latents` and `encoder_noise` inputs reproduce its
+/// images through the seeded path (deterministic schedulers: no step draws).
+#[test]
+fn explicit_latents_and_encoder_noise_reproduce_diffusers() {
+    let cases = [
+        ("sd1", "ddim_s0.8"),
+        ("sd1_inpaint9", "ddim_s0.6"),
+        ("sdxl_inpaint", "unipc_s0.9999"),
+    ];
+    for (key, name) in cases {
+        let run = index(key)["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()
+            .clone();
+        let arrays = load_tensors(&dir().join(key).join(format!("{name}.safetensors")));
+        let (initial, encoder) = recorded_draws(key, &run, &arrays);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = initial.dim(0).unwrap();
+        let latent: Vec<usize> = initial.dims()[1..].to_vec();
+        // (encodings, B, ...) -> (B, encodings, ...)
+        let per_image: Vec<f32> = (0..b)
+            .flat_map(|i| encoder.iter().flat_map(move |d| flat(&d.get(i).unwrap())))
+            .collect();
+        let mut request = request_for(&run);
+        request.latents = Some(LatentsInput {
+            shape: initial.dims().to_vec(),
+            data: flat(&initial),
+        });
+        request.encoder_noise = Some(LatentsInput {
+            shape: [vec![b, encoder.len()], latent].concat(),
+            data: per_image,
+        });
+        let sd = model_of(key);
+        let job = request
+            .resolve(
+                sd.description(),
+                &GenerationDefaults::default(),
+                &Limits::default(),
+                || 0,
+            )
+            .unwrap();
+        let images = sd.generate_float(&job, &mut RunToEnd).unwrap();
+        let theirs: Vec<f32> = flat(&arrays["images"]);
+        let plane = images.height * images.width * 3;
+        for i in 0..b {
+            let worst = images
+                .rgb8(i)
+                .iter()
+                .zip(&theirs[i * plane..(i + 1) * plane])
+                .map(|(a, x)| a.abs_diff((x * 255.0).round_ties_even() as u8))
+                .max()
+                .unwrap();
+            assert!(worst <= 2, "{key}/{name} image {i}: {worst}/255");
+        }
+    }
 }
 
 #[test]

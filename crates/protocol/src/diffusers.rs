@@ -70,6 +70,7 @@ const FIELDS: &[(&str, Place)] = &[
     ("scheduler", Place::Either),
     ("eta", Place::Either),
     ("latents", Place::Input),
+    ("encoder_noise", Place::Input),
     ("prompt_2", Place::Either),
     ("negative_prompt_2", Place::Either),
     ("original_size", Place::Either),
@@ -116,6 +117,10 @@ pub const PASSTHROUGH_PARAMETERS: &[&str] = &[
     "sequence_start",
     "sequence_end",
 ];
+
+/// The layouts of the noise inputs.
+const LATENTS: &str = "batch, channels, height/8, width/8";
+const ENCODER_NOISE: &str = "batch, encodings, channels, height/8, width/8";
 
 /// Most latents elements accepted (guards memory before the engine's size checks).
 const MAX_LATENT_ELEMENTS: usize = 64 * 1024 * 1024;
@@ -164,7 +169,8 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
     };
     let seeds = f.seeds()?;
     let scheduler = f.text("scheduler")?;
-    let latents = f.latents()?;
+    let latents = f.noise("latents", LATENTS)?;
+    let encoder_noise = f.noise("encoder_noise", ENCODER_NOISE)?;
     let images = f.files("image")?;
     let mask_images = f.files("mask_image")?;
     let output_format = f.param_as("output_format", json_text)?;
@@ -184,6 +190,7 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         scheduler,
         eta: f.float("eta")?,
         latents,
+        encoder_noise,
         output_format,
         prompts_2,
         negative_prompts_2,
@@ -383,20 +390,21 @@ impl Fields<'_> {
         Ok(seeds)
     }
 
-    fn latents(&self) -> Result<Option<LatentsInput>, ContractError> {
-        let Some(i) = self.input("latents") else {
+    /// An FP32 noise tensor of the shape `layout` describes (`latents`, `encoder_noise`).
+    fn noise(&self, name: &str, layout: &str) -> Result<Option<LatentsInput>, ContractError> {
+        let Some(i) = self.input(name) else {
             return Ok(None);
         };
         check_datatype(i, &[Datatype::Fp32])?;
-        if i.shape.len() != 4 {
+        if i.shape.len() != layout.split(',').count() {
             return Err(bad(format!(
-                "input 'latents' must have shape [batch, channels, height/8, width/8], got {:?}",
+                "input '{name}' must have shape [{layout}], got {:?}",
                 i.shape
             )));
         }
         let n = element_count(&i.name, &i.shape)?;
         if n > MAX_LATENT_ELEMENTS {
-            return Err(bad(format!("input 'latents' has too many elements ({n})")));
+            return Err(bad(format!("input '{name}' has too many elements ({n})")));
         }
         counted(i)?;
         let TensorData::Float(values) = &i.data else {
@@ -408,7 +416,9 @@ impl Fields<'_> {
             .map(|(k, &v)| finite(i, k, v).map(|f| f as f32))
             .collect::<Result<Vec<f32>, _>>()?;
         if data.iter().any(|f| !f.is_finite()) {
-            return Err(bad("input 'latents' holds a value outside the FP32 range"));
+            return Err(bad(format!(
+                "input '{name}' holds a value outside the FP32 range"
+            )));
         }
         Ok(Some(LatentsInput {
             shape: i.shape.iter().map(|&d| d as usize).collect(),
@@ -720,6 +730,12 @@ pub fn input_metadata(model: Option<&ModelDescription>) -> Vec<crate::v2::Metada
         // Files: base64 text in JSON, raw bytes in binary tensors and gRPC.
         inputs.push(t("image", Datatype::Bytes, &[-1], Some("base64")));
         inputs.push(t("strength", Datatype::Fp32, &[1], None));
+        inputs.push(t(
+            "encoder_noise",
+            Datatype::Fp32,
+            &[-1, -1, -1, -1, -1],
+            None,
+        ));
     }
     if model.is_some_and(|m| m.masks != MaskInput::NotServed) {
         inputs.push(t("mask_image", Datatype::Bytes, &[-1], Some("base64")));
