@@ -10,7 +10,8 @@ of input_0.png), input_0.jpg and input_0.webp (the same picture, whole).
 
 Inpainting (StableDiffusionInpaintPipeline; masks mask_0.png (L), mask_1.png (RGB) and
 mask_odd.png (RGB, 67x61), white = repaint): <out>/sd1_inpaint/ (tiny-sd1, a 4-channel UNet)
-and <out>/sd1_inpaint9/ (tiny-sd1-inpaint, 9 channels); StableDiffusionXLInpaintPipeline:
+and <out>/sd1_inpaint9/ (tiny-sd1-inpaint, 9 channels), <out>/sd2_inpaint/ (tiny-sd2, v-prediction);
+StableDiffusionXLInpaintPipeline:
 <out>/sdxl_inpaint/ (tiny-sdxl) and <out>/sdxl_inpaint9/ (tiny-sdxl-inpaint); documented in their
 index.json.
 
@@ -291,6 +292,7 @@ def write_hostile(out, picture_0):
 INPAINT_MODELS = {  # folder, pipeline, the strength most runs use
     "sd1_inpaint": ("tiny-sd1", StableDiffusionInpaintPipeline, 1.0),
     "sd1_inpaint9": ("tiny-sd1-inpaint", StableDiffusionInpaintPipeline, 1.0),
+    "sd2_inpaint": ("tiny-sd2", StableDiffusionInpaintPipeline, 1.0),
     "sdxl_inpaint": ("tiny-sdxl", StableDiffusionXLInpaintPipeline, 0.9999),
     "sdxl_inpaint9": ("tiny-sdxl-inpaint", StableDiffusionXLInpaintPipeline, 0.9999),
 }

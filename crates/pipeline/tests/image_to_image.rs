@@ -102,6 +102,7 @@ fn request_for(run: &Value) -> GenerationRequest {
 fn model_of(key: &str) -> &'static sdserve_pipeline::StableDiffusion {
     model(match key {
         "sd1_inpaint" => "sd1",
+        "sd2_inpaint" => "sd2",
         "sdxl_inpaint" => "sdxl",
         other => other,
     })
@@ -256,6 +257,11 @@ fn an_sdxl_refiner_matches_diffusers_for_every_scheduler_and_strength() {
 #[test]
 fn inpainting_with_a_plain_unet_matches_diffusers() {
     check_model("sd1_inpaint");
+}
+
+#[test]
+fn sd2_inpainting_with_a_v_prediction_unet_matches_diffusers() {
+    check_model("sd2_inpaint");
 }
 
 #[test]
