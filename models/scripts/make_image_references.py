@@ -151,10 +151,15 @@ SDXL_SIZES = dict(original_size=(32, 48), crops_coords_top_left=(4, 8), negative
 
 
 @torch.no_grad()
-def run(pipe, base_config, cls, overrides, images, strength, capture, extra=None):
-    pipe.scheduler = cls.from_config(base_config, **overrides)
-    enc = {}
-    time_ids = []
+def call(pipe, **inputs):
+    """One pipeline call on the common prompts and settings; returns the float images, every
+    random draw with the module that made it, the timesteps that ran and the first UNet call's
+    SDXL time ids (or None)."""
+    timesteps, time_ids = [], []
+
+    def on_step_end(_pipe, _i, t, kwargs):
+        timesteps.append(float(t))
+        return kwargs
 
     def unet_hook(_module, _args, kwargs, _output):
         added = kwargs.get("added_cond_kwargs")
@@ -162,6 +167,29 @@ def run(pipe, base_config, cls, overrides, images, strength, capture, extra=None
             time_ids.append(added["time_ids"].detach().clone())
 
     hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
+    try:
+        with NoiseRecorder() as rec:
+            out = pipe(
+                prompt=PROMPTS,
+                negative_prompt=NEGATIVE_PROMPTS,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(NOISE_SEED),
+                output_type="np",
+                callback_on_step_end=on_step_end,
+                **inputs,
+            ).images
+    finally:
+        hook.remove()
+    images = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    steps = torch.tensor(timesteps, dtype=torch.float64)
+    return images, rec, steps, (time_ids[0] if time_ids else None)
+
+
+@torch.no_grad()
+def run(pipe, base_config, cls, overrides, images, strength, capture, extra=None):
+    pipe.scheduler = cls.from_config(base_config, **overrides)
+    enc = {}
     original_encode = pipe.vae.encode
     if capture:
 
@@ -172,41 +200,17 @@ def run(pipe, base_config, cls, overrides, images, strength, capture, extra=None
             return out
 
         pipe.vae.encode = encode
-    timesteps = []
-
-    def on_step_end(_pipe, _i, t, kwargs):
-        timesteps.append(float(t))
-        return kwargs
-
     try:
-        with NoiseRecorder() as rec:
-            out = pipe(
-                prompt=PROMPTS,
-                negative_prompt=NEGATIVE_PROMPTS,
-                image=images,
-                strength=strength,
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                generator=torch.Generator().manual_seed(NOISE_SEED),
-                output_type="np",
-                callback_on_step_end=on_step_end,
-                **(extra or {}),
-            ).images
+        out, rec, timesteps, time_ids = call(pipe, image=images, strength=strength, **(extra or {}))
     finally:
-        hook.remove()
         if capture:
             del pipe.vae.encode
     draws = rec.draws
-    arrays = {
-        "images": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
-        "encoder_noise": draws[0],
-        "noise": draws[1],
-        "timesteps": torch.tensor(timesteps, dtype=torch.float64),
-    }
+    arrays = {"images": out, "encoder_noise": draws[0], "noise": draws[1], "timesteps": timesteps}
     if len(draws) > 2:
         arrays["step_noise"] = torch.stack(draws[2:])
-    if time_ids:
-        arrays["add_time_ids"] = time_ids[0]
+    if time_ids is not None:
+        arrays["add_time_ids"] = time_ids
     if capture:
         enc["image_latents"] = pipe.vae.config.scaling_factor * (enc["mean"] + enc["std"] * draws[0])
     return arrays, enc
@@ -321,41 +325,11 @@ def mask_picture(seed, width, height, mode):
 @torch.no_grad()
 def inpaint_run(pipe, base_config, cls, overrides, images, masks, strength):
     pipe.scheduler = cls.from_config(base_config, **overrides)
-    timesteps = []
-    time_ids = []
-
-    def on_step_end(_pipe, _i, t, kwargs):
-        timesteps.append(float(t))
-        return kwargs
-
-    def unet_hook(_module, _args, kwargs, _output):
-        added = kwargs.get("added_cond_kwargs")
-        if added and not time_ids:
-            time_ids.append(added["time_ids"].detach().clone())
-
-    hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
-    with NoiseRecorder() as rec:
-        out = pipe(
-            prompt=PROMPTS,
-            negative_prompt=NEGATIVE_PROMPTS,
-            image=images,
-            mask_image=masks,
-            strength=strength,
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator().manual_seed(NOISE_SEED),
-            output_type="np",
-            callback_on_step_end=on_step_end,
-        ).images
-    hook.remove()
+    out, rec, timesteps, time_ids = call(pipe, image=images, mask_image=masks, strength=strength)
     noise_draw = rec.sources.index(type(pipe).__module__)
-    arrays = {
-        "images": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)),
-        "draws": torch.stack(rec.draws),
-        "timesteps": torch.tensor(timesteps, dtype=torch.float64),
-    }
-    if time_ids:
-        arrays["add_time_ids"] = time_ids[0]
+    arrays = {"images": out, "draws": torch.stack(rec.draws), "timesteps": timesteps}
+    if time_ids is not None:
+        arrays["add_time_ids"] = time_ids
     return arrays, noise_draw
 
 
