@@ -203,6 +203,21 @@ fn hostile_images_are_400s_that_leave_memory_and_queue_unchanged() {
             s.infer("tiny", &prompt_request("a", json!({"strength": 0.5}))),
         ),
         (
+            "input 'mask_image' element 0 declares 100000×100000 pixels",
+            s.infer(
+                "tiny",
+                &inpaint_request(&good, &fixture("bomb.png"), json!({})),
+            ),
+        ),
+        (
+            "input 'mask_image' needs an 'image' input",
+            s.infer("tiny", &{
+                let mut r = inpaint_request(&good, &good, json!({}));
+                r["inputs"].as_array_mut().unwrap().remove(1);
+                r
+            }),
+        ),
+        (
             "input 'image' element 0 is not valid base64",
             s.infer(
                 "tiny",
