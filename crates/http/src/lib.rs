@@ -2,7 +2,8 @@
 //! Prometheus listener on the metrics port. The only crate that imports axum.
 //!
 //! # Layout
-//! - [`routes`]: the route table, the metrics router, and serving a listener.
+//! - [`routes`]: the route table and the metrics router.
+//! - [`connections`]: serving a listener within header, keep-alive and connection bounds.
 //! - [`handlers`]: one module per API area (health, metadata, infer, repository, docs).
 //! - [`body`]: body size limit and gzip/deflate decoding.
 //! - [`binary`]: Triton's binary tensor data extension (binary inputs and outputs).
@@ -16,6 +17,7 @@
 
 pub mod binary;
 pub mod body;
+pub mod connections;
 pub mod error;
 pub mod handlers;
 pub mod response;
@@ -23,7 +25,8 @@ pub mod rest_metrics;
 pub mod routes;
 pub mod state;
 
+pub use connections::{ConnectionLimits, serve};
 pub use error::ApiError;
 pub use rest_metrics::RestMetrics;
-pub use routes::{metrics_router, router, serve};
+pub use routes::{metrics_router, router};
 pub use state::{AppState, Cors, HttpConfig, SharedState};

@@ -183,17 +183,3 @@ pub fn metrics_router(registry: Arc<Registry>, endpoint: &str) -> Router {
         )
         .fallback(|| async { ApiError::not_found_route() })
 }
-
-/// Serves `router` on `listener` until `shutdown` completes, then lets open requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    if let Err(e) = result {
-        tracing::error!("server error: {e}");
-    }
-}

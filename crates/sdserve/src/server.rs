@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sdserve_engine::metrics::Registry;
@@ -115,9 +115,11 @@ async fn spawn_listeners(
         "HTTP server running on http://{}",
         http_listener.local_addr()?
     );
+    let limits = connection_limits(server);
     tasks.push(tokio::spawn(sdserve_http::serve(
         http_listener,
         sdserve_http::router(state, rest_metrics),
+        limits,
         stopped(stop.clone()),
     )));
     let grpc_listener = bind(&server.host, server.grpc_port, "gRPC").await?;
@@ -141,10 +143,20 @@ async fn spawn_listeners(
         tasks.push(tokio::spawn(sdserve_http::serve(
             listener,
             sdserve_http::metrics_router(registry.clone(), endpoint),
+            limits,
             stopped(stop),
         )));
     }
     Ok(tasks)
+}
+
+/// The HTTP and metrics listeners' connection bounds.
+fn connection_limits(server: &ServerSettings) -> sdserve_http::ConnectionLimits {
+    sdserve_http::ConnectionLimits {
+        header_read_timeout: Duration::from_secs_f64(server.header_read_timeout),
+        keep_alive_timeout: Duration::from_secs_f64(server.keep_alive_timeout),
+        max_connections: server.max_connections,
+    }
 }
 
 async fn join(tasks: Vec<JoinHandle<()>>) {

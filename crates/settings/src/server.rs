@@ -351,6 +351,30 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         "Largest request body in bytes (64 MiB); larger bodies get 413",
     ),
     doc(
+        "header_read_timeout",
+        "MLSERVER_HEADER_READ_TIMEOUT",
+        None,
+        "10",
+        Sdserve,
+        "Seconds a client may take to send a request's headers on the HTTP and metrics listeners; slower connections are closed",
+    ),
+    doc(
+        "keep_alive_timeout",
+        "MLSERVER_KEEP_ALIVE_TIMEOUT",
+        None,
+        "5",
+        Sdserve,
+        "Seconds an HTTP or metrics connection may stay open with no request in flight (uvicorn's keep-alive timeout, as MLServer runs it)",
+    ),
+    doc(
+        "max_connections",
+        "MLSERVER_MAX_CONNECTIONS",
+        None,
+        "2048",
+        Sdserve,
+        "Open connections per HTTP or metrics listener; beyond it the longest-idle one is closed, or the newcomer gets 503 when all are busy",
+    ),
+    doc(
         "auth_token",
         "MLSERVER_AUTH_TOKEN",
         None,
@@ -472,6 +496,11 @@ pub struct ServerSettings {
     /// Seconds.
     pub drain_timeout: f64,
     pub max_request_body_bytes: u64,
+    /// Seconds.
+    pub header_read_timeout: f64,
+    /// Seconds.
+    pub keep_alive_timeout: f64,
+    pub max_connections: usize,
     #[serde(serialize_with = "redact")]
     pub auth_token: Option<String>,
 }
@@ -521,6 +550,9 @@ impl Default for ServerSettings {
             request_timeout: 600.0,
             drain_timeout: 30.0,
             max_request_body_bytes: 64 * 1024 * 1024,
+            header_read_timeout: 10.0,
+            keep_alive_timeout: 5.0,
+            max_connections: 2048,
             auth_token: None,
         }
     }
@@ -566,6 +598,16 @@ fn check_seconds(secs: &f64) -> Result<(), String> {
     } else {
         Err(format!(
             "must be a number of seconds between 0 and {MAX_TIMEOUT_SECONDS:e}"
+        ))
+    }
+}
+
+fn check_positive_seconds(secs: &f64) -> Result<(), String> {
+    if *secs > 0.0 {
+        check_seconds(secs)
+    } else {
+        Err(format!(
+            "must be a number of seconds above 0, at most {MAX_TIMEOUT_SECONDS:e}"
         ))
     }
 }
@@ -751,6 +793,9 @@ impl ServerSettings {
         take!(request_timeout, check_seconds);
         take!(drain_timeout, check_seconds);
         take!(max_request_body_bytes, check_at_least_one_u64);
+        take!(header_read_timeout, check_positive_seconds);
+        take!(keep_alive_timeout, check_positive_seconds);
+        take!(max_connections, check_at_least_one_usize);
         take!(auth_token, check_auth_token);
 
         warnings.extend(s.unsupported_warnings());

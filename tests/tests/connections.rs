@@ -1,0 +1,123 @@
+//! Connection hygiene on the real binary: a flood of idle and half-sent connections, more than
+//! the configured bound, is closed by the timeouts while health and inference keep answering,
+//! and the server's open descriptors return to their baseline; a connection busy with a request
+//! is never cut, however long the request takes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use sdserve_tests::*;
+
+const BOUND: usize = 20;
+
+fn server() -> (Repo, Server) {
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    repo.settings(json!({
+        "max_connections": BOUND,
+        "keep_alive_timeout": 1,
+        "header_read_timeout": 1
+    }));
+    let s = launch(&repo).start();
+    (repo, s)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .expect("the server's descriptors")
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // A refusal or a 408-style answer before the close: read on.
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn idle_and_half_sent_connections_beyond_the_bound_are_closed_and_clients_still_served() {
+    let (_repo, s) = server();
+    let addr = ("127.0.0.1", s.http_port);
+    // Warm up once, then count the descriptors the server holds at rest.
+    s.infer(
+        "tiny",
+        &prompt_request("warm", json!({"num_inference_steps": 1})),
+    )
+    .expect(200);
+    let rest = client();
+    std::thread::sleep(Duration::from_millis(1500)); // the warm-up connection idles out
+    let baseline = open_fds(s.pid());
+
+    let mut flood: Vec<TcpStream> = Vec::new();
+    for i in 0..(2 * BOUND + 5) {
+        let mut c = TcpStream::connect(addr).expect("connect");
+        if i % 3 == 0 {
+            c.write_all(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-")
+                .unwrap();
+        }
+        flood.push(c);
+        if i % 10 == 9 {
+            // Health and inference answer while the flood holds every slot.
+            let health = rest.get(s.url("/v2/health/ready")).send().expect("health");
+            assert_eq!(health.status().as_u16(), 200, "health during the flood");
+        }
+    }
+    s.infer(
+        "tiny",
+        &prompt_request("during", json!({"num_inference_steps": 1})),
+    )
+    .expect(200);
+
+    // Every flood connection is closed: evicted to make room, or by the timeouts.
+    let started = Instant::now();
+    for (i, c) in flood.iter_mut().enumerate() {
+        assert!(
+            closed_within(c, Duration::from_secs(5)),
+            "flood connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    wait_until(
+        "descriptors back to the baseline",
+        Duration::from_secs(10),
+        || open_fds(s.pid()) <= baseline + 2,
+    );
+    println!(
+        "baseline {baseline} descriptors; {} after the flood closed",
+        open_fds(s.pid())
+    );
+}
+
+#[test]
+fn a_connection_busy_with_a_long_request_is_not_cut() {
+    let (_repo, s) = server();
+    // Steps enough to outlast the 1 s keep-alive timeout several times over.
+    let body = prompt_request(
+        "slow",
+        json!({"num_inference_steps": 60, "height": 128, "width": 128}),
+    );
+    let t = Instant::now();
+    let r = s.infer("tiny", &body);
+    r.expect(200);
+    let took = t.elapsed();
+    println!("a {took:?} request on a 1 s keep-alive timeout");
+    assert!(
+        took > Duration::from_secs(2),
+        "the request must outlast the timeout: {took:?}"
+    );
+}
