@@ -121,3 +121,52 @@ fn a_connection_busy_with_a_long_request_is_not_cut() {
         "the request must outlast the timeout: {took:?}"
     );
 }
+
+#[test]
+fn when_every_connection_is_busy_a_newcomer_gets_a_503_and_the_busy_ones_finish() {
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    repo.settings(json!({"max_connections": 2}));
+    let s = launch(&repo).start();
+    let body = prompt_request(
+        "busy",
+        json!({"num_inference_steps": 25, "height": 128, "width": 128}),
+    )
+    .to_string();
+    let send = |body: &str| {
+        let mut c = TcpStream::connect(("127.0.0.1", s.http_port)).unwrap();
+        let head = format!(
+            "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        c.write_all(body.as_bytes()).unwrap();
+        c
+    };
+    let status = |mut c: TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let code: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text:?}"));
+        (code, text)
+    };
+    let busy = [send(&body), send(&body)];
+    // Both are in flight (one generating, one queued) once the server holds both bodies.
+    wait_until("two requests in flight", Duration::from_secs(30), || {
+        s.scrape()
+            .find("sdserve_requests_in_flight", &[])
+            .unwrap_or(0.0)
+            >= 2.0
+    });
+    let (code, text) = status(TcpStream::connect(("127.0.0.1", s.http_port)).unwrap());
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("too many open connections"), "{text}");
+    for c in busy {
+        assert_eq!(status(c).0, 200);
+    }
+}
