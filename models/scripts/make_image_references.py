@@ -28,7 +28,6 @@ The pipelines are loaded with from_pretrained from the model folders, as users l
 """
 
 import argparse
-import importlib
 import io
 import json
 import os
@@ -52,7 +51,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from PIL import Image
-from safetensors.torch import save_file as _save_file
+
+from make_references import NoiseRecorder, save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = {
@@ -96,38 +96,6 @@ NOISE_MODULES = [
 RESIZES = [(64, 56), (32, 24), (128, 96), (67, 61)]
 
 
-class NoiseRecorder:
-    def __init__(self):
-        self.draws = []
-        self.sources = []
-        self.patched = []
-
-    def __enter__(self):
-        for name in NOISE_MODULES:
-            module = importlib.import_module(name)
-            original = getattr(module, "randn_tensor", None)
-            if original is None:
-                raise SystemExit(f"{name} has no randn_tensor")
-
-            def recording(*args, _original=original, _name=name, **kwargs):
-                out = _original(*args, **kwargs)
-                self.draws.append(out.detach().clone())
-                self.sources.append(_name)
-                return out
-
-            module.randn_tensor = recording
-            self.patched.append((module, original))
-        return self
-
-    def __exit__(self, *exc):
-        for module, original in self.patched:
-            module.randn_tensor = original
-
-
-def save_file(tensors, path):
-    _save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-
-
 def picture(seed, width, height):
     """A smooth background with a few discs and boxes, from a seeded RNG."""
     rng = np.random.default_rng(seed)
@@ -168,7 +136,7 @@ def call(pipe, **inputs):
 
     hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)
     try:
-        with NoiseRecorder() as rec:
+        with NoiseRecorder(NOISE_MODULES, strict=True) as rec:
             out = pipe(
                 prompt=PROMPTS,
                 negative_prompt=NEGATIVE_PROMPTS,

@@ -187,22 +187,30 @@ SCHEDULER_MODULES = [
 
 
 class NoiseRecorder:
-    """Replaces randn_tensor in the scheduler modules and keeps every draw, in order."""
+    """Replaces randn_tensor in `modules` (default: the scheduler modules) and keeps every draw,
+    in order, with the name of the module that made it. A module without randn_tensor is
+    skipped, or with `strict` an error."""
 
-    def __init__(self):
+    def __init__(self, modules=SCHEDULER_MODULES, strict=False):
+        self.modules = modules
+        self.strict = strict
         self.draws = []
+        self.sources = []
         self.patched = []
 
     def __enter__(self):
-        for name in SCHEDULER_MODULES:
+        for name in self.modules:
             module = importlib.import_module(name)
             original = getattr(module, "randn_tensor", None)
             if original is None:
+                if self.strict:
+                    raise SystemExit(f"{name} has no randn_tensor")
                 continue
 
-            def recording(*args, _original=original, **kwargs):
+            def recording(*args, _original=original, _name=name, **kwargs):
                 out = _original(*args, **kwargs)
                 self.draws.append(out.detach().clone())
+                self.sources.append(_name)
                 return out
 
             module.randn_tensor = recording

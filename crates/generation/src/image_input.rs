@@ -53,19 +53,19 @@ pub enum ImageError {
     Corrupt(String),
 }
 
-fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    match reader.format() {
-        Some(f) if FORMATS.contains(&f) => Ok(reader),
+/// The file's format, guessed from its first bytes; only the decoders built in are accepted.
+fn format(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
+    match image::guess_format(bytes) {
+        Ok(f) if FORMATS.contains(&f) => Ok(f),
         _ => Err(ImageError::Format),
     }
 }
 
 /// Decodes `bytes` into RGB if its declared size is at most `max_pixels`.
 pub fn decode_rgb(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, ImageError> {
-    let (w, h) = reader(bytes)?
+    let format = format(bytes)?;
+    let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+    let (w, h) = reader()
         .into_dimensions()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let (width, height) = (u64::from(w), u64::from(h));
@@ -79,7 +79,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, ImageErro
             max: max_pixels,
         });
     }
-    if reader(bytes)?.format() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         return Err(ImageError::Corrupt(
             "the JPEG data is truncated (no end marker)".into(),
         ));
@@ -89,7 +89,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, ImageErro
     limits.max_image_height = Some(h);
     // RGBA at 16 bits per channel is the largest buffer a decoder makes, plus slack.
     limits.max_alloc = Some(width * height * 8 + (1 << 20));
-    let mut reader = reader(bytes)?;
+    let mut reader = reader();
     reader.limits(limits);
     let decoded = reader
         .decode()

@@ -20,11 +20,12 @@ pub enum Inpainting {
     /// UNet input.
     Conditioned { extra: Tensor },
     /// A 4-channel UNet: the image's clean latents, the noise the start used, and the latent
-    /// mask, to blend the known region back after every step.
+    /// mask with its complement, to blend the known region back after every step.
     Blended {
         image_latents: Tensor,
         noise: Tensor,
         mask: Tensor,
+        keep: Tensor,
     },
 }
 
@@ -58,21 +59,23 @@ impl Inpainting {
         image_latents: Tensor,
         noise: Tensor,
     ) -> Result<Self, GenerateError> {
+        let stage = "mask latents";
         let mask = latent_mask(&mask_tensor(job, device)?, vae.config().scale_factor())
-            .map_err(internal("mask latents"))?;
+            .map_err(internal(stage))?;
+        let keep = mask.affine(-1.0, 1.0).map_err(internal(stage))?;
         Ok(Self::Blended {
             image_latents,
             noise,
             mask,
+            keep,
         })
     }
 
     /// The UNet input of a step: `input` itself, or with the conditioning channels appended.
     pub fn unet_input(&self, input: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Conditioned { extra } => {
-                Tensor::cat(&[input, &extra.to_dtype(input.dtype())?], 1)
-            }
+            // Both F32: the scheduler's input and the encoder's latents.
+            Self::Conditioned { extra } => Tensor::cat(&[input, extra], 1),
             Self::Blended { .. } => Ok(input.clone()),
         }
     }
@@ -89,6 +92,7 @@ impl Inpainting {
             image_latents,
             noise,
             mask,
+            keep,
         } = self
         else {
             return Ok(latents);
@@ -97,7 +101,7 @@ impl Inpainting {
             Some(index) => scheduler.add_noise(image_latents, noise, index)?,
             None => image_latents.clone(),
         };
-        known.broadcast_mul(&mask.affine(-1.0, 1.0)?)? + latents.broadcast_mul(mask)?
+        known.broadcast_mul(keep)? + latents.broadcast_mul(mask)?
     }
 }
 

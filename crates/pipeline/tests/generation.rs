@@ -17,7 +17,10 @@ use sdserve_pipeline::conditioning::{Conditioning, TextTime};
 use sdserve_pipeline::image::{FloatImages, decode_png};
 use serde_json::Value;
 
-use common::{Replay, index, load_tensors, max_abs, model, reference};
+use common::{
+    Replay, assert_within_2, float_diff_255, index, load_tensors, max_abs, max_u8_diff, model,
+    reference,
+};
 
 /// The request name of a reference run's scheduler.
 fn scheduler_name(run: &Value) -> &'static str {
@@ -144,29 +147,13 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
             );
         }
         let arrays = load_tensors(&dir.join(run["arrays"].as_str().unwrap()));
-        // (B, H, W, 3) float reference vs our (B, 3, H, W).
-        let ours = Tensor::from_vec(
-            images.data.clone(),
-            (images.batch, 3, images.height, images.width),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .permute((0, 2, 3, 1))
-        .unwrap();
-        let float_diff = max_abs(&ours, &arrays["images"]) * 255.0;
+        let float_diff = float_diff_255(&images, &arrays["images"]);
         let mut pixel_diff = 0u8;
         for (i, png) in run["images"].as_array().unwrap().iter().enumerate() {
             let bytes = std::fs::read(dir.join(png.as_str().unwrap())).unwrap();
             let (w, h, expected) = decode_png(&bytes).unwrap();
             assert_eq!((w, h), (images.width, images.height));
-            let got = images.rgb8(i);
-            let d = got
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
-            pixel_diff = pixel_diff.max(d);
+            pixel_diff = pixel_diff.max(max_u8_diff(&images.rgb8(i), &expected));
         }
         println!(
             "{key}/{name}: max |diff| {pixel_diff}/255 on PNG pixels, {float_diff:.4}/255 on float images"
@@ -179,8 +166,7 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
 fn check_model(key: &str) {
     let results = replay_all(key);
     assert_eq!(results.len(), index(key)["runs"].as_array().unwrap().len());
-    let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
-    assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
+    assert_within_2(&results);
 }
 
 #[test]

@@ -19,7 +19,10 @@ use sdserve_generation::{
 use sdserve_pipeline::image_to_image::image_tensor;
 use serde_json::Value;
 
-use common::{Replay, load_tensors, max_abs, model, models};
+use common::{
+    Replay, assert_within_2, float_diff_255, load_tensors, max_abs, max_u8_diff, model, models,
+    reference_rgb8,
+};
 
 fn dir() -> PathBuf {
     models().join("reference").join("img2img")
@@ -186,31 +189,12 @@ fn replay_all(key: &str) -> Vec<(String, u8, f32)> {
             "{key}/{name}: progress counts the steps that run"
         );
 
-        let ours = Tensor::from_vec(
-            images.data.clone(),
-            (images.batch, 3, images.height, images.width),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .permute((0, 2, 3, 1))
-        .unwrap();
-        let theirs = &arrays["images"];
-        let float_diff = max_abs(&ours, theirs) * 255.0;
-        let theirs: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
-        let plane = images.height * images.width * 3;
-        let mut pixel_diff = 0u8;
-        for i in 0..images.batch {
-            let expected = theirs[i * plane..(i + 1) * plane]
-                .iter()
-                .map(|x| (x * 255.0).round_ties_even() as u8);
-            let d = images
-                .rgb8(i)
-                .iter()
-                .zip(expected)
-                .map(|(a, b)| a.abs_diff(b))
-                .max();
-            pixel_diff = pixel_diff.max(d.unwrap());
-        }
+        let float_diff = float_diff_255(&images, &arrays["images"]);
+        let theirs: Vec<f32> = arrays["images"].flatten_all().unwrap().to_vec1().unwrap();
+        let pixel_diff = (0..images.batch)
+            .map(|i| max_u8_diff(&images.rgb8(i), &reference_rgb8(&theirs, &images, i)))
+            .max()
+            .unwrap_or(0);
         println!(
             "{key}/{name}: max |diff| {pixel_diff}/255 on 8-bit pixels, {float_diff:.4}/255 on floats"
         );
@@ -229,8 +213,7 @@ fn check_model(key: &str) {
         17
     };
     assert!(results.len() >= at_least, "{} runs", results.len());
-    let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
-    assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
+    assert_within_2(&results);
 }
 
 #[test]
@@ -321,15 +304,8 @@ fn explicit_latents_and_encoder_noise_reproduce_diffusers() {
             .unwrap();
         let images = sd.generate_float(&job, &mut RunToEnd).unwrap();
         let theirs: Vec<f32> = flat(&arrays["images"]);
-        let plane = images.height * images.width * 3;
         for i in 0..b {
-            let worst = images
-                .rgb8(i)
-                .iter()
-                .zip(&theirs[i * plane..(i + 1) * plane])
-                .map(|(a, x)| a.abs_diff((x * 255.0).round_ties_even() as u8))
-                .max()
-                .unwrap();
+            let worst = max_u8_diff(&images.rgb8(i), &reference_rgb8(&theirs, &images, i));
             assert!(worst <= 2, "{key}/{name} image {i}: {worst}/255");
         }
     }

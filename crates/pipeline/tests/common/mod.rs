@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Shape, Tensor};
+use sdserve_pipeline::image::FloatImages;
 use sdserve_pipeline::noise::NoiseSource;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
 use serde_json::Value;
@@ -100,4 +101,42 @@ impl NoiseSource for Replay {
         self.next += 1;
         draw.to_device(device)
     }
+}
+
+/// The largest difference, in 1/255, between our float images and diffusers' `(B, H, W, 3)`
+/// `output_type="np"` array.
+pub fn float_diff_255(images: &FloatImages, reference: &Tensor) -> f32 {
+    let ours = Tensor::from_vec(
+        images.data.clone(),
+        (images.batch, 3, images.height, images.width),
+        &Device::Cpu,
+    )
+    .and_then(|t| t.permute((0, 2, 3, 1)))
+    .unwrap();
+    max_abs(&ours, reference) * 255.0
+}
+
+/// diffusers' 8-bit rounding (`numpy_to_pil`) of image `i` of a `(B, H, W, 3)` float array.
+pub fn reference_rgb8(reference: &[f32], images: &FloatImages, i: usize) -> Vec<u8> {
+    let plane = images.height * images.width * 3;
+    reference[i * plane..(i + 1) * plane]
+        .iter()
+        .map(|x| (x * 255.0).round_ties_even() as u8)
+        .collect()
+}
+
+/// The largest per-channel difference between two 8-bit images.
+pub fn max_u8_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every `(case, 8-bit diff, float diff)` within 2/255.
+pub fn assert_within_2(results: &[(String, u8, f32)]) {
+    let failures: Vec<_> = results.iter().filter(|(_, d, _)| *d > 2).collect();
+    assert!(failures.is_empty(), "cases over 2/255: {failures:?}");
 }
