@@ -314,6 +314,8 @@ pub struct Launch {
     folder: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// `ulimit -v`: the process's address-space limit in bytes.
+    address_space: Option<u64>,
     http_port_flag: bool,
     metrics_port_flag: bool,
     grpc_port_flag: bool,
@@ -332,6 +334,7 @@ pub fn launch_folder(folder: &Path) -> Launch {
         folder: folder.to_path_buf(),
         args: Vec::new(),
         env: Vec::new(),
+        address_space: None,
         http_port_flag: true,
         metrics_port_flag: true,
         grpc_port_flag: true,
@@ -352,6 +355,13 @@ impl Launch {
 
     pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts the server under an address-space limit (`ulimit -v`, as a pod's memory limit
+    /// bounds what it may allocate): an allocation beyond it fails.
+    pub fn address_space_limit(mut self, bytes: u64) -> Self {
+        self.address_space = Some(bytes);
         self
     }
 
@@ -405,6 +415,23 @@ impl Launch {
         }
         // Relative paths in settings must not depend on where the tests run.
         cmd.current_dir(self.folder.parent().unwrap_or(&self.folder));
+        if let Some(bytes) = self.address_space {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd
     }
 

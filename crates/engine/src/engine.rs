@@ -20,6 +20,8 @@ use crate::admission::{Admission, Gate};
 use crate::batch_key::BatchKey;
 use crate::control::{GENERATING, JobControl, QUEUED};
 use crate::error::EngineError;
+use crate::memory::system::SystemMemory;
+use crate::memory::{DeviceMemory, Fit, Ledger, MemoryBudget, SharedLedger, human};
 use crate::metrics::Registry as MetricsRegistry;
 use crate::models::{LoadedModel, ModelLoader, Registry};
 use crate::observer::InferObserver;
@@ -37,6 +39,8 @@ pub struct EngineConfig {
     pub max_queue_size: usize,
     /// Server-wide deadline, counted from arrival; `None` = no deadline.
     pub request_timeout: Option<Duration>,
+    /// How much memory the weights and running batches of a device may take.
+    pub memory_budget: MemoryBudget,
 }
 
 impl EngineConfig {
@@ -100,8 +104,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<EngineMetrics>,
     pub(crate) registry: RwLock<Registry>,
     pub(crate) loader: Arc<dyn ModelLoader>,
+    pub(crate) memory: SharedLedger,
     shared: Mutex<Shared>,
-    wake: Condvar,
+    pub(crate) wake: Condvar,
     gate: Arc<Gate>,
     draining: AtomicBool,
     /// Tells one load of a model from the next (part of the batch key).
@@ -169,6 +174,13 @@ impl Engine {
             metrics,
             registry: RwLock::new(Registry::default()),
             loader,
+            memory: SharedLedger::new(Ledger::new(
+                config.memory_budget,
+                match config.memory_budget {
+                    MemoryBudget::Auto => SystemMemory::read().capacity(),
+                    _ => None,
+                },
+            )),
             shared: Mutex::new(Shared::default()),
             wake: Condvar::new(),
             draining: AtomicBool::new(false),
@@ -195,6 +207,11 @@ impl Engine {
 
     pub fn metrics(&self) -> &EngineMetrics {
         &self.inner.metrics
+    }
+
+    /// What `device`'s memory budget holds now.
+    pub fn memory(&self, device: &str) -> DeviceMemory {
+        self.inner.memory.lock().state(device)
     }
 
     // ---- admission and inference -------------------------------------------------------
@@ -254,6 +271,7 @@ impl Engine {
                 random_seed,
             )
             .map_err(|e| EngineError::Invalid(e.0))?;
+        self.check_memory(&model, &job)?;
         let timeout = match (self.inner.config.request_timeout, timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -265,6 +283,31 @@ impl Engine {
             timeout,
             preview_every: None,
         })
+    }
+
+    /// Refuses a job whose batch could never fit its device's memory budget.
+    fn check_memory(&self, model: &LoadedModel, job: &Job) -> Result<(), EngineError> {
+        let images = job.images.len();
+        let need = model.generator.working_set(&job.settings, images);
+        let device = &model.description().device;
+        let mut ledger = self.inner.memory.lock();
+        let Fit::Never { for_batches } = ledger.fits(device, need) else {
+            return Ok(());
+        };
+        let state = ledger.state(device);
+        let s = &job.settings;
+        Err(EngineError::Invalid(format!(
+            "height {} × width {} with {images} image(s) needs an estimated {} of memory, more \
+             than the {} the memory budget leaves for generations on {device} (memory_budget {} \
+             less {} of loaded weights); ask for a smaller height and width or fewer images \
+             (num_images_per_prompt, prompts)",
+            s.height,
+            s.width,
+            human(need),
+            human(for_batches),
+            human(state.capacity.unwrap_or(0)),
+            human(state.weights),
+        )))
     }
 
     /// Queues a prepared request and awaits its result. Dropping the future cancels it: a

@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::memory::WeightsHeld;
 use crate::models::{LoadedModel, ModelSpec, ModelStatus};
 use crate::panics::catch;
 
@@ -42,10 +43,16 @@ impl Engine {
                 );
                 ready.set(&[&spec.name, &version_label], 1.0);
                 let id = self.inner.next_model_id.fetch_add(1, Ordering::Relaxed);
+                let weights = WeightsHeld::new(
+                    &self.inner.memory,
+                    &generator.description().device,
+                    generator.weights_bytes(),
+                );
                 reg.insert(ModelStatus::Ready(Arc::new(LoadedModel {
                     id,
                     spec,
                     generator,
+                    weights,
                 })));
                 Ok(())
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::error::EngineError;
+use crate::memory::WeightsHeld;
 use sdserve_generation::{GenerationDefaults, Generator, Limits, ModelDescription};
 
 /// Everything the engine needs to know about one model, taken from its settings.
@@ -49,6 +50,8 @@ pub struct LoadedModel {
     pub id: u64,
     pub spec: ModelSpec,
     pub generator: Arc<dyn Generator>,
+    /// Its weights in the memory budget, until the model is dropped.
+    pub weights: WeightsHeld,
 }
 
 impl LoadedModel {

@@ -5,9 +5,14 @@
 //! Entries leave in arrival order. A worker that takes an entry of a model with adaptive
 //! batching keeps a [`Gathering`]: later entries with an equal key join it until it holds
 //! `max_images` images or its window (opened when the first entry was taken) closes.
+//!
+//! Every batch reserves its memory ([`Memory`]) as it forms: the oldest entry waits until its
+//! batch fits, and a gathering batch takes only members that fit beside it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use crate::memory::Fit;
 
 /// What the queue needs to know about an entry.
 pub trait Entry {
@@ -20,6 +25,29 @@ pub trait Entry {
     fn stopped(&self, now: Instant) -> bool;
     /// The entry's model's adaptive batching, if it has any.
     fn batching(&self) -> Option<Batching>;
+}
+
+/// The memory budget as the queue sees it.
+pub trait Memory<T> {
+    /// Bytes a batch of `entry`'s key with `images` images needs.
+    fn need(&self, entry: &T, images: usize) -> u64;
+    /// Whether `bytes` more fit on `entry`'s device now.
+    fn fits(&mut self, entry: &T, bytes: u64) -> Fit;
+    /// Takes `bytes` on `entry`'s device (after `fits` said [`Fit::Now`]).
+    fn reserve(&mut self, entry: &T, bytes: u64);
+}
+
+/// No budget: everything fits (models that cannot estimate their memory, tests).
+pub struct Unbounded;
+
+impl<T> Memory<T> for Unbounded {
+    fn need(&self, _: &T, _: usize) -> u64 {
+        0
+    }
+    fn fits(&mut self, _: &T, _: u64) -> Fit {
+        Fit::Now
+    }
+    fn reserve(&mut self, _: &T, _: u64) {}
 }
 
 /// Adaptive batching: up to `max_images` images, gathered for at most `window`.
@@ -36,15 +64,37 @@ pub struct Gathering<T> {
     images: usize,
     max_images: usize,
     closes: Instant,
+    /// Bytes the batch has reserved so far.
+    reserved: u64,
 }
 
 impl<T: Entry> Gathering<T> {
-    fn open(first: T, batching: Batching, now: Instant) -> Self {
+    fn open(first: T, batching: Batching, now: Instant, reserved: u64) -> Self {
         Self {
             images: first.images(),
             members: vec![first],
             max_images: batching.max_images,
             closes: now + batching.window,
+            reserved,
+        }
+    }
+
+    /// Reserves what `entry` adds to the batch's memory, if it fits now.
+    fn make_room(&mut self, entry: &T, memory: &mut dyn Memory<T>) -> bool {
+        let need = memory.need(entry, self.images + entry.images());
+        let more = need.saturating_sub(self.reserved);
+        if memory.fits(entry, more) != Fit::Now {
+            return false;
+        }
+        memory.reserve(entry, more);
+        self.reserved = self.reserved.max(need);
+        true
+    }
+
+    fn done(self) -> Batch<T> {
+        Batch {
+            members: self.members,
+            reserved: self.reserved,
         }
     }
 
@@ -59,11 +109,21 @@ impl<T: Entry> Gathering<T> {
     }
 }
 
+/// Entries to run as one batch, with the memory they reserved.
+#[derive(Debug, PartialEq)]
+pub struct Batch<T> {
+    pub members: Vec<T>,
+    pub reserved: u64,
+}
+
 /// What a worker should do next.
 #[derive(Debug, PartialEq)]
 pub enum Take<T> {
     /// Run these entries as one batch now.
-    Batch(Vec<T>),
+    Batch(Batch<T>),
+    /// This entry can never fit the memory budget (it shrank since the entry was admitted):
+    /// answer it with the error; batches get at most `for_batches` bytes.
+    Refused { entry: T, for_batches: u64 },
     /// Nothing to run yet: look again at this time, or (`None`) when something is admitted.
     Wait(Option<Instant>),
     /// The queue is closed and this worker holds nothing.
@@ -117,26 +177,48 @@ impl<T: Entry> Queue<T> {
 
     /// The next batch for a worker whose batch in progress is `gathering` (kept between calls,
     /// `None` when it holds nothing).
-    pub fn take(&mut self, gathering: &mut Option<Gathering<T>>, now: Instant) -> Take<T> {
+    pub fn take(
+        &mut self,
+        gathering: &mut Option<Gathering<T>>,
+        now: Instant,
+        memory: &mut dyn Memory<T>,
+    ) -> Take<T> {
         let g = match gathering {
             Some(g) => g,
             None => {
-                let Some((_, first)) = self.waiting.pop_front() else {
+                let Some((_, first)) = self.waiting.front() else {
                     return if self.closed {
                         Take::Closed
                     } else {
                         Take::Wait(None)
                     };
                 };
+                let need = memory.need(first, first.images());
+                match memory.fits(first, need) {
+                    // Woken when a running batch gives its memory back.
+                    Fit::Later => return Take::Wait(None),
+                    Fit::Never { for_batches } => {
+                        let (_, entry) = self.waiting.pop_front().expect("front checked");
+                        return Take::Refused { entry, for_batches };
+                    }
+                    Fit::Now => {}
+                }
+                let (_, first) = self.waiting.pop_front().expect("front checked");
+                memory.reserve(&first, need);
                 match first.batching() {
-                    None => return Take::Batch(vec![first]),
-                    Some(b) => gathering.insert(Gathering::open(first, b, now)),
+                    None => {
+                        return Take::Batch(Batch {
+                            members: vec![first],
+                            reserved: need,
+                        });
+                    }
+                    Some(b) => gathering.insert(Gathering::open(first, b, now, need)),
                 }
             }
         };
         let mut i = 0;
         while i < self.waiting.len() && !g.is_full() {
-            if g.admits(&self.waiting[i].1, now) {
+            if g.admits(&self.waiting[i].1, now) && g.make_room(&self.waiting[i].1, memory) {
                 let (_, entry) = self.waiting.remove(i).expect("index checked");
                 g.images += entry.images();
                 g.members.push(entry);
@@ -145,8 +227,8 @@ impl<T: Entry> Queue<T> {
             }
         }
         if g.is_full() || now >= g.closes || self.closed {
-            let done = gathering.take().map(|g| g.members).unwrap_or_default();
-            return Take::Batch(done);
+            let done = gathering.take().expect("a gathering is open here");
+            return Take::Batch(done.done());
         }
         Take::Wait(Some(g.closes))
     }
@@ -268,8 +350,82 @@ mod tests {
 
     fn names(t: Take<E>) -> Vec<&'static str> {
         match t {
-            Take::Batch(b) => b.iter().map(|e| e.name).collect(),
+            Take::Batch(b) => b.members.iter().map(|e| e.name).collect(),
             other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    /// A device of `capacity` bytes where every image needs `per_image`.
+    struct Pool {
+        capacity: u64,
+        reserved: u64,
+        per_image: u64,
+    }
+
+    impl Memory<E> for Pool {
+        fn need(&self, _: &E, images: usize) -> u64 {
+            self.per_image * images as u64
+        }
+        fn fits(&mut self, _: &E, bytes: u64) -> Fit {
+            if bytes > self.capacity {
+                Fit::Never {
+                    for_batches: self.capacity,
+                }
+            } else if self.reserved + bytes > self.capacity {
+                Fit::Later
+            } else {
+                Fit::Now
+            }
+        }
+        fn reserve(&mut self, _: &E, bytes: u64) {
+            self.reserved += bytes;
+        }
+    }
+
+    #[test]
+    fn batches_reserve_memory_the_oldest_waits_for_it_and_gathering_stops_at_the_budget() {
+        let t0 = Instant::now();
+        let job = |n: usize| Job {
+            settings: settings(),
+            images: vec![image("x"); n],
+        };
+        let mut pool = Pool {
+            capacity: 10,
+            reserved: 0,
+            per_image: 3,
+        };
+        let mut q = Queue::default();
+        let (mut g, mut other) = (None, None);
+        q.admit(plain("a")).unwrap();
+        q.admit(entry("two", &job(2))).unwrap();
+        q.admit(plain("b")).unwrap();
+        // "a" takes 3 of 10; "two" (6) fits beside it and gathers; "b" (3 more) does not fit
+        // beside both, so the batch closes without it.
+        assert_eq!(names(q.take(&mut g, t0, &mut pool)), ["a"]);
+        assert_eq!(pool.reserved, 3);
+        let window = t0 + Duration::from_millis(100);
+        assert_eq!(q.take(&mut other, t0, &mut pool), Take::Wait(Some(window)));
+        assert_eq!(pool.reserved, 9);
+        let Take::Batch(batch) = q.take(&mut other, window, &mut pool) else {
+            panic!("the gathered batch")
+        };
+        assert_eq!((batch.members.len(), batch.reserved), (1, 6));
+        // "b" is the oldest now and waits for memory; nothing overtakes it.
+        q.admit(plain("c")).unwrap();
+        assert_eq!(q.take(&mut g, t0, &mut pool), Take::Wait(None));
+        pool.reserved -= 3;
+        assert_eq!(names(q.take(&mut g, t0, &mut pool)), ["b"]);
+        // One that can never fit is handed back with the budget.
+        let mut huge = plain("huge");
+        huge.images = 4;
+        q.admit(huge).unwrap();
+        pool.reserved = 0;
+        assert_eq!(names(q.take(&mut g, t0, &mut pool)), ["c"]);
+        match q.take(&mut g, t0, &mut pool) {
+            Take::Refused { entry, for_batches } => {
+                assert_eq!((entry.name, for_batches), ("huge", 10))
+            }
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 
@@ -278,13 +434,13 @@ mod tests {
         let t0 = Instant::now();
         let mut q = Queue::default();
         let mut g = None;
-        assert_eq!(q.take(&mut g, t0), Take::Wait(None));
+        assert_eq!(q.take(&mut g, t0, &mut Unbounded), Take::Wait(None));
         for n in ["a", "b", "c"] {
             q.admit(plain(n)).unwrap();
         }
         assert_eq!(q.len(), 3);
         for n in ["a", "b", "c"] {
-            assert_eq!(names(q.take(&mut g, t0)), [n]);
+            assert_eq!(names(q.take(&mut g, t0, &mut Unbounded)), [n]);
         }
         assert!(q.is_empty());
     }
@@ -309,21 +465,42 @@ mod tests {
         q.admit(entry("a", &job(1))).unwrap();
         q.admit(entry("odd", &other)).unwrap();
         // The window opens when the first entry is taken, and closes 100 ms later.
-        assert_eq!(q.take(&mut g, t0), Take::Wait(Some(t0 + ms(100))));
+        assert_eq!(
+            q.take(&mut g, t0, &mut Unbounded),
+            Take::Wait(Some(t0 + ms(100)))
+        );
         q.admit(entry("b", &job(2))).unwrap();
         q.admit(entry("too-big", &job(2))).unwrap();
-        assert_eq!(q.take(&mut g, t0 + ms(50)), Take::Wait(Some(t0 + ms(100))));
-        assert_eq!(names(q.take(&mut g, t0 + ms(100))), ["a", "b"]);
+        assert_eq!(
+            q.take(&mut g, t0 + ms(50), &mut Unbounded),
+            Take::Wait(Some(t0 + ms(100)))
+        );
+        assert_eq!(
+            names(q.take(&mut g, t0 + ms(100), &mut Unbounded)),
+            ["a", "b"]
+        );
         // The next batch starts with the oldest waiting entry, whatever its key.
-        assert_eq!(q.take(&mut g, t0 + ms(100)), Take::Wait(Some(t0 + ms(200))));
-        assert_eq!(names(q.take(&mut g, t0 + ms(200))), ["odd"]);
-        assert_eq!(q.take(&mut g, t0 + ms(200)), Take::Wait(Some(t0 + ms(300))));
+        assert_eq!(
+            q.take(&mut g, t0 + ms(100), &mut Unbounded),
+            Take::Wait(Some(t0 + ms(200)))
+        );
+        assert_eq!(names(q.take(&mut g, t0 + ms(200), &mut Unbounded)), ["odd"]);
+        assert_eq!(
+            q.take(&mut g, t0 + ms(200), &mut Unbounded),
+            Take::Wait(Some(t0 + ms(300)))
+        );
         // An entry that does not fit waits for the next batch; a full batch leaves at once.
         q.admit(entry("c", &job(3))).unwrap();
         q.admit(entry("d", &job(2))).unwrap();
-        assert_eq!(names(q.take(&mut g, t0 + ms(201))), ["too-big", "d"]);
-        assert_eq!(q.take(&mut g, t0 + ms(201)), Take::Wait(Some(t0 + ms(301))));
-        assert_eq!(names(q.take(&mut g, t0 + ms(301))), ["c"]);
+        assert_eq!(
+            names(q.take(&mut g, t0 + ms(201), &mut Unbounded)),
+            ["too-big", "d"]
+        );
+        assert_eq!(
+            q.take(&mut g, t0 + ms(201), &mut Unbounded),
+            Take::Wait(Some(t0 + ms(301)))
+        );
+        assert_eq!(names(q.take(&mut g, t0 + ms(301), &mut Unbounded)), ["c"]);
     }
 
     #[test]
@@ -337,7 +514,10 @@ mod tests {
         let mut q = Queue::default();
         let mut g = None;
         q.admit(entry("a", &job)).unwrap();
-        assert_eq!(q.take(&mut g, t0), Take::Wait(Some(t0 + ms(100))));
+        assert_eq!(
+            q.take(&mut g, t0, &mut Unbounded),
+            Take::Wait(Some(t0 + ms(100)))
+        );
         let late = E {
             deadline: Some(t0 + ms(20)),
             ..entry("late", &job)
@@ -352,7 +532,7 @@ mod tests {
         assert_eq!(q.remove(gone_too).map(|e| e.name), Some("gone too"));
         let expired: Vec<_> = q.expire(t0 + ms(30)).iter().map(|e| e.name).collect();
         assert_eq!(expired, ["late", "gone"]);
-        assert_eq!(names(q.take(&mut g, t0 + ms(100))), ["a"]);
+        assert_eq!(names(q.take(&mut g, t0 + ms(100), &mut Unbounded)), ["a"]);
         assert_eq!(q.remove(gone_too), None);
     }
 
@@ -367,7 +547,7 @@ mod tests {
         assert_eq!(left, ["a", "b"]);
         assert!(q.is_closed());
         assert_eq!(q.admit(plain("c")).map_err(|e| e.name), Err("c"));
-        assert_eq!(q.take(&mut g, t0), Take::Closed);
+        assert_eq!(q.take(&mut g, t0, &mut Unbounded), Take::Closed);
     }
 
     #[test]
@@ -380,10 +560,13 @@ mod tests {
         let mut q = Queue::default();
         let mut g = None;
         q.admit(entry("a", &job)).unwrap();
-        assert!(matches!(q.take(&mut g, t0), Take::Wait(Some(_))));
+        assert!(matches!(
+            q.take(&mut g, t0, &mut Unbounded),
+            Take::Wait(Some(_))
+        ));
         q.close();
-        assert_eq!(names(q.take(&mut g, t0)), ["a"]);
-        assert_eq!(q.take(&mut g, t0), Take::Closed);
+        assert_eq!(names(q.take(&mut g, t0, &mut Unbounded)), ["a"]);
+        assert_eq!(q.take(&mut g, t0, &mut Unbounded), Take::Closed);
     }
 
     /// Every shared setting, each changed on its own. The destructuring lists every field of
@@ -583,8 +766,11 @@ mod tests {
         let mut g = None;
         q.admit(entry("a", a)).unwrap();
         q.admit(entry("b", b)).unwrap();
-        assert!(matches!(q.take(&mut g, t0), Take::Wait(Some(_))));
-        names(q.take(&mut g, t0 + Duration::from_secs(1))).len() == 2
+        assert!(matches!(
+            q.take(&mut g, t0, &mut Unbounded),
+            Take::Wait(Some(_))
+        ));
+        names(q.take(&mut g, t0 + Duration::from_secs(1), &mut Unbounded)).len() == 2
     }
 
     #[test]

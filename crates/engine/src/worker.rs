@@ -10,8 +10,9 @@ use crate::batch_control::BatchControl;
 use crate::control::{GENERATING, JobControl, QUEUED, stop_error};
 use crate::engine::{Inner, Shared};
 use crate::error::EngineError;
+use crate::memory::{Fit, Ledger, human};
 use crate::panics::catch;
-use crate::queue::Take;
+use crate::queue::{Memory, Take};
 use crate::queued::Queued;
 
 pub(crate) fn worker_loop(inner: &Inner) {
@@ -23,18 +24,55 @@ pub(crate) fn worker_loop(inner: &Inner) {
             for stopped in shared.queue.expire(now) {
                 stopped.answer_stopped(QUEUED);
             }
-            let next = shared.queue.take(&mut gathering, now);
+            let next = {
+                let mut ledger = inner.memory.lock();
+                shared
+                    .queue
+                    .take(&mut gathering, now, &mut LedgerMemory(&mut ledger))
+            };
             inner.publish_queue_depth(&shared);
             match next {
                 Take::Batch(batch) => break batch,
+                Take::Refused { entry, for_batches } => {
+                    let err = EngineError::Invalid(format!(
+                        "the request no longer fits the memory budget: batches on {} now get at most {}",
+                        entry.model.description().device,
+                        human(for_batches)
+                    ));
+                    entry.answer(Err(err));
+                }
                 Take::Closed => return,
                 Take::Wait(None) => shared = inner.wait(shared, None),
                 Take::Wait(Some(at)) => shared = inner.wait(shared, Some(at - now)),
             }
         };
-        start(inner, &mut shared, &batch);
+        start(inner, &mut shared, &batch.members);
         drop(shared);
-        run_batch(inner, batch);
+        let device = batch.members[0].model.description().device.clone();
+        run_batch(inner, batch.members);
+        inner.memory.lock().release(&device, batch.reserved);
+        // A batch that waited for this memory may start now.
+        inner.wake.notify_all();
+    }
+}
+
+/// The queue's view of the engine's memory ledger.
+struct LedgerMemory<'a>(&'a mut Ledger);
+
+impl Memory<Queued> for LedgerMemory<'_> {
+    fn need(&self, entry: &Queued, images: usize) -> u64 {
+        entry
+            .model
+            .generator
+            .working_set(&entry.key.settings, images)
+    }
+
+    fn fits(&mut self, entry: &Queued, bytes: u64) -> Fit {
+        self.0.fits(&entry.model.description().device, bytes)
+    }
+
+    fn reserve(&mut self, entry: &Queued, bytes: u64) {
+        self.0.reserve(&entry.model.description().device, bytes);
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::ops::ControlFlow;
 
-use crate::job::Job;
+use crate::job::{Job, JobSettings};
 
 /// What a loaded model tells the engine about itself, used to fill defaults and to
 /// validate requests before anything is queued.
@@ -155,4 +155,16 @@ pub trait Generator: Send + Sync {
         job: &Job,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError>;
+
+    /// Bytes the loaded weights occupy on the model's device; 0 when unknown.
+    fn weights_bytes(&self) -> u64 {
+        0
+    }
+
+    /// At most how many bytes one batch of `images` images with `settings` needs on the
+    /// model's device besides the weights, at its peak; the engine's memory budget admits
+    /// batches by it. 0 when unknown (such a model is not held to the budget).
+    fn working_set(&self, _settings: &JobSettings, _images: usize) -> u64 {
+        0
+    }
 }

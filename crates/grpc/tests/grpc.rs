@@ -162,6 +162,7 @@ async fn start(models: &[&str], options: Options) -> Server {
             parallel_workers: 1,
             max_queue_size: options.queue,
             request_timeout: None,
+            memory_budget: sdserve_engine::MemoryBudget::Off,
         },
         Arc::new(TinyLoader),
         &registry,

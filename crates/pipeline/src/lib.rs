@@ -55,6 +55,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+pub mod working_set;
 
 /// candle's tensor type, for tools that drive the stages directly (benchmarks).
 pub use candle_core::{Device, Tensor};

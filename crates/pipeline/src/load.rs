@@ -2,6 +2,8 @@
 //! against the others first, then the weights of each component onto the chosen device.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::DType;
 use sdserve_generation::{
@@ -21,6 +23,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::weights::{WeightStore, find_weights};
+use crate::working_set::WorkingSet;
 
 /// Every config of a folder, each checked against the others.
 struct Configs {
@@ -150,10 +153,13 @@ impl StableDiffusion {
         // Reduced-precision runs prefer the folder's `.fp16` weights where it has them.
         let reduced = dtype != DType::F32;
 
+        let loaded = Arc::new(AtomicU64::new(0));
         // The text encoders run in F32 everywhere; their output is cast to the UNet dtype.
         let mut towers = Vec::with_capacity(configs.texts.len());
+        let text_configs = configs.texts.iter().map(|t| t.config.clone()).collect();
         for text in configs.texts {
-            let store = WeightStore::open(&find_weights(&dir.join(text.folder), "model", false)?)?;
+            let store = WeightStore::open(&find_weights(&dir.join(text.folder), "model", false)?)?
+                .counting(loaded.clone());
             let encoder = TextEncoder::new(store.var_builder(DType::F32, device), &text.config)
                 .map_err(|e| PipelineError::model(text.folder, e))?;
             towers.push(TextTower {
@@ -161,11 +167,12 @@ impl StableDiffusion {
                 encoder,
             });
         }
-        let unet_store = component_weights(dir, "unet", reduced)?;
+        let unet_store = component_weights(dir, "unet", reduced)?.counting(loaded.clone());
         let unet = UNet::new(unet_store.var_builder(dtype, device), &configs.unet)
             .map_err(|e| PipelineError::model("unet", e))?;
         let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);
-        let vae_store = component_weights(dir, "vae", vae_dtype != DType::F32)?;
+        let vae_store =
+            component_weights(dir, "vae", vae_dtype != DType::F32)?.counting(loaded.clone());
         let vae = Vae::new(vae_store.var_builder(vae_dtype, device), &configs.vae)
             .map_err(|e| PipelineError::model("vae", e))?;
         description.default_strength = vae.has_encoder().then_some(default_strength(configs.kind));
@@ -174,6 +181,7 @@ impl StableDiffusion {
             configs.unet.in_channels == inpainting_channels(configs.vae.latent_channels),
             vae.has_encoder(),
         );
+        let scale = description.vae_scale_factor;
         Ok(Self {
             dir: dir.to_path_buf(),
             description,
@@ -185,6 +193,16 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config: configs.scheduler,
+            working_set: WorkingSet {
+                unet: configs.unet,
+                vae: configs.vae,
+                texts: text_configs,
+                unet_bytes: dtype.size_in_bytes() as u64,
+                vae_bytes: vae_dtype.size_in_bytes() as u64,
+                cpu: device.is_cpu(),
+                scale,
+            },
+            weights_bytes: loaded.load(Ordering::Relaxed),
             placement,
         })
     }

@@ -5,10 +5,17 @@
 //! free, so every such tensor costs a round of page faults and page zeroing (a tenth of a
 //! 512×512 step, measured with `perf`). [`keep_freed_blocks`] raises the threshold to glibc's
 //! maximum (32 MiB) and stops the heap from being trimmed, so those blocks are reused from one
-//! op to the next; the peak a generation needs is unchanged.
+//! op to the next; the peak a generation needs is unchanged. It also caps glibc at two arenas:
+//! each arena maps 64 MiB of address space at once and keeps its own freed blocks, so one per
+//! thread (glibc's default allows eight per core) makes the process map far more than it uses,
+//! which an address-space limit counts; allocations here are few and large, so two serve every
+//! thread without contention that shows.
 
 /// glibc's largest mmap threshold on 64-bit targets.
 const MMAP_THRESHOLD: i32 = 32 * 1024 * 1024;
+
+/// glibc arenas (see above).
+const ARENAS: i32 = 2;
 
 /// Tunes glibc's allocator as above (call once, at start, before the worker threads run); a
 /// no-op on other C libraries.
@@ -19,6 +26,7 @@ pub fn keep_freed_blocks() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
     }
 }
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_generation::{
-    GenerateError, GeneratedImage, Generator, ImageTask, Job, MaskInput, ModelDescription,
-    StepControl,
+    GenerateError, GeneratedImage, Generator, ImageTask, Job, JobSettings, MaskInput,
+    ModelDescription, StepControl,
 };
 
 use crate::conditioning::Conditioning;
@@ -27,6 +27,7 @@ use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
+use crate::working_set::{MemoryEstimate, WorkingSet};
 
 /// A loaded diffusers Stable Diffusion 1.x / 2.x or SDXL folder.
 pub struct StableDiffusion {
@@ -37,6 +38,9 @@ pub struct StableDiffusion {
     pub(crate) vae: Vae,
     pub(crate) scheduler_config: SchedulerConfig,
     pub(crate) placement: Placement,
+    /// Bytes of the loaded weights.
+    pub(crate) weights_bytes: u64,
+    pub(crate) working_set: WorkingSet,
 }
 
 impl StableDiffusion {
@@ -83,6 +87,13 @@ impl StableDiffusion {
         };
         self.prompts
             .conditioning(&job.images, guidance, job.settings.time_ids)
+    }
+
+    /// The memory a batch of `images` images with `settings` needs at its peak beyond the
+    /// weights ([`Generator::working_set`] is its total).
+    pub fn memory_estimate(&self, settings: &JobSettings, images: usize) -> MemoryEstimate {
+        self.working_set
+            .estimate(settings, images, rayon::current_num_threads())
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
@@ -368,6 +379,14 @@ impl Generator for StableDiffusion {
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
         png_files(&self.generate_float(job, control)?)
+    }
+
+    fn weights_bytes(&self) -> u64 {
+        self.weights_bytes
+    }
+
+    fn working_set(&self, settings: &JobSettings, images: usize) -> u64 {
+        self.memory_estimate(settings, images).total()
     }
 }
 

@@ -496,16 +496,25 @@ impl UNet {
     ///
     /// On the CPU the batch items run in parallel, one per thread: at these sizes candle's
     /// per-op threading (split matmuls, worker wake-ups) costs more than it gains, while whole
-    /// independent forwards keep every core busy.
+    /// independent forwards keep every core busy. They start a thread's worth at a time, so
+    /// that at most that many items' activations are alive at once, whatever the batch (the
+    /// memory budget's estimate counts on it).
     pub fn forward(&self, latents: &Tensor, timestep: f64, cond: &Conditioning) -> Result<Tensor> {
         let b = latents.dim(0)?;
-        if !latents.device().is_cpu() || b < 2 || rayon::current_num_threads() < 2 {
+        let threads = rayon::current_num_threads();
+        if !latents.device().is_cpu() || b < 2 || threads < 2 {
             return self.forward_batch(latents, timestep, cond);
         }
-        let outputs = (0..b)
-            .into_par_iter()
-            .map(|i| self.forward_batch(&latents.narrow(0, i, 1)?, timestep, &cond.narrow(i, 1)?))
-            .collect::<Result<Vec<_>>>()?;
+        let mut outputs = Vec::with_capacity(b);
+        for first in (0..b).step_by(threads) {
+            let items = (first..b.min(first + threads))
+                .into_par_iter()
+                .map(|i| {
+                    self.forward_batch(&latents.narrow(0, i, 1)?, timestep, &cond.narrow(i, 1)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            outputs.extend(items);
+        }
         Tensor::cat(&outputs, 0)
     }
 

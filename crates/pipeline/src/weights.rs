@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -335,6 +337,8 @@ pub struct WeightStore {
     files: Vec<SafetensorsFile>,
     routing: HashMap<String, usize>,
     description: String,
+    /// Bytes of every tensor handed out, in the dtype asked for (the loaded weights' size).
+    loaded: Arc<AtomicU64>,
 }
 
 impl WeightStore {
@@ -372,7 +376,14 @@ impl WeightStore {
             files,
             routing,
             description,
+            loaded: Arc::default(),
         })
+    }
+
+    /// Counts the bytes of the tensors this store hands out into `loaded`.
+    pub fn counting(mut self, loaded: Arc<AtomicU64>) -> Self {
+        self.loaded = loaded;
+        self
     }
 
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -396,6 +407,9 @@ impl WeightStore {
             )));
         }
         let bytes = &file.mmap[info.start..info.end];
+        let elements = info.shape.iter().product::<usize>() as u64;
+        self.loaded
+            .fetch_add(elements * dtype.size_in_bytes() as u64, Ordering::Relaxed);
         Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| {

@@ -148,6 +148,7 @@ pub fn parse() -> Result<Invocation, String> {
                 request_timeout: get(m, "--request-timeout")?,
                 drain_timeout: get(m, "--drain-timeout")?,
                 max_request_body_bytes: get(m, "--max-request-body-bytes")?,
+                memory_budget: get(m, "--memory-budget")?,
             };
             Ok(Invocation::Start { folder, overrides })
         }
@@ -186,6 +187,7 @@ mod tests {
             "--request-timeout",
             "--drain-timeout",
             "--max-request-body-bytes",
+            "--memory-budget",
         ];
         for doc in SERVER_SETTINGS {
             if let Some(flag) = doc.flag {

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sdserve_engine::metrics::Registry;
-use sdserve_engine::{Engine, EngineConfig, ModelSpec};
+use sdserve_engine::{Engine, EngineConfig, MemoryBudget, ModelSpec};
 use sdserve_http::{AppState, HttpConfig, RestMetrics};
 use sdserve_serving::{ServerInfo, Service};
-use sdserve_settings::{Env, ModelSettings, ServerOverrides, ServerSettings, discover};
+use sdserve_settings::{
+    Env, MemoryBudgetSetting, ModelSettings, ServerOverrides, ServerSettings, discover,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -47,10 +49,23 @@ pub async fn start(folder: &Path, overrides: ServerOverrides) -> anyhow::Result<
             parallel_workers: server.parallel_workers.max(1),
             max_queue_size: server.max_queue_size,
             request_timeout: server.request_timeout_duration(),
+            memory_budget: match server.memory_budget {
+                MemoryBudgetSetting::Auto => MemoryBudget::Auto,
+                MemoryBudgetSetting::Off => MemoryBudget::Off,
+                MemoryBudgetSetting::Bytes(b) => MemoryBudget::Bytes(b),
+            },
         },
         Arc::new(PipelineLoader),
         &registry,
     );
+    match engine.memory("cpu").capacity {
+        Some(bytes) => tracing::info!(
+            budget = %sdserve_engine::memory::human(bytes),
+            setting = %server.memory_budget,
+            "memory budget on cpu"
+        ),
+        None => tracing::info!(setting = %server.memory_budget, "no memory budget on cpu"),
+    }
     let service = Arc::new(Service {
         engine: engine.clone(),
         info: server_info(server),

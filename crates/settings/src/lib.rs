@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod env;
 pub mod error;
 pub mod extra;
+pub mod memory_budget;
 pub mod model;
 pub mod server;
 mod value;
@@ -30,6 +31,7 @@ mod value;
 pub use discovery::{FoundModels, Loaded, discover, discover_models, find_model};
 pub use env::Env;
 pub use error::{Origin, SettingsError};
+pub use memory_budget::MemoryBudgetSetting;
 pub use model::{
     BUILTIN_IMPLEMENTATION, Implementation, MODEL_SETTINGS, MODEL_SETTINGS_FILE, ModelParameters,
     ModelSettings,

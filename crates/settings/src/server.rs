@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::env::Env;
 use crate::error::{Origin, SettingsError};
+use crate::memory_budget::MemoryBudgetSetting;
 use crate::value::{Sources, describe, read_json_object, unknown_key_warnings};
 
 /// File name of the server settings inside the model repository.
@@ -351,6 +352,14 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         "Largest request body in bytes (64 MiB); larger bodies get 413",
     ),
     doc(
+        "memory_budget",
+        "MLSERVER_MEMORY_BUDGET",
+        Some("--memory-budget"),
+        "auto",
+        Sdserve,
+        "Memory the weights and running generations of a device may take together: `auto` (on the CPU what the process may use: the cgroup limit, physical memory or `ulimit -v`, less a tenth; GPUs: no budget), `off`, or a size (`24GiB`, `512MiB`, bytes). A request that could never fit gets 400; one that fits later waits in the queue",
+    ),
+    doc(
         "header_read_timeout",
         "MLSERVER_HEADER_READ_TIMEOUT",
         None,
@@ -496,6 +505,7 @@ pub struct ServerSettings {
     /// Seconds.
     pub drain_timeout: f64,
     pub max_request_body_bytes: u64,
+    pub memory_budget: MemoryBudgetSetting,
     /// Seconds.
     pub header_read_timeout: f64,
     /// Seconds.
@@ -550,6 +560,7 @@ impl Default for ServerSettings {
             request_timeout: 600.0,
             drain_timeout: 30.0,
             max_request_body_bytes: 64 * 1024 * 1024,
+            memory_budget: MemoryBudgetSetting::Auto,
             header_read_timeout: 10.0,
             keep_alive_timeout: 5.0,
             max_connections: 2048,
@@ -576,6 +587,7 @@ pub struct ServerOverrides {
     pub request_timeout: Option<f64>,
     pub drain_timeout: Option<f64>,
     pub max_request_body_bytes: Option<u64>,
+    pub memory_budget: Option<MemoryBudgetSetting>,
 }
 
 // Checks shared by every source, so a value is judged the same wherever it comes from.
@@ -793,6 +805,7 @@ impl ServerSettings {
         take!(request_timeout, check_seconds);
         take!(drain_timeout, check_seconds);
         take!(max_request_body_bytes, check_at_least_one_u64);
+        take!(memory_budget);
         take!(header_read_timeout, check_positive_seconds);
         take!(keep_alive_timeout, check_positive_seconds);
         take!(max_connections, check_at_least_one_usize);
@@ -882,6 +895,9 @@ impl ServerSettings {
             check_at_least_one_u64,
         )? {
             self.max_request_body_bytes = v;
+        }
+        if let Some(v) = o.memory_budget {
+            self.memory_budget = v;
         }
         Ok(())
     }
@@ -1370,6 +1386,7 @@ mod tests {
             request_timeout: Some(5.0),
             drain_timeout: Some(6.0),
             max_request_body_bytes: Some(7),
+            memory_budget: Some(MemoryBudgetSetting::Bytes(8)),
         })
         .unwrap();
         let (before, after) = (base.to_json(), s.to_json());
