@@ -109,7 +109,7 @@ fn a_connection_busy_with_a_long_request_is_not_cut() {
     // Steps enough to outlast the 1 s keep-alive timeout several times over.
     let body = prompt_request(
         "slow",
-        json!({"num_inference_steps": 60, "height": 128, "width": 128}),
+        json!({"num_inference_steps": 60, "height": 256, "width": 256}),
     );
     let t = Instant::now();
     let r = s.infer("tiny", &body);
@@ -169,4 +169,64 @@ fn when_every_connection_is_busy_a_newcomer_gets_a_503_and_the_busy_ones_finish(
     for c in busy {
         assert_eq!(status(c).0, 200);
     }
+}
+
+/// The HTTP/2 preface and an empty SETTINGS frame; true when the server answers with its own
+/// SETTINGS frame, as every gRPC connection starts.
+fn http2_handshake_answers(port: u16) -> bool {
+    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if c.write_all(&hello).is_err() {
+        return false;
+    }
+    let mut frame = [0u8; 9];
+    c.read_exact(&mut frame).is_ok() && frame[3] == 4
+}
+
+#[test]
+fn the_grpc_listener_closes_idle_and_half_sent_connections_beyond_the_bound_too() {
+    let (_repo, s) = server();
+    let port = s.grpc_port();
+    assert!(http2_handshake_answers(port), "gRPC answers at rest");
+    std::thread::sleep(Duration::from_millis(2500)); // that connection idles out
+    let baseline = open_fds(s.pid());
+
+    let mut flood: Vec<TcpStream> = Vec::new();
+    for i in 0..(2 * BOUND + 5) {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        if i % 3 == 0 {
+            // Half of the HTTP/2 preface, and nothing more.
+            c.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+        }
+        flood.push(c);
+        if i % 10 == 9 {
+            assert!(
+                http2_handshake_answers(port),
+                "gRPC answers a newcomer while the flood holds every slot ({i} open)"
+            );
+            let health = s.get("/v2/health/live");
+            assert_eq!(health.status, 200, "HTTP health during the gRPC flood");
+        }
+    }
+    let started = Instant::now();
+    for (i, c) in flood.iter_mut().enumerate() {
+        assert!(
+            closed_within(c, Duration::from_secs(5)),
+            "gRPC flood connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    wait_until(
+        "descriptors back to the baseline",
+        Duration::from_secs(10),
+        || open_fds(s.pid()) <= baseline + 2,
+    );
+    assert!(
+        http2_handshake_answers(port),
+        "gRPC answers after the flood"
+    );
 }

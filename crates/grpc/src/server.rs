@@ -4,6 +4,14 @@
 //! hyper serves the connections directly (not tonic's transport server) because that server
 //! answers an expired `grpc-timeout` itself, with CANCELLED, before the engine can; here the
 //! deadline is the engine's request timeout and expires as DEADLINE_EXCEEDED.
+//!
+//! Connections are held to the HTTP listener's bounds ([`ConnectionLimits`]): at most
+//! `max_connections` are open (the longest-idle one is asked to go away to make room; when all
+//! are busy the newcomer's calls get UNAVAILABLE and it is closed), and a connection with no
+//! call in flight for `keep_alive_timeout` gets GOAWAY, which gRPC clients answer by
+//! reconnecting on their next call. That idle bound also closes a connection whose preface or
+//! first headers never complete (hyper hands over no call until they do), so on gRPC it is the
+//! header-read bound as well. A call in flight, a progress stream included, is never cut.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +32,9 @@ use bytes::Bytes;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
 
-use crate::metrics::{GrpcMetrics, Instrumented};
+use sdserve_serving::connections::{ConnectionLimits, InFlight, Registry, Slot};
+
+use crate::metrics::{GrpcMetrics, Instrumented, TrackedBody};
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::pb::inference::model_repository::model_repository_service_server::ModelRepositoryServiceServer;
 use crate::repository::Repository;
@@ -42,6 +52,7 @@ pub struct GrpcConfig {
     pub max_send_message_bytes: usize,
     /// How long open connections may take to finish after the listener stops.
     pub shutdown_grace: Duration,
+    pub connections: ConnectionLimits,
 }
 
 impl GrpcConfig {
@@ -54,6 +65,7 @@ impl GrpcConfig {
                 .unwrap_or(DEFAULT_MAX_RECEIVE_BYTES),
             max_send_message_bytes: usize::MAX,
             shutdown_grace: Duration::from_secs(5),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -151,6 +163,8 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.max_concurrent_streams(1024);
     let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
+    let registry = Registry::default();
+    let limits = config.connections;
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -158,22 +172,18 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
-                    let mut stop = conn_stop_rx.clone();
-                    connections.spawn(async move {
-                        tokio::pin!(connection);
-                        let result = tokio::select! {
-                            r = connection.as_mut() => r,
-                            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                                // GOAWAY: requests in progress finish, no new ones start.
-                                connection.as_mut().graceful_shutdown();
-                                connection.await
-                            }
-                        };
-                        if let Err(e) = result {
-                            tracing::debug!("gRPC connection from {peer}: {e}");
-                        }
-                    });
+                    let Some(slot) = registry.admit(limits.max_connections) else {
+                        connections.spawn(refuse(builder.clone(), stream));
+                        continue;
+                    };
+                    let connection = Connection {
+                        builder: builder.clone(),
+                        service: service.clone(),
+                        slot,
+                        stop: conn_stop_rx.clone(),
+                        keep_alive: limits.keep_alive_timeout,
+                    };
+                    connections.spawn(connection.run(stream, peer));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -199,6 +209,112 @@ pub async fn serve(
             config.shutdown_grace.as_secs_f64()
         );
         connections.shutdown().await;
+    }
+}
+
+/// One accepted connection and what may end it.
+struct Connection {
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    service: Instrumented<Services>,
+    slot: Slot,
+    /// Set at shutdown.
+    stop: watch::Receiver<bool>,
+    keep_alive: Duration,
+}
+
+impl Connection {
+    async fn run(mut self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+        let activity = self.slot.activity.clone();
+        let service = self.service.clone();
+        let counted = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let in_flight = activity.begin();
+            let mut service = service.clone();
+            async move {
+                let response = tower::Service::call(&mut service, req).await?;
+                Ok::<_, Infallible>(response.map(|body| CountedBody {
+                    inner: body,
+                    _in_flight: in_flight,
+                }))
+            }
+        });
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(counted));
+        tokio::pin!(connection);
+        let idle = self.slot.activity.clone();
+        let result = tokio::select! {
+            r = connection.as_mut() => r,
+            _ = async { let _ = self.stop.wait_for(|s| *s).await; } => {
+                // GOAWAY: calls in progress finish, no new ones start.
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            _ = async {
+                tokio::select! {
+                    _ = idle.idle_for(self.keep_alive) => {}
+                    _ = idle.idle_once_set(&mut self.slot.close) => {}
+                }
+            } => {
+                // Idle, or asked to make room: GOAWAY; a connection whose preface never came
+                // does not answer it and is dropped after a second.
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(Duration::from_secs(1), connection)
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!("gRPC connection from {peer}: {e}");
+        }
+    }
+}
+
+/// Every slot is busy with calls: each call the newcomer makes gets UNAVAILABLE (gRPC clients
+/// retry it), and the connection is closed after a second.
+async fn refuse(
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    stream: tokio::net::TcpStream,
+) {
+    let busy = tower::service_fn(|_: Request<hyper::body::Incoming>| async {
+        Ok::<_, Infallible>(
+            tonic::Status::unavailable("too many open connections; retry shortly")
+                .into_http::<tonic::body::Body>(),
+        )
+    });
+    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(busy));
+    tokio::pin!(connection);
+    if tokio::time::timeout(Duration::from_secs(1), connection.as_mut())
+        .await
+        .is_err()
+    {
+        connection.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+    }
+}
+
+/// A response body that counts as a call in flight until it is sent or dropped.
+struct CountedBody {
+    inner: TrackedBody,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

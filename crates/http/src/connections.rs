@@ -5,10 +5,8 @@
 //! cannot lock clients out), or, if every one is busy, the newcomer gets a 503 and is closed.
 //! A request in flight is never cut: a long generation or event stream keeps its connection.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -21,106 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tower::ServiceExt;
 
-/// The bounds of one listener.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ConnectionLimits {
-    pub header_read_timeout: Duration,
-    pub keep_alive_timeout: Duration,
-    pub max_connections: usize,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(10),
-            keep_alive_timeout: Duration::from_secs(5),
-            max_connections: 2048,
-        }
-    }
-}
-
-/// Requests in flight on one connection, and when that count last changed.
-#[derive(Clone)]
-struct Activity(watch::Sender<(usize, Instant)>);
-
-impl Activity {
-    fn new() -> Self {
-        Self(watch::Sender::new((0, Instant::now())))
-    }
-
-    fn begin(&self) -> InFlight {
-        self.0.send_modify(|(n, at)| {
-            *n += 1;
-            *at = Instant::now();
-        });
-        InFlight(self.clone())
-    }
-
-    /// Since when the connection has had no request in flight; `None` while it has one.
-    fn idle_since(&self) -> Option<Instant> {
-        let (n, at) = *self.0.borrow();
-        (n == 0).then_some(at)
-    }
-
-    /// Completes once the connection has had no request in flight for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
-        let mut changes = self.0.subscribe();
-        loop {
-            let (n, at) = *changes.borrow_and_update();
-            if n > 0 {
-                let _ = changes.changed().await;
-                continue;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(at + timeout) => return,
-                _ = changes.changed() => {}
-            }
-        }
-    }
-}
-
-/// One request in flight, until its response body is done or dropped.
-struct InFlight(Activity);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.0.send_modify(|(n, at)| {
-            *n = n.saturating_sub(1);
-            *at = Instant::now();
-        });
-    }
-}
-
-/// The open connections: their activity and a way to close each.
-#[derive(Default)]
-struct Registry {
-    next_id: u64,
-    open: HashMap<u64, (Activity, watch::Sender<bool>)>,
-}
-
-impl Registry {
-    /// Room for one more: immediately, or by closing the longest-idle connection.
-    fn make_room(&mut self, max: usize) -> bool {
-        if self.open.len() < max {
-            return true;
-        }
-        let oldest = self
-            .open
-            .values()
-            .filter_map(|(activity, close)| activity.idle_since().map(|at| (at, close)))
-            .min_by_key(|(at, _)| *at);
-        match oldest {
-            Some((_, close)) => {
-                let _ = close.send(true);
-                true
-            }
-            None => false,
-        }
-    }
-}
+pub use sdserve_serving::connections::ConnectionLimits;
+use sdserve_serving::connections::{Registry, Slot};
 
 /// Serves `router` on `listener` within `limits` until `shutdown` completes; then stops
 /// accepting, closes idle connections and lets requests in flight finish.
@@ -135,7 +37,7 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let registry = Arc::new(Mutex::new(Registry::default()));
+    let registry = Registry::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -143,28 +45,18 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    let room = registry
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .make_room(limits.max_connections);
-                    if !room {
+                    let Some(slot) = registry.admit(limits.max_connections) else {
                         connections.spawn(refuse(stream));
                         continue;
-                    }
-                    let (id, activity, close) = register(&registry);
+                    };
                     let connection = Connection {
                         builder: builder.clone(),
                         router: router.clone(),
-                        activity,
-                        close,
+                        slot,
                         stop: stop_rx.clone(),
                         keep_alive: limits.keep_alive_timeout,
                     };
-                    let registry = registry.clone();
-                    connections.spawn(async move {
-                        connection.run(stream).await;
-                        registry.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&id);
-                    });
+                    connections.spawn(connection.run(stream));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -179,16 +71,6 @@ pub async fn serve(
     drop(listener);
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
-}
-
-fn register(registry: &Mutex<Registry>) -> (u64, Activity, watch::Receiver<bool>) {
-    let mut r = registry.lock().unwrap_or_else(|e| e.into_inner());
-    let id = r.next_id;
-    r.next_id += 1;
-    let activity = Activity::new();
-    let (close_tx, close_rx) = watch::channel(false);
-    r.open.insert(id, (activity.clone(), close_tx));
-    (id, activity, close_rx)
 }
 
 /// Every slot is busy with a request: a plain 503 and close, without reading the request.
@@ -210,9 +92,8 @@ async fn refuse(mut stream: TcpStream) {
 struct Connection {
     builder: auto::Builder<TokioExecutor>,
     router: Router,
-    activity: Activity,
-    /// Set when the connection must make room for a newer one.
-    close: watch::Receiver<bool>,
+    /// Its place among the open connections (freed when the connection ends).
+    slot: Slot,
     /// Set at shutdown.
     stop: watch::Receiver<bool>,
     keep_alive: Duration,
@@ -221,7 +102,7 @@ struct Connection {
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let activity = self.activity.clone();
+        let activity = self.slot.activity.clone();
         let router = self.router.clone();
         let service = tower::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.begin();
@@ -245,6 +126,7 @@ impl Connection {
             TowerToHyperService::new(service),
         );
         tokio::pin!(connection);
+        let idle = self.slot.activity.clone();
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -252,19 +134,12 @@ impl Connection {
                 }
             }
             // Idle (no request in flight, headers not complete): dropping the connection closes it.
-            _ = self.activity.idle_for(self.keep_alive) => {}
-            _ = until_idle_and_set(&self.activity, &mut self.close) => {}
+            _ = self.slot.activity.idle_for(self.keep_alive) => {}
+            _ = idle.idle_once_set(&mut self.slot.close) => {}
             _ = async { let _ = self.stop.wait_for(|s| *s).await; } => {
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
             }
         }
     }
-}
-
-/// Completes when `flag` is set and the connection has no request in flight (an eviction never
-/// cuts a request: a connection that became busy meanwhile waits for it to finish).
-async fn until_idle_and_set(activity: &Activity, flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|s| *s).await;
-    activity.idle_for(Duration::ZERO).await;
 }

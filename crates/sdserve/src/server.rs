@@ -146,7 +146,10 @@ async fn spawn_listeners(
     tasks.push(tokio::spawn(sdserve_grpc::serve(
         grpc_listener,
         service,
-        sdserve_grpc::GrpcConfig::from_settings(server.grpc_max_message_length),
+        sdserve_grpc::GrpcConfig {
+            connections: connection_limits(server),
+            ..sdserve_grpc::GrpcConfig::from_settings(server.grpc_max_message_length)
+        },
         grpc_metrics,
         stopped(stop.clone()),
     )));

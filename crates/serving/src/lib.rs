@@ -12,6 +12,7 @@
 //! - [`error`]: [`ServeError`] and its [`ErrorKind`], which each transport maps to its codes.
 
 pub mod cloud_events;
+pub mod connections;
 pub mod error;
 pub mod infer;
 pub mod metadata;

@@ -365,7 +365,7 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         None,
         "10",
         Sdserve,
-        "Seconds a client may take to send a request's headers on the HTTP and metrics listeners; slower connections are closed",
+        "Seconds a client may take to send a request's headers on the HTTP and metrics listeners; slower connections are closed (on gRPC a connection with no complete call is closed after `keep_alive_timeout`)",
     ),
     doc(
         "keep_alive_timeout",
@@ -373,7 +373,7 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         None,
         "5",
         Sdserve,
-        "Seconds an HTTP or metrics connection may stay open with no request in flight (uvicorn's keep-alive timeout, as MLServer runs it)",
+        "Seconds an HTTP, gRPC or metrics connection may stay open with no request in flight (uvicorn's keep-alive timeout, as MLServer runs it); gRPC connections get GOAWAY and clients reconnect",
     ),
     doc(
         "max_connections",
@@ -381,7 +381,7 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         None,
         "2048",
         Sdserve,
-        "Open connections per HTTP or metrics listener; beyond it the longest-idle one is closed, or the newcomer gets 503 when all are busy",
+        "Open connections per HTTP, gRPC or metrics listener; beyond it the longest-idle one is closed, or the newcomer gets 503 (gRPC: UNAVAILABLE) when all are busy",
     ),
     doc(
         "auth_token",
