@@ -352,8 +352,13 @@ fn gauge(s: &Server, name: &str) -> f64 {
 /// With one worker and one queue slot: a long request runs, a second one waits in the queue
 /// behind it, and `refused` more are turned away with 503 while both are admitted.
 fn queue_and_overflow(s: &Server, long_steps: u32, refused: usize) {
+    // At 256² a step costs enough that the long request lasts seconds.
+    let long_request = prompt_request(
+        "a red circle",
+        json!({"num_inference_steps": long_steps, "height": 256, "width": 256}),
+    );
     std::thread::scope(|scope| {
-        let long = scope.spawn(|| s.infer("tiny", &ok_request(long_steps)));
+        let long = scope.spawn(|| s.infer("tiny", &long_request));
         wait_until("the long request to run", START_TIMEOUT, || {
             gauge(s, "sdserve_requests_running") == 1.0
         });

@@ -196,3 +196,67 @@ fn models_load_on_demand_when_not_loaded_at_startup() {
         vec![(64, 64)]
     );
 }
+
+/// A model served from a folder whose files then change or vanish: each reload fails with a
+/// 500 naming what is wrong, the version already loaded keeps serving the same images, and
+/// once the files are back a reload succeeds.
+#[test]
+fn reloads_of_a_changed_or_vanished_folder_fail_cleanly_and_the_loaded_model_serves_on() {
+    let repo = Repo::new();
+    let folder = repo.linked_tiny("moving");
+    let mut settings = tiny_settings("moving", None);
+    settings["parameters"]["uri"] = json!(folder);
+    repo.model("moving", settings);
+    let s = launch(&repo).start();
+    let body = prompt_request("a cat", json!({"num_inference_steps": 1, "seed": 3}));
+    let image =
+        |s: &Server| s.infer("moving", &body).expect(200).json()["outputs"][0]["data"][0].clone();
+    let before = image(&s);
+    let reload = |s: &Server| s.post("/v2/repository/models/moving/load", &json!({}));
+    let refused = |s: &Server, needle: &str| {
+        let r = reload(s);
+        r.expect(500);
+        let message = r.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            message.contains("Model moving failed to load") && message.contains(needle),
+            "{needle:?} not in {message:?}"
+        );
+        // Still served, the very same picture.
+        assert_empty(&s.get("/v2/models/moving/ready"), 200);
+        assert_eq!(image(s), before);
+    };
+
+    let weights = folder.join("unet/diffusion_pytorch_model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    refused(&s, "unet");
+
+    // Cut short mid-tensor.
+    std::fs::write(&weights, &original[..original.len() / 2]).unwrap();
+    refused(&s, "diffusion_pytorch_model.safetensors");
+
+    // A config that no longer matches the weights.
+    std::fs::write(&weights, &original).unwrap();
+    let config = folder.join("unet/config.json");
+    let mut changed: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    let first = changed["block_out_channels"][0].as_u64().unwrap();
+    changed["block_out_channels"][0] = json!(first * 2);
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(&config, changed.to_string()).unwrap();
+    refused(&s, "shape");
+
+    // The whole folder gone.
+    let away = repo.assets().join("moved-away");
+    std::fs::rename(&folder, &away).unwrap();
+    refused(&s, "moving");
+
+    // Back as it was: the reload succeeds and serves the same picture.
+    std::fs::rename(&away, &folder).unwrap();
+    std::os::unix::fs::symlink(tiny_model().join("unet/config.json"), {
+        std::fs::remove_file(&config).unwrap();
+        &config
+    })
+    .unwrap();
+    assert_empty(&reload(&s), 200);
+    assert_eq!(image(&s), before);
+}

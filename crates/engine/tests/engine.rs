@@ -16,6 +16,16 @@ struct SleepyModel {
     step: Duration,
     calls: Arc<Mutex<Vec<usize>>>,
     steps_run: Arc<AtomicUsize>,
+    memory: MemoryUse,
+}
+
+/// What the fake model says about memory, and how many generations ran at once at most.
+#[derive(Clone, Default)]
+struct MemoryUse {
+    per_image: u64,
+    weights: u64,
+    running: Arc<AtomicUsize>,
+    most_running: Arc<AtomicUsize>,
 }
 
 impl Generator for SleepyModel {
@@ -32,7 +42,20 @@ impl Generator for SleepyModel {
         if job.images.iter().any(|i| i.prompt == "panic") {
             panic!("the model broke on purpose");
         }
+        let m = &self.memory;
+        let now = m.running.fetch_add(1, Ordering::SeqCst) + 1;
+        m.most_running.fetch_max(now, Ordering::SeqCst);
+        struct Done<'a>(&'a AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&m.running);
         for i in 0..job.settings.num_inference_steps {
+            if i == 2 && job.images.iter().any(|i| i.prompt == "panic midway") {
+                panic!("the model broke in the middle of a batch");
+            }
             std::thread::sleep(self.step);
             self.steps_run.fetch_add(1, Ordering::SeqCst);
             if let ControlFlow::Break(r) =
@@ -49,6 +72,14 @@ impl Generator for SleepyModel {
             })
             .collect())
     }
+
+    fn weights_bytes(&self) -> u64 {
+        self.memory.weights
+    }
+
+    fn working_set(&self, _settings: &JobSettings, images: usize) -> u64 {
+        self.memory.per_image * images as u64
+    }
 }
 
 struct Loader {
@@ -56,6 +87,7 @@ struct Loader {
     calls: Arc<Mutex<Vec<usize>>>,
     steps_run: Arc<AtomicUsize>,
     load_delay: Duration,
+    memory: MemoryUse,
 }
 
 impl ModelLoader for Loader {
@@ -82,6 +114,7 @@ impl ModelLoader for Loader {
             step: self.step,
             calls: self.calls.clone(),
             steps_run: self.steps_run.clone(),
+            memory: self.memory.clone(),
         }))
     }
 }
@@ -127,6 +160,7 @@ async fn fixture(
         calls: calls.clone(),
         steps_run: steps_run.clone(),
         load_delay: Duration::ZERO,
+        memory: MemoryUse::default(),
     });
     let engine = Engine::new(
         EngineConfig {
@@ -402,6 +436,7 @@ async fn unknown_unready_and_invalid_requests() {
         calls: Default::default(),
         steps_run: Default::default(),
         load_delay: Duration::from_millis(300),
+        memory: MemoryUse::default(),
     });
     let engine = Engine::new(
         EngineConfig {
@@ -548,7 +583,11 @@ async fn a_panicking_model_fails_its_request_is_logged_once_and_the_worker_goes_
         1
     );
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let logged: Vec<&str> = text.lines().filter(|l| l.contains("panicked")).collect();
+    // Only this test's panic (others in this process panic on purpose too).
+    let logged: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("panicked") && l.contains("the model broke on purpose"))
+        .collect();
     assert_eq!(logged.len(), 1, "{text}");
     for needle in [
         "model=m",
@@ -569,4 +608,168 @@ async fn a_panicking_model_fails_its_request_is_logged_once_and_the_worker_goes_
         ),
         1.0
     );
+}
+
+// ---- faults under load ----------------------------------------------------------------------
+
+/// Three requests: the first running, two queued behind it.
+fn three_in_flight(
+    engine: &Engine,
+) -> Vec<tokio::task::JoinHandle<Result<InferOutcome, EngineError>>> {
+    (0..3)
+        .map(|i| {
+            let e = engine.clone();
+            tokio::spawn(async move { infer(&e, request(&format!("r{i}")), None).await })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloading_a_model_lets_its_running_and_queued_requests_finish_and_refuses_new_ones() {
+    let f = fixture(1, 4, 40, None, spec("m")).await;
+    let pending = three_in_flight(&f.engine);
+    wait_for(|| f.steps_run.load(Ordering::SeqCst) >= 1).await;
+    f.engine.unload("m").unwrap();
+    let refused = infer(&f.engine, request("late"), None).await;
+    assert_eq!(
+        refused.unwrap_err(),
+        EngineError::ModelNotFound {
+            name: "m".into(),
+            version: None
+        }
+    );
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap().images.len(), 1);
+    }
+    // Its weights leave the budget once the last request let go of the model.
+    assert_eq!(f.engine.memory("cpu").weights, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_a_model_serves_what_was_queued_and_new_requests_go_to_the_new_load() {
+    let f = fixture(1, 4, 40, None, spec("m")).await;
+    let pending = three_in_flight(&f.engine);
+    wait_for(|| f.steps_run.load(Ordering::SeqCst) >= 1).await;
+    f.engine.load(spec("m")).await.unwrap();
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap().images.len(), 1);
+    }
+    assert_eq!(
+        infer(&f.engine, request("after"), None)
+            .await
+            .unwrap()
+            .images
+            .len(),
+        1
+    );
+    assert_eq!(f.engine.models().len(), 1);
+    assert!(f.engine.is_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_middle_of_a_batch_fails_that_batch_and_the_queue_behind_it_is_served() {
+    sdserve_engine::panics::install_hook();
+    let batched = ModelSpec {
+        max_batch_size: 4,
+        max_batch_time: Duration::from_millis(100),
+        ..spec("m")
+    };
+    let f = fixture(1, 8, 20, None, batched).await;
+    let mut batch = Vec::new();
+    for prompt in ["panic midway", "mate"] {
+        let e = f.engine.clone();
+        batch.push(tokio::spawn(async move {
+            infer(&e, request(prompt), None).await
+        }));
+    }
+    // Behind it, requests with other settings (another batch each time).
+    let mut behind = Vec::new();
+    for steps in [2, 3, 5] {
+        let e = f.engine.clone();
+        let req = GenerationRequest {
+            num_inference_steps: Some(steps),
+            ..request("behind")
+        };
+        behind.push(tokio::spawn(async move { infer(&e, req, None).await }));
+    }
+    for b in batch {
+        match b.await.unwrap() {
+            Err(EngineError::Internal { stage, message }) => {
+                assert_eq!(stage, "generation");
+                assert_eq!(message, "the model broke in the middle of a batch");
+            }
+            other => panic!("the broken batch's members fail: {other:?}"),
+        }
+    }
+    for b in behind {
+        assert_eq!(b.await.unwrap().unwrap().images.len(), 1);
+    }
+    assert_eq!(
+        f.calls.lock().unwrap().first(),
+        Some(&2),
+        "the two shared a batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_fits() {
+    let memory = MemoryUse {
+        per_image: 100,
+        weights: 50,
+        ..Default::default()
+    };
+    let registry = Registry::new();
+    let loader = Arc::new(Loader {
+        step: Duration::from_millis(30),
+        calls: Default::default(),
+        steps_run: Default::default(),
+        load_delay: Duration::ZERO,
+        memory: memory.clone(),
+    });
+    let engine = Engine::new(
+        EngineConfig {
+            parallel_workers: 2,
+            max_queue_size: 4,
+            request_timeout: None,
+            // 150 bytes for batches beside the weights: one 100-byte image at a time.
+            memory_budget: MemoryBudget::Bytes(200),
+        },
+        loader,
+        &registry,
+    );
+    engine.load(spec("m")).await.unwrap();
+    assert_eq!(engine.memory("cpu").weights, 50);
+    let pending = three_in_flight(&engine);
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap().images.len(), 1);
+    }
+    assert_eq!(
+        memory.most_running.load(Ordering::SeqCst),
+        1,
+        "two workers, but memory for one batch"
+    );
+    assert_eq!(
+        engine.memory("cpu").reserved,
+        0,
+        "every batch gave its memory back"
+    );
+    let two = GenerationRequest {
+        num_images_per_prompt: Some(2),
+        ..request("two")
+    };
+    match infer(&engine, two, None).await {
+        Err(EngineError::Invalid(m)) => assert!(
+            m.contains("2 image(s) needs an estimated 200 bytes") && m.contains("150 bytes"),
+            "{m}"
+        ),
+        other => panic!("a request that can never fit is invalid: {other:?}"),
+    }
+}
+
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

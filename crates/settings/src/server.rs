@@ -365,7 +365,7 @@ pub const SERVER_SETTINGS: &[SettingDoc] = &[
         None,
         "10",
         Sdserve,
-        "Seconds a client may take to send a request's headers on the HTTP and metrics listeners; slower connections are closed (on gRPC a connection with no complete call is closed after `keep_alive_timeout`)",
+        "Seconds a client may take to send a request's headers on the HTTP and metrics listeners; slower connections are closed (on gRPC a connection with no complete call is closed by the keep-alive timeout)",
     ),
     doc(
         "keep_alive_timeout",
