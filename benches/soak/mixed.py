@@ -3,7 +3,9 @@
 given seconds, against a running sdserve, it sends invalid bodies (400/422 expected), requests
 too large for the memory budget (400), bodies over the size limit (413), half-sent headers that
 it then leaves hanging (the server must close them), and a health probe every second (200).
-Every answer is counted by kind and status; anything else is a failure. It also samples the
+Every answer is counted by kind and status; anything else is a failure. Inference requests
+may also get 503: the queue is full while `loadgen` runs, and a full server refuses before it
+reads the body. It also samples the
 server's resident memory every 10 s and prints the slope after the warm-up.
 
 usage: mixed.py URL MODEL PID SECONDS [WARMUP_SECONDS]
@@ -68,7 +70,7 @@ def hostile():
     i = 0
     while time.time() < END:
         status = post(f"/v2/models/{MODEL}/infer", HOSTILE[i % len(HOSTILE)])
-        record("hostile", status, {400, 422})
+        record("hostile", status, {400, 422, 503})
         i += 1
         time.sleep(0.2)
 
@@ -78,10 +80,10 @@ def oversize():
         # Beyond the memory budget the soak's server runs with.
         record("over budget", post(f"/v2/models/{MODEL}/infer",
                                    prompt({"height": 1024, "width": 1024,
-                                           "num_inference_steps": 1})), {400})
+                                           "num_inference_steps": 1})), {400, 503})
         # Beyond max_request_body_bytes (2 MiB in the soak's settings).
         record("over body limit", post(f"/v2/models/{MODEL}/infer",
-                                       b"{" + b" " * (3 << 20) + b"}"), {413})
+                                       b"{" + b" " * (3 << 20) + b"}"), {413, 503})
         time.sleep(1.0)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long soak (issue: faults under load): sdserve (release) on tiny-sd1 with a small queue,
 # a memory budget, a 2 MiB body limit and a 60 s request timeout; `loadgen` sends successes,
-# deadlines (every 5th request: 300 ms) and client disconnects (every 7th, after 400 ms)
+# deadlines (every 5th request: 100 ms) and client disconnects (every 7th, after 60 ms; a
+# 4-step 64² request takes about 150 ms here, so both land in the queue and mid-generation)
 # while mixed.py sends hostile and oversize bodies and half-sent headers.
 #   benches/soak/run.sh [SECONDS]     (default 1800)
 set -euo pipefail
@@ -28,7 +29,7 @@ python3 benches/soak/mixed.py http://127.0.0.1:18180 tiny "$server" "$SECONDS_TO
 mixed=$!
 ./target/release/loadgen --url http://127.0.0.1:18180 --model tiny --concurrency 8 \
     --duration "$SECONDS_TOTAL" --warmup 120 --steps 4 --pid "$server" \
-    --deadline-every 5 --deadline-ms 300 --abandon-every 7 --abandon-after-ms 400 --json \
+    --deadline-every 5 --deadline-ms 100 --abandon-every 7 --abandon-after-ms 60 --json \
     > "$work/loadgen.json"
 status=0
 wait $mixed || status=$?
