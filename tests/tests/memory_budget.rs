@@ -4,7 +4,7 @@
 //! the process, which is what the budget is for. A budget set by hand holds requests that fit
 //! only one at a time to one at a time.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sdserve_tests::*;
 
@@ -72,18 +72,10 @@ fn without_the_budget_the_same_request_kills_the_process() {
         .timeout(Duration::from_secs(120))
         .send();
     assert!(reply.is_err(), "the connection dies with the process");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = s.exit_status() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sdserve still runs:\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_until("sdserve to exit", Duration::from_secs(30), || {
+        s.exit_status().is_some()
+    });
+    let status = s.exit_status().expect("exited");
     assert!(!status.success(), "{status:?}");
     assert!(
         s.log().contains("memory allocation of"),

@@ -23,7 +23,6 @@ use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::weights::{WeightStore, find_weights};
-use crate::working_set::WorkingSet;
 
 /// Every config of a folder, each checked against the others.
 struct Configs {
@@ -156,7 +155,6 @@ impl StableDiffusion {
         let loaded = Arc::new(AtomicU64::new(0));
         // The text encoders run in F32 everywhere; their output is cast to the UNet dtype.
         let mut towers = Vec::with_capacity(configs.texts.len());
-        let text_configs = configs.texts.iter().map(|t| t.config.clone()).collect();
         for text in configs.texts {
             let store = WeightStore::open(&find_weights(&dir.join(text.folder), "model", false)?)?
                 .counting(loaded.clone());
@@ -181,7 +179,6 @@ impl StableDiffusion {
             configs.unet.in_channels == inpainting_channels(configs.vae.latent_channels),
             vae.has_encoder(),
         );
-        let scale = description.vae_scale_factor;
         Ok(Self {
             dir: dir.to_path_buf(),
             description,
@@ -193,15 +190,6 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config: configs.scheduler,
-            working_set: WorkingSet {
-                unet: configs.unet,
-                vae: configs.vae,
-                texts: text_configs,
-                unet_bytes: dtype.size_in_bytes() as u64,
-                vae_bytes: vae_dtype.size_in_bytes() as u64,
-                cpu: device.is_cpu(),
-                scale,
-            },
             weights_bytes: loaded.load(Ordering::Relaxed),
             placement,
         })

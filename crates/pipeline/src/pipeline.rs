@@ -40,7 +40,6 @@ pub struct StableDiffusion {
     pub(crate) placement: Placement,
     /// Bytes of the loaded weights.
     pub(crate) weights_bytes: u64,
-    pub(crate) working_set: WorkingSet,
 }
 
 impl StableDiffusion {
@@ -92,8 +91,16 @@ impl StableDiffusion {
     /// The memory a batch of `images` images with `settings` needs at its peak beyond the
     /// weights ([`Generator::working_set`] is its total).
     pub fn memory_estimate(&self, settings: &JobSettings, images: usize) -> MemoryEstimate {
-        self.working_set
-            .estimate(settings, images, rayon::current_num_threads())
+        let working_set = WorkingSet {
+            unet: self.unet.config(),
+            vae: self.vae.config(),
+            texts: &self.prompts.towers,
+            unet_bytes: self.placement.dtype.size_in_bytes() as u64,
+            vae_bytes: self.vae.dtype().size_in_bytes() as u64,
+            cpu: self.placement.device.is_cpu(),
+            scale: self.description.vae_scale_factor,
+        };
+        working_set.estimate(settings, images, rayon::current_num_threads())
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {

@@ -20,7 +20,8 @@
 
 use sdserve_generation::JobSettings;
 
-use crate::config::{TextEncoderConfig, UNetConfig, VaeConfig};
+use crate::config::{UNetConfig, VaeConfig};
+use crate::prompt::TextTower;
 
 /// The largest buffer a CPU kernel keeps per thread ([`crate::memory::with_scratch`]): a
 /// convolution's patch matrix chunk or one of its two Winograd plane sets.
@@ -50,12 +51,12 @@ impl MemoryEstimate {
     }
 }
 
-/// What the estimate needs to know about a loaded model.
-#[derive(Debug, Clone)]
-pub(crate) struct WorkingSet {
-    pub(crate) unet: UNetConfig,
-    pub(crate) vae: VaeConfig,
-    pub(crate) texts: Vec<TextEncoderConfig>,
+/// What the estimate needs to know about a loaded model, borrowed from it.
+#[derive(Clone, Copy)]
+pub(crate) struct WorkingSet<'a> {
+    pub(crate) unet: &'a UNetConfig,
+    pub(crate) vae: &'a VaeConfig,
+    pub(crate) texts: &'a [TextTower],
     /// Bytes per element of the UNet and of the VAE.
     pub(crate) unet_bytes: u64,
     pub(crate) vae_bytes: u64,
@@ -100,7 +101,7 @@ fn positions(h: usize, w: usize, levels: usize) -> u64 {
     h * w
 }
 
-impl WorkingSet {
+impl WorkingSet<'_> {
     /// What a batch of `images` images with `settings` needs at its peak, beyond the weights,
     /// with `threads` CPU threads.
     pub(crate) fn estimate(
@@ -118,7 +119,11 @@ impl WorkingSet {
         let (h, w) = (settings.height / self.scale, settings.width / self.scale);
         let pixels = (settings.height * settings.width) as u64;
         let latent = self.vae.latent_channels as u64 * positions(h, w, 0);
-        let context = self.texts.iter().map(|t| t.hidden_size as u64).sum::<u64>();
+        let context = self
+            .texts
+            .iter()
+            .map(|t| t.encoder.config().hidden_size as u64)
+            .sum::<u64>();
         let conditioning = rows * TEXT_TOKENS * context * self.unet_bytes;
 
         let prompts = self.text_encoder(rows) * 4;
@@ -350,8 +355,9 @@ impl WorkingSet {
         self.texts
             .iter()
             .map(|t| {
-                let d = t.hidden_size as u64;
-                let mlp = t.intermediate_size as u64;
+                let c = t.encoder.config();
+                let d = c.hidden_size as u64;
+                let mlp = c.intermediate_size as u64;
                 let per_token = 7 * d + 2 * mlp;
                 rows * TEXT_TOKENS * (per_token + 2 * d)
             })
