@@ -48,11 +48,28 @@ pub(crate) fn worker_loop(inner: &Inner) {
         };
         start(inner, &mut shared, &batch.members);
         drop(shared);
-        let device = batch.members[0].model.description().device.clone();
-        run_batch(inner, batch.members);
-        inner.memory.lock().release(&device, batch.reserved);
+        let reservation = Reservation {
+            inner,
+            device: batch.members[0].model.description().device.clone(),
+            bytes: batch.reserved,
+        };
+        run_batch(inner, batch.members, reservation);
+    }
+}
+
+/// A running batch's memory: given back when the generation ends, before its members are
+/// answered, so that a client's next request finds it free.
+struct Reservation<'a> {
+    inner: &'a Inner,
+    device: String,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.inner.memory.lock().release(&self.device, self.bytes);
         // A batch that waited for this memory may start now.
-        inner.wake.notify_all();
+        self.inner.wake.notify_all();
     }
 }
 
@@ -95,7 +112,7 @@ fn finish(inner: &Inner, batch: &[Queued]) {
     inner.publish_running(&shared);
 }
 
-fn run_batch(inner: &Inner, batch: Vec<Queued>) {
+fn run_batch(inner: &Inner, batch: Vec<Queued>, reservation: Reservation<'_>) {
     let batch = leave_if_stopped(inner, batch);
     if batch.is_empty() {
         return;
@@ -118,6 +135,7 @@ fn run_batch(inner: &Inner, batch: Vec<Queued>) {
         .metrics
         .generation_seconds
         .observe(&[&name], generation.as_secs_f64());
+    drop(reservation);
     finish(inner, &batch);
     fan_out(batch, result, merged.images.len(), started, generation);
 }

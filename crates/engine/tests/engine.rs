@@ -671,7 +671,7 @@ async fn a_panic_in_the_middle_of_a_batch_fails_that_batch_and_the_queue_behind_
     sdserve_engine::panics::install_hook();
     let batched = ModelSpec {
         max_batch_size: 4,
-        max_batch_time: Duration::from_millis(100),
+        max_batch_time: Duration::from_millis(300),
         ..spec("m")
     };
     let f = fixture(1, 8, 20, None, batched).await;
@@ -682,7 +682,9 @@ async fn a_panic_in_the_middle_of_a_batch_fails_that_batch_and_the_queue_behind_
             infer(&e, request(prompt), None).await
         }));
     }
-    // Behind it, requests with other settings (another batch each time).
+    // Behind it, once the pair has started, requests with other settings (another batch each
+    // time); submitted earlier, one could reach the queue before the pair's second member.
+    wait_for(|| !f.calls.lock().unwrap().is_empty()).await;
     let mut behind = Vec::new();
     for steps in [2, 3, 5] {
         let e = f.engine.clone();
