@@ -193,10 +193,17 @@ def test_short_deadline_is_deadline_exceeded_and_frees_the_worker(
     steps = 150  # the default limit
     before = metric(metrics_url, "sdserve_denoise_step_seconds_count", model=model_name)
     with pytest.raises(InferenceServerException) as error:
+        # At 256x256 a step is slow enough that half the steps never fit in the deadline,
+        # however fast the machine (at the native 64x64 a fast one ran half of them in 0.3 s).
         client.infer(
             model_name,
             [prompt_input(["a long one"])],
-            parameters={"num_inference_steps": steps, "scheduler": "euler"},
+            parameters={
+                "num_inference_steps": steps,
+                "scheduler": "euler",
+                "height": 256,
+                "width": 256,
+            },
             client_timeout=0.3,
         )
     assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
