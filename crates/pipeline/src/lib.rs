@@ -42,6 +42,7 @@ pub mod image_to_image;
 pub mod inpaint;
 pub mod layers;
 pub mod load;
+pub mod lora;
 pub mod memory;
 pub mod noise;
 pub mod pipeline;

@@ -1,0 +1,3 @@
+//! LoRA adapters: their files' key layouts (`keys.rs`).
+
+pub mod keys;
