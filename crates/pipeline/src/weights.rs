@@ -160,6 +160,8 @@ struct SafetensorsFile {
     path: PathBuf,
     mmap: Mmap,
     tensors: HashMap<String, TensorInfo>,
+    /// The header's `__metadata__` strings.
+    metadata: HashMap<String, String>,
 }
 
 fn dtype_of(name: &str) -> Option<(Option<DType>, usize)> {
@@ -199,16 +201,20 @@ impl SafetensorsFile {
         // Safety: the map is read-only; a file truncated by someone else while mapped is outside
         // what any loader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| PipelineError::io(path, e))?;
-        let tensors = parse_header(path, &mmap)?;
+        let (tensors, metadata) = parse_header(path, &mmap)?;
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
             tensors,
+            metadata,
         })
     }
 }
 
-fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>> {
+/// A header's tensors and its `__metadata__` strings.
+type Header = (HashMap<String, TensorInfo>, HashMap<String, String>);
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     let file_len = bytes.len() as u64;
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&bytes[..8]);
@@ -228,8 +234,15 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
     let mut tensors = HashMap::with_capacity(header.len());
     // Byte ranges of every non-empty tensor, to refuse tensors that share bytes.
     let mut ranges: Vec<(u64, u64, String)> = Vec::with_capacity(header.len());
+    let mut metadata = HashMap::new();
     for (name, entry) in header {
         if name == "__metadata__" {
+            if let Value::Object(m) = entry {
+                metadata.extend(
+                    m.into_iter()
+                        .filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))),
+                );
+            }
             continue;
         }
         let bad = |what: String| PipelineError::weights(path, format!("tensor `{name}`: {what}"));
@@ -255,7 +268,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, TensorInfo>
         tensors.insert(name, info);
     }
     check_no_overlap(path, ranges)?;
-    Ok(tensors)
+    Ok((tensors, metadata))
 }
 
 /// One tensor's header entry, checked against itself and the data section's length.
@@ -378,6 +391,31 @@ impl WeightStore {
             description,
             loaded: Arc::default(),
         })
+    }
+
+    /// Every tensor's name and stored shape.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.files.iter().flat_map(|f| {
+            f.tensors
+                .iter()
+                .map(|(n, i)| (n.as_str(), i.shape.as_slice()))
+        })
+    }
+
+    /// A `__metadata__` string of the (first) file.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.files.first()?.metadata.get(key).map(String::as_str)
+    }
+
+    /// What the store reads, for messages.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Tensor `name` in `dtype` on `device`.
+    pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.load(name, dtype, device)
+            .map_err(|e| PipelineError::weights(Path::new(&self.description), candle_message(&e)))
     }
 
     /// Counts the bytes of the tensors this store hands out into `loaded`.
