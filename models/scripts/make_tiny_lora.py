@@ -92,19 +92,14 @@ def make_adapter(pipe, key, name, seed, out_dir):
     type(pipe).save_lora_weights(out_dir, weight_name=f"{name}.safetensors", **layers)
 
 
-def run(pipe, key, latents, adapters):
-    kwargs = dict(prompt=PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS),
-                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
-                  latents=latents.clone(), output_type="np")
+def run(pipe, latents, adapters):
+    """The pipeline's images with `adapters` (name -> scale) loaded; none for the base run."""
     if adapters:
         pipe.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
-    else:
-        pipe.disable_lora() if pipe.get_active_adapters() else None
     with torch.no_grad():
-        images = pipe(**kwargs).images
-    if not adapters and pipe.get_list_adapters():
-        pipe.enable_lora()
-    return images
+        return pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS),
+                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+                    latents=latents.clone(), output_type="np").images
 
 
 def write_model(key, out_root):
@@ -131,7 +126,7 @@ def write_model(key, out_root):
         for adapter in adapters:
             file = style_file if adapter == "style" else adapter
             pipe.load_lora_weights(out, weight_name=f"{file}.safetensors", adapter_name=adapter)
-        images = run(pipe, key, latents, adapters)
+        images = run(pipe, latents, adapters)
         save_file({"images": torch.from_numpy(np.ascontiguousarray(images))},
                   os.path.join(out, f"run_{name}.safetensors"))
         pngs = []

@@ -91,6 +91,9 @@ pub fn find_weights(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<WeightF
     ))
 }
 
+/// Extensions of pickled weights, which are refused: loading them can run arbitrary code.
+pub const PICKLE_EXTENSIONS: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
+
 fn pickle_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -99,9 +102,9 @@ fn pickle_files(dir: &Path) -> Vec<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            [".bin", ".ckpt", ".pt", ".pth", ".pkl"]
+            PICKLE_EXTENSIONS
                 .iter()
-                .any(|ext| name.ends_with(ext))
+                .any(|ext| name.ends_with(&format!(".{ext}")))
         })
         .collect();
     found.sort();
@@ -400,6 +403,12 @@ impl WeightStore {
                 .iter()
                 .map(|(n, i)| (n.as_str(), i.shape.as_slice()))
         })
+    }
+
+    /// The stored shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        let &index = self.routing.get(name)?;
+        Some(self.files[index].tensors[name].shape.as_slice())
     }
 
     /// A `__metadata__` string of the (first) file.

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::config::UNetConfig;
 use crate::error::PipelineError;
 use crate::lora::keys::{LoraKey, Module, Network, Part, parse, sgm_path, underscored};
-use crate::weights::{WeightFiles, WeightStore};
+use crate::weights::{PICKLE_EXTENSIONS, WeightFiles, WeightStore};
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -96,13 +96,10 @@ struct Halves {
     alpha: Option<String>,
 }
 
-/// The file extensions of pickled weights, refused (loading them can run code).
-const PICKLES: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
-
 /// Reads the adapter at `path` for a model with `networks`.
 pub fn read(path: &Path, networks: &[AdaptableLayers]) -> Result<Adapter> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if PICKLES.contains(&ext) {
+    if PICKLE_EXTENSIONS.contains(&ext) {
         return Err(PipelineError::weights(
             path,
             "a pickle file is refused (loading one can run arbitrary code); convert the adapter to .safetensors",
@@ -113,7 +110,8 @@ pub fn read(path: &Path, networks: &[AdaptableLayers]) -> Result<Adapter> {
         index: None,
     })?;
     let bad = |key: &str, what: String| PipelineError::key(path, key, what);
-    let mut found: HashMap<(Network, String), Halves> = HashMap::new();
+    // Each layer's halves, with the base weight's shape they must fit.
+    let mut found: HashMap<(Network, String), (Halves, &[usize])> = HashMap::new();
     let mut names: Vec<&str> = store.shapes().map(|(n, _)| n).collect();
     names.sort();
     for name in names {
@@ -132,7 +130,8 @@ pub fn read(path: &Path, networks: &[AdaptableLayers]) -> Result<Adapter> {
             return Err(bad(
                 name,
                 format!(
-                    "adapts {network:?}, which this model does not have (an adapter for another model family?)"
+                    "adapts {}, which this model does not have (an adapter for another model family?)",
+                    network.component()
                 ),
             ));
         };
@@ -140,11 +139,14 @@ pub fn read(path: &Path, networks: &[AdaptableLayers]) -> Result<Adapter> {
             return Err(bad(
                 name,
                 format!(
-                    "no such linear or convolution layer in the model's {network:?} (an adapter for another model family?)"
+                    "no such linear or convolution layer in the model's {} (an adapter for another model family?)",
+                    network.component()
                 ),
             ));
         };
-        let halves = found.entry((network, module.to_string())).or_default();
+        let (halves, _) = found
+            .entry((network, module.to_string()))
+            .or_insert_with(|| (Halves::default(), &layers.shapes[module]));
         let slot = match part {
             Part::Down => &mut halves.down,
             Part::Up => &mut halves.up,
@@ -154,12 +156,7 @@ pub fn read(path: &Path, networks: &[AdaptableLayers]) -> Result<Adapter> {
     }
     let alphas = PeftAlphas::read(&store, path)?;
     let mut layers = HashMap::with_capacity(found.len());
-    for ((network, module), halves) in found {
-        let base = &networks
-            .iter()
-            .find(|l| l.network == network)
-            .expect("resolved above")
-            .shapes[&module];
+    for ((network, module), (halves, base)) in found {
         let pair = low_rank(&store, path, base, &halves, |rank| {
             alphas.alpha(network, &module, rank)
         })?;
@@ -192,13 +189,7 @@ fn low_rank(
             "has no matching lora_A/lora_down or lora_B/lora_up half",
         ));
     };
-    let shape = |key: &str| -> Vec<usize> {
-        store
-            .shapes()
-            .find(|(n, _)| *n == key)
-            .map(|(_, s)| s.to_vec())
-            .unwrap_or_default()
-    };
+    let shape = |key: &str| store.shape(key).unwrap_or_default();
     let (down_shape, up_shape) = (shape(down_key), shape(up_key));
     let out = base[0];
     let fan_in: usize = base[1..].iter().product();
@@ -276,12 +267,7 @@ impl PeftAlphas {
 
     /// `(alpha, rsLoRA)` of `module` of `network` with `rank`.
     fn alpha(&self, network: Network, module: &str, rank: usize) -> (f64, bool) {
-        let prefix = match network {
-            Network::Unet => "unet",
-            Network::TextEncoder => "text_encoder",
-            Network::TextEncoder2 => "text_encoder_2",
-        };
-        let get = |key: &str| self.0.get(&format!("{prefix}.{key}"));
+        let get = |key: &str| self.0.get(&format!("{}.{key}", network.component()));
         let rs = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         // PEFT matches a pattern against the module path's end.
         let patterned = get("alpha_pattern")
@@ -304,11 +290,8 @@ impl PeftAlphas {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::tests::root;
     use crate::weights::find_weights;
-
-    fn root() -> PathBuf {
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).to_path_buf()
-    }
 
     /// The adaptable layers of a tiny model, as the loader will build them.
     fn networks(model: &str) -> Vec<AdaptableLayers> {

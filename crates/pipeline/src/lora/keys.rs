@@ -19,6 +19,17 @@ pub enum Network {
     TextEncoder2,
 }
 
+impl Network {
+    /// The network's folder in a diffusers pipeline (and its key prefix in PEFT files).
+    pub fn component(self) -> &'static str {
+        match self {
+            Network::Unet => "unet",
+            Network::TextEncoder => "text_encoder",
+            Network::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
 /// Which part of a layer's adapter a tensor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
@@ -193,12 +204,8 @@ fn resnet(layer: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UNetConfig;
-    use std::path::Path;
-
-    fn root() -> &'static Path {
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-    }
+    use crate::lora::tests::root;
+    use crate::weights::{WeightFiles, WeightStore};
 
     #[test]
     fn both_layouts_parse_and_others_do_not() {
@@ -233,16 +240,13 @@ mod tests {
     fn sgm_paths_match_the_converted_sdxl_file() {
         let unet = UNetConfig::read(&root().join("models/tiny-sdxl/unet/config.json")).unwrap();
         let names = |file: &str| -> Vec<String> {
-            let bytes = std::fs::read(root().join("models/lora/sdxl").join(file)).unwrap();
-            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-            let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-            header
-                .as_object()
-                .unwrap()
-                .keys()
-                .filter(|k| *k != "__metadata__")
-                .cloned()
-                .collect()
+            let path = root().join("models/lora/sdxl").join(file);
+            let store = WeightStore::open(&WeightFiles {
+                files: vec![path],
+                index: None,
+            })
+            .unwrap();
+            store.shapes().map(|(n, _)| n.to_string()).collect()
         };
         let mut from_peft: Vec<String> = names("style.safetensors")
             .iter()
