@@ -78,6 +78,7 @@ fn job(args: &Args, model: &StableDiffusion, steps: usize) -> Job {
             time_ids: (d.conditioning == ConditioningInputs::PromptsAndSizes)
                 .then(|| TimeIds::defaults(height, width)),
             image_to_image: None,
+            adapters: sdserve_generation::AdapterChoice::none(),
         },
         images: (0..args.batch)
             .map(|i| ImageSpec::new("a red circle on a blue background", i as u64))

@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use crate::error::EngineError;
 use crate::memory::WeightsHeld;
-use sdserve_generation::{GenerationDefaults, Generator, Limits, ModelDescription};
+use sdserve_generation::{
+    AdapterDeclaration, GenerationDefaults, Generator, Limits, ModelDescription,
+};
 
 /// Everything the engine needs to know about one model, taken from its settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +33,8 @@ pub struct ModelSpec {
     pub max_batch_time: Duration,
     pub defaults: GenerationDefaults,
     pub limits: Limits,
+    /// LoRA adapters loaded with the model (`parameters.extra.lora`).
+    pub adapters: Vec<AdapterDeclaration>,
 }
 
 impl ModelSpec {

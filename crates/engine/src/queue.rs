@@ -262,7 +262,8 @@ mod tests {
     use super::*;
     use crate::batch_key::BatchKey;
     use sdserve_generation::{
-        ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents, Mask, RgbImage, TimeIds,
+        AdapterChoice, AdapterInfo, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents,
+        Mask, RgbImage, TimeIds,
     };
 
     #[derive(Debug, Clone, PartialEq)]
@@ -301,6 +302,7 @@ mod tests {
             eta: 0.0,
             time_ids: None,
             image_to_image: None,
+            adapters: sdserve_generation::AdapterChoice::none(),
         }
     }
 
@@ -581,6 +583,7 @@ mod tests {
             eta,
             time_ids,
             image_to_image,
+            adapters,
         } = base.clone();
         vec![
             (
@@ -646,6 +649,23 @@ mod tests {
                         strength: image_to_image.map_or(0.5, |m| m.strength / 2.0),
                         task: ImageTask::Img2Img,
                     }),
+                    ..base.clone()
+                },
+            ),
+            (
+                "adapters",
+                JobSettings {
+                    // Another adapter, or the same at another scale.
+                    adapters: {
+                        let scale = adapters.entries().first().map_or(0.5, |(_, s)| s / 2.0);
+                        let declared = [AdapterInfo {
+                            name: "style".into(),
+                            scale: 1.0,
+                            default: false,
+                        }];
+                        AdapterChoice::resolve(Some(&[("style".into(), Some(scale))]), &declared)
+                            .unwrap()
+                    },
                     ..base.clone()
                 },
             ),

@@ -110,6 +110,7 @@ impl ModelLoader for Loader {
                 masks: Default::default(),
                 dtype: "f32".into(),
                 device: "cpu".into(),
+                adapters: Vec::new(),
             },
             step: self.step,
             calls: self.calls.clone(),
@@ -142,6 +143,7 @@ fn spec(name: &str) -> ModelSpec {
             ..Default::default()
         },
         limits: Limits::default(),
+        adapters: Vec::new(),
     }
 }
 

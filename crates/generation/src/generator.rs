@@ -36,6 +36,8 @@ pub struct ModelDescription {
     pub dtype: String,
     /// "cpu" / "cuda:0", informational.
     pub device: String,
+    /// The LoRA adapters a request may name (`parameter 'lora'`).
+    pub adapters: Vec<crate::adapters::AdapterInfo>,
 }
 
 /// What a model is conditioned on besides its prompt, which decides the request fields it

@@ -26,6 +26,8 @@ pub struct JobSettings {
     pub time_ids: Option<TimeIds>,
     /// Image-to-image (every image of the job has an input image); `None` for text-to-image.
     pub image_to_image: Option<ImageToImage>,
+    /// The LoRA adapters applied to the model's weights for this job.
+    pub adapters: crate::adapters::AdapterChoice,
 }
 
 /// Image-to-image: the input image is encoded, noised to a timestep part-way down the

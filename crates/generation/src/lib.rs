@@ -9,8 +9,10 @@
 //! - [`job`]: [`Job`] = [`JobSettings`] (shared by a batch) + one [`ImageSpec`] per image.
 //! - [`sdxl`]: SDXL's second prompts and size/crop time ids, resolved for the job.
 //! - [`image_input`]: input images decoded under a size guard; [`resize`]: Pillow's Lanczos.
+//! - [`adapters`]: LoRA adapters declared for a model and the [`AdapterChoice`] of a job.
 //! - [`generator`]: the synchronous [`Generator`] trait, [`ModelDescription`], [`StepControl`].
 
+pub mod adapters;
 pub mod generator;
 pub mod image_input;
 pub mod job;
@@ -20,6 +22,7 @@ pub mod resize;
 pub mod resolve;
 pub mod sdxl;
 
+pub use adapters::{AdapterChoice, AdapterDeclaration, AdapterInfo, MAX_ADAPTERS};
 pub use generator::{
     ConditioningInputs, DefaultStrength, GenerateError, GeneratedImage, Generator, MaskInput,
     ModelDescription, RunToEnd, StepControl, StopReason,

@@ -38,6 +38,9 @@ pub struct GenerationRequest {
     pub mask_images: Option<Vec<Vec<u8>>>,
     /// How far image-to-image departs from the image, in (0, 1].
     pub strength: Option<f64>,
+    /// LoRA adapters by name, each with its scale (`None`: the declared one); `None`: the
+    /// model's default adapters.
+    pub lora: Option<Vec<(String, Option<f64>)>>,
 }
 
 /// SDXL's size and crop conditioning as asked: `[height, width]` and `[top, left]` pairs.

@@ -3,6 +3,7 @@
 //! Defaults are held to the limits too: a model whose defaults exceed them must not serve
 //! such requests quietly.
 
+use crate::adapters::AdapterChoice;
 use crate::generator::{MaskInput, ModelDescription};
 use crate::image_input::{RgbImage, decode_rgb};
 use crate::job::{
@@ -67,6 +68,7 @@ impl GenerationRequest {
         let per_prompt = self.images_per_prompt(limits)?;
         let (scheduler, eta) = self.scheduler_and_eta(&b)?;
         self.check_output_format()?;
+        let adapters = AdapterChoice::resolve(self.lora.as_deref(), &model.adapters)?;
         let image_to_image = self.image_to_image(&b, num_inference_steps)?;
         let inpainting = image_to_image.is_some_and(|m| m.task == ImageTask::Inpaint);
         // Decoded last: every cheaper check has passed.
@@ -86,6 +88,7 @@ impl GenerationRequest {
             eta,
             time_ids,
             image_to_image,
+            adapters,
         };
         // Every image at the output size, as diffusers resizes them.
         let resized = |images: Vec<RgbImage>| -> Vec<RgbImage> {
@@ -559,6 +562,7 @@ mod tests {
             masks: crate::generator::MaskInput::Optional,
             dtype: "f32".into(),
             device: "cpu".into(),
+            adapters: Vec::new(),
         }
     }
 

@@ -231,6 +231,7 @@ mod tests {
             masks: crate::generator::MaskInput::Optional,
             dtype: "f32".into(),
             device: "cpu".into(),
+            adapters: Vec::new(),
         }
     }
 

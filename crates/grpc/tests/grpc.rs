@@ -107,6 +107,7 @@ fn spec(name: &str) -> ModelSpec {
             ..Default::default()
         },
         limits: Limits::default(),
+        adapters: Vec::new(),
     }
 }
 

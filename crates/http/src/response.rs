@@ -59,6 +59,7 @@ mod tests {
                 eta: 0.0,
                 time_ids: None,
                 image_to_image: None,
+                adapters: sdserve_generation::AdapterChoice::none(),
             },
             images: vec![image("a", 3), image("b", 4)],
         };

@@ -1,6 +1,7 @@
 //! Device and dtype selection. Every CUDA-specific line of the crate lives here.
 
 use candle_core::{DType, Device};
+use sdserve_generation::AdapterDeclaration;
 use serde_json::{Map, Value};
 
 use crate::error::PipelineError;
@@ -27,10 +28,12 @@ pub enum DTypeRequest {
 }
 
 /// How to load a model folder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LoadOptions {
     pub device: DeviceRequest,
     pub dtype: DTypeRequest,
+    /// LoRA adapters read with the model.
+    pub adapters: Vec<AdapterDeclaration>,
 }
 
 impl LoadOptions {
@@ -39,6 +42,7 @@ impl LoadOptions {
         Self {
             device: DeviceRequest::Cpu,
             dtype: DTypeRequest::F32,
+            adapters: Vec::new(),
         }
     }
 
@@ -81,7 +85,11 @@ impl LoadOptions {
                 )));
             }
         };
-        Ok(Self { device, dtype })
+        Ok(Self {
+            device,
+            dtype,
+            adapters: Vec::new(),
+        })
     }
 }
 
@@ -165,7 +173,8 @@ mod tests {
             o,
             LoadOptions {
                 device: DeviceRequest::Cuda(1),
-                dtype: DTypeRequest::F16
+                dtype: DTypeRequest::F16,
+                adapters: Vec::new(),
             }
         );
         for bad in [
@@ -193,6 +202,7 @@ mod tests {
         let err = Placement::resolve(&LoadOptions {
             device: DeviceRequest::Cuda(0),
             dtype: DTypeRequest::Auto,
+            adapters: Vec::new(),
         })
         .unwrap_err()
         .to_string();

@@ -15,6 +15,10 @@ use crate::config::{
 };
 use crate::device::{LoadOptions, Placement};
 use crate::error::PipelineError;
+use crate::lora::adapter::AdaptableLayers;
+use crate::lora::base::recording;
+use crate::lora::keys::Network;
+use crate::lora::variant::Adapters;
 use crate::pipeline::StableDiffusion;
 use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -134,6 +138,8 @@ impl Configs {
             masks: MaskInput::NotServed,
             dtype: placement.dtype_name().to_string(),
             device: placement.device_name.clone(),
+            // Set once the adapters are read.
+            adapters: Vec::new(),
         }
     }
 }
@@ -153,21 +159,43 @@ impl StableDiffusion {
         let reduced = dtype != DType::F32;
 
         let loaded = Arc::new(AtomicU64::new(0));
+        // The layers adapters may adapt, and the weights each network is built from (kept to
+        // build a job's adapted networks).
+        let mut adaptable = Vec::with_capacity(configs.texts.len() + 1);
+        let mut text_bases = Vec::with_capacity(configs.texts.len());
         // The text encoders run in F32 everywhere; their output is cast to the UNet dtype.
         let mut towers = Vec::with_capacity(configs.texts.len());
         for text in configs.texts {
             let store = WeightStore::open(&find_weights(&dir.join(text.folder), "model", false)?)?
                 .counting(loaded.clone());
-            let encoder = TextEncoder::new(store.var_builder(DType::F32, device), &text.config)
+            let network = Network::of_component(text.folder)
+                .ok_or_else(|| PipelineError::Unsupported(text.folder.to_string()))?;
+            adaptable.push(AdaptableLayers::of(network, &store, None));
+            let (vb, recording) = recording(store, DType::F32, device);
+            let encoder = TextEncoder::new(vb, &text.config)
                 .map_err(|e| PipelineError::model(text.folder, e))?;
+            text_bases.push((network, recording.finish()));
             towers.push(TextTower {
-                tokenizer: text.tokenizer,
+                tokenizer: Arc::new(text.tokenizer),
                 encoder,
             });
         }
         let unet_store = component_weights(dir, "unet", reduced)?.counting(loaded.clone());
-        let unet = UNet::new(unet_store.var_builder(dtype, device), &configs.unet)
-            .map_err(|e| PipelineError::model("unet", e))?;
+        adaptable.push(AdaptableLayers::of(
+            Network::Unet,
+            &unet_store,
+            Some(&configs.unet),
+        ));
+        let (vb, recording) = recording(unet_store, dtype, device);
+        let unet = UNet::new(vb, &configs.unet).map_err(|e| PipelineError::model("unet", e))?;
+        let adapters = Adapters::load(
+            &options.adapters,
+            &adaptable,
+            recording.finish(),
+            text_bases,
+            dtype,
+        )?;
+        description.adapters = adapters.infos();
         let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);
         let vae_store =
             component_weights(dir, "vae", vae_dtype != DType::F32)?.counting(loaded.clone());
@@ -188,6 +216,7 @@ impl StableDiffusion {
                 dtype,
             },
             unet,
+            adapters,
             vae,
             scheduler_config: configs.scheduler,
             weights_bytes: loaded.load(Ordering::Relaxed),

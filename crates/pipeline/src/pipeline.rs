@@ -20,6 +20,7 @@ use crate::error::internal;
 use crate::image::{FloatImages, encode_png};
 use crate::image_to_image::image_latents;
 use crate::inpaint::Inpainting;
+use crate::lora::variant::{Adapters, Variant};
 use crate::noise::{NoiseSource, PerImageNoise};
 use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
@@ -35,6 +36,8 @@ pub struct StableDiffusion {
     pub(crate) description: ModelDescription,
     pub(crate) prompts: PromptEncoder,
     pub(crate) unet: UNet,
+    /// LoRA adapters, applied per job ([`crate::lora::variant`]).
+    pub(crate) adapters: Adapters,
     pub(crate) vae: Vae,
     pub(crate) scheduler_config: SchedulerConfig,
     pub(crate) placement: Placement,
@@ -81,11 +84,10 @@ impl StableDiffusion {
 
     /// Stage 1 alone: the conditioning of `job`'s UNet rows.
     pub fn conditioning(&self, job: &Job) -> Result<Conditioning, GenerateError> {
-        let guidance = Guidance {
-            scale: job.settings.guidance_scale,
-        };
-        self.prompts
-            .conditioning(&job.images, guidance, job.settings.time_ids)
+        let variant = self
+            .adapters
+            .variant(&job.settings.adapters, &self.unet, &self.prompts)?;
+        Networks::of(self, variant.as_ref()).conditioning(job)
     }
 
     /// The memory a batch of `images` images with `settings` needs at its peak beyond the
@@ -100,7 +102,9 @@ impl StableDiffusion {
             cpu: self.placement.device.is_cpu(),
             scale: self.description.vae_scale_factor,
         };
-        working_set.estimate(settings, images, rayon::current_num_threads())
+        let mut estimate = working_set.estimate(settings, images, rayon::current_num_threads());
+        estimate.adapters = self.adapters.variant_bytes(&settings.adapters);
+        estimate
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
@@ -176,13 +180,18 @@ impl StableDiffusion {
         let guidance = Guidance {
             scale: job.settings.guidance_scale,
         };
+        // The job's adapters, merged into its own copies of the layers they adapt.
+        let variant = self
+            .adapters
+            .variant(&job.settings.adapters, &self.unet, &self.prompts)?;
+        let networks = Networks::of(self, variant.as_ref());
         // Stage 1: prompts.
-        let conditioning = self.conditioning(job)?;
+        let conditioning = networks.conditioning(job)?;
         // Stage 2: denoising. Scheduler arithmetic stays in F32; only the UNet runs in the
         // model dtype.
         let start = self.start(job, initial_latents, scheduler.as_mut(), noise)?;
         let denoiser = Denoiser {
-            unet: &self.unet,
+            unet: networks.unet,
             dtype: self.placement.dtype,
             guidance,
             conditioning: &conditioning,
@@ -338,6 +347,31 @@ impl StableDiffusion {
             stream.queue_explicit(spec.encoder_noise.iter().map(|l| l.data.clone()));
         }
         self.run(job, &initial, &mut noise, control)
+    }
+}
+
+/// The networks a job runs: the base model's, or its adapter variant's where it has one.
+struct Networks<'a> {
+    prompts: &'a PromptEncoder,
+    unet: &'a UNet,
+}
+
+impl<'a> Networks<'a> {
+    fn of(model: &'a StableDiffusion, variant: Option<&'a Variant>) -> Self {
+        Self {
+            prompts: variant
+                .and_then(|v| v.prompts.as_ref())
+                .unwrap_or(&model.prompts),
+            unet: variant.and_then(|v| v.unet.as_ref()).unwrap_or(&model.unet),
+        }
+    }
+
+    fn conditioning(&self, job: &Job) -> Result<Conditioning, GenerateError> {
+        let guidance = Guidance {
+            scale: job.settings.guidance_scale,
+        };
+        self.prompts
+            .conditioning(&job.images, guidance, job.settings.time_ids)
     }
 }
 

@@ -11,6 +11,7 @@
 //! gave no negative prompt has zeros for its negative rows.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use sdserve_generation::{GenerateError, ImageSpec, TimeIds};
@@ -24,7 +25,8 @@ use crate::tokenizer::ClipTokenizer;
 
 /// One text encoder with its tokenizer.
 pub struct TextTower {
-    pub tokenizer: ClipTokenizer,
+    /// Shared with the towers of adapter variants.
+    pub tokenizer: Arc<ClipTokenizer>,
     pub encoder: TextEncoder,
 }
 

@@ -947,6 +947,7 @@ mod tests {
                 eta: 0.0,
                 time_ids: Some(sdserve_generation::TimeIds::defaults(64, 64)),
                 image_to_image: None,
+                adapters: sdserve_generation::AdapterChoice::none(),
             },
             images: vec![ImageSpec::new("a red circle", 1)],
         };
@@ -1034,6 +1035,7 @@ mod tests {
                 eta: 0.0,
                 time_ids: None,
                 image_to_image: None,
+                adapters: sdserve_generation::AdapterChoice::none(),
             },
             images: vec![ImageSpec::new("a red circle", 1)],
         };

@@ -43,11 +43,13 @@ pub struct MemoryEstimate {
     pub scratch: u64,
     /// The largest stage with what it carries.
     pub stages: u64,
+    /// The job's merged copies of the layers its LoRA adapters adapt, held for the whole run.
+    pub adapters: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.scratch + self.stages
+        self.scratch + self.stages + self.adapters
     }
 }
 
@@ -159,6 +161,8 @@ impl WorkingSet<'_> {
         MemoryEstimate {
             scratch,
             stages: stages + stages / MARGIN_DIVISOR,
+            // The model's to add: this knows its configs, not its adapters.
+            adapters: 0,
         }
     }
 

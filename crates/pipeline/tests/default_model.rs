@@ -317,6 +317,7 @@ fn default_model_draws_the_prompt() {
                 eta: 0.0,
                 time_ids: None,
                 image_to_image: None,
+                adapters: sdserve_generation::AdapterChoice::none(),
             },
             images: vec![ImageSpec::new(prompt_text(c, s, b), SEED_BASE + i as u64)],
         })

@@ -97,6 +97,7 @@ fn job_for(key: &str, run: &Value) -> Job {
             eta: run["eta"].as_f64().unwrap(),
             time_ids: takes_sizes(key).then(|| time_ids(inputs, (height as u32, width as u32))),
             image_to_image: None,
+            adapters: sdserve_generation::AdapterChoice::none(),
         },
         images: (0..prompts.len())
             .map(|i| ImageSpec {
@@ -309,6 +310,7 @@ fn seeded_job_for(key: &str, prompts: &[(&str, u64)], scheduler: &str) -> Job {
             eta: 0.0,
             time_ids: takes_sizes(key).then(|| time_ids(&Value::Null, (64, 64))),
             image_to_image: None,
+            adapters: sdserve_generation::AdapterChoice::none(),
         },
         images: prompts
             .iter()

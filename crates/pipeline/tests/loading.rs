@@ -591,6 +591,7 @@ fn absurd_config_values_are_errors_not_panics_or_giant_allocations() {
                     eta: 0.0,
                     time_ids: None,
                     image_to_image: None,
+                    adapters: sdserve_generation::AdapterChoice::none(),
                 },
                 images: vec![ImageSpec::new("a cat", 1)],
             };

@@ -84,6 +84,7 @@ const FIELDS: &[(&str, Place)] = &[
     ("image", Place::Input),
     ("mask_image", Place::Input),
     ("strength", Place::Either),
+    ("lora", Place::Parameter),
     ("output_format", Place::Parameter),
     ("timeout", Place::Parameter),
     ("preview_every", Place::Parameter),
@@ -198,6 +199,7 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         images,
         mask_images,
         strength: f.float("strength")?,
+        lora: f.param_as("lora", json_lora)?,
         aesthetic_score: f.float("aesthetic_score")?,
         negative_aesthetic_score: f.float("negative_aesthetic_score")?,
     };
@@ -661,6 +663,35 @@ fn json_text(v: &Value, what: &str) -> Result<String, ContractError> {
     }
 }
 
+/// LoRA adapters as `{"name": scale, ...}` (a scale of `null`: the declared one); gRPC
+/// clients, whose parameters are scalars, send the same object as JSON text.
+fn json_lora(v: &Value, what: &str) -> Result<Vec<(String, Option<f64>)>, ContractError> {
+    let shape = || {
+        bad(format!(
+            "{what} must be an object of adapter names to scales, e.g. {{\"style\": 0.8}}, got {v}"
+        ))
+    };
+    let parsed;
+    let object = match v {
+        Value::Object(m) => m,
+        Value::String(text) => {
+            parsed = serde_json::from_str::<Value>(text).map_err(|_| shape())?;
+            parsed.as_object().ok_or_else(shape)?
+        }
+        _ => return Err(shape()),
+    };
+    object
+        .iter()
+        .map(|(name, scale)| {
+            let scale = match scale {
+                Value::Null => None,
+                s => Some(json_float(s, &format!("{what}: the scale of '{name}'"))?),
+            };
+            Ok((name.clone(), scale))
+        })
+        .collect()
+}
+
 /// Parameter `name`, one value or a list of them, each read by `one`.
 fn one_or_list<T>(
     value: Option<&Value>,
@@ -858,6 +889,43 @@ mod tests {
             ),
         ] {
             let err = decode_json(body).unwrap_err().0;
+            assert!(err.contains(needle), "{err} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn lora_is_an_object_or_its_json_text() {
+        let with = |lora: Value| {
+            decode_json(json!({"inputs": [prompt(json!(["a"]), json!([1]))],
+                               "parameters": {"lora": lora}}))
+        };
+        let want = Some(vec![
+            ("detail".to_string(), None),
+            ("style".to_string(), Some(0.8)),
+        ]);
+        let mut object = with(json!({"style": 0.8, "detail": null}))
+            .unwrap()
+            .generation
+            .lora;
+        object.as_mut().unwrap().sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(object, want);
+        let mut text = with(json!(r#"{"style": 0.8, "detail": null}"#))
+            .unwrap()
+            .generation
+            .lora;
+        text.as_mut().unwrap().sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(text, want);
+        assert_eq!(with(json!({})).unwrap().generation.lora, Some(vec![]));
+        for (bad, needle) in [
+            (json!(["style"]), "parameter 'lora' must be an object"),
+            (json!("style:0.8"), "parameter 'lora' must be an object"),
+            (json!("[1]"), "parameter 'lora' must be an object"),
+            (
+                json!({"style": "high"}),
+                "the scale of 'style' must be a finite number",
+            ),
+        ] {
+            let err = with(bad).unwrap_err().0;
             assert!(err.contains(needle), "{err} lacks {needle}");
         }
     }

@@ -10,7 +10,8 @@ pub struct PipelineLoader;
 
 impl ModelLoader for PipelineLoader {
     fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Generator>, String> {
-        let options = LoadOptions::from_extra(&spec.extra).map_err(|e| e.to_string())?;
+        let mut options = LoadOptions::from_extra(&spec.extra).map_err(|e| e.to_string())?;
+        options.adapters = spec.adapters.clone();
         let model = StableDiffusion::load(&spec.uri, options).map_err(|e| e.to_string())?;
         let description = model.description();
         let schedulers = &description.schedulers;

@@ -63,6 +63,12 @@ pub fn model_parameters(status: &ModelStatus) -> Parameters {
         parameters.insert("native_width".into(), json!(d.native_width));
         parameters.insert("family".into(), json!(d.family));
         parameters.insert("dtype".into(), json!(d.dtype));
+        let adapters: Vec<_> = d
+            .adapters
+            .iter()
+            .map(|a| json!({"name": a.name, "scale": a.scale, "default": a.default}))
+            .collect();
+        parameters.insert("lora".into(), json!(adapters));
         parameters.insert(
             "default_num_inference_steps".into(),
             json!(spec.defaults.num_inference_steps),

@@ -1,7 +1,11 @@
 //! `parameters.extra` of model-settings.json: the generation defaults and limits sections
-//! (`defaults`, `limits`), read into the generation crate's types.
+//! (`defaults`, `limits`) and the LoRA adapters (`lora`), read into the generation crate's
+//! types.
 
-use sdserve_generation::{GenerationDefaults, Limits};
+use std::path::Path;
+
+use sdserve_generation::adapters::MAX_SCALE;
+use sdserve_generation::{AdapterDeclaration, GenerationDefaults, Limits};
 use serde_json::{Map, Value};
 
 /// A problem with `parameters.extra` in model-settings.json.
@@ -138,6 +142,107 @@ pub fn limits(extra: &Map<String, Value>) -> Result<Limits, ExtraError> {
     Ok(l)
 }
 
+/// Keys of one adapter in `parameters.extra.lora`.
+pub const LORA_KEYS: &[&str] = &["path", "scale", "default"];
+
+/// Most adapters one model may declare.
+pub const MAX_DECLARED_ADAPTERS: usize = 64;
+
+/// `parameters.extra.lora`: adapter name → `{"path", "scale" (1.0), "default" (false)}`, or
+/// the path alone; a relative path is relative to `base` (the settings file's folder).
+pub fn lora(
+    extra: &Map<String, Value>,
+    base: &Path,
+) -> Result<Vec<AdapterDeclaration>, ExtraError> {
+    let adapters = match extra.get("lora") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            return Err(ExtraError(format!(
+                "parameters.extra.lora must be an object of adapter names, got {v}"
+            )));
+        }
+    };
+    if adapters.len() > MAX_DECLARED_ADAPTERS {
+        return Err(ExtraError(format!(
+            "parameters.extra.lora declares {} adapters; at most {MAX_DECLARED_ADAPTERS}",
+            adapters.len()
+        )));
+    }
+    adapters
+        .iter()
+        .map(|(name, v)| adapter(name, v, base))
+        .collect()
+}
+
+fn adapter(name: &str, v: &Value, base: &Path) -> Result<AdapterDeclaration, ExtraError> {
+    let at = format!("parameters.extra.lora.{name}");
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !name_ok {
+        return Err(ExtraError(format!(
+            "{at}: an adapter name is 1 to 64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    let owned;
+    let m = match v {
+        Value::String(_) => {
+            owned = Map::from_iter([("path".to_string(), v.clone())]);
+            &owned
+        }
+        Value::Object(m) => m,
+        _ => {
+            return Err(ExtraError(format!(
+                "{at} must be an object with a path (or the path alone), got {v}"
+            )));
+        }
+    };
+    if let Some(k) = m.keys().find(|k| !LORA_KEYS.contains(&k.as_str())) {
+        return Err(ExtraError(format!(
+            "unknown key {at}.{k}; allowed: {}",
+            LORA_KEYS.join(", ")
+        )));
+    }
+    let path = match m.get("path") {
+        Some(Value::String(p)) if !p.is_empty() => base.join(p),
+        other => {
+            return Err(ExtraError(format!(
+                "{at}.path must be the adapter file's path, got {}",
+                other.unwrap_or(&Value::Null)
+            )));
+        }
+    };
+    let scale = match m.get("scale") {
+        None | Some(Value::Null) => 1.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|s| s.is_finite() && s.abs() <= MAX_SCALE)
+            .ok_or_else(|| {
+                ExtraError(format!(
+                    "{at}.scale must be a number between -{MAX_SCALE} and {MAX_SCALE}, got {v}"
+                ))
+            })?,
+    };
+    let default = match m.get("default") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(ExtraError(format!(
+                "{at}.default must be true or false, got {v}"
+            )));
+        }
+    };
+    Ok(AdapterDeclaration {
+        name: name.to_string(),
+        path,
+        scale,
+        default,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +264,53 @@ mod tests {
         );
         let bad = json!({"defaults": {"num_inference_steps": -3}});
         assert!(defaults(bad.as_object().unwrap()).is_err());
+    }
+
+    #[test]
+    fn lora_declarations_resolve_paths_and_name_every_bad_key() {
+        let base = Path::new("/models/sd");
+        let extra = json!({"lora": {
+            "style": {"path": "lora/style.safetensors", "scale": 0.8, "default": true},
+            "detail": "/adapters/detail.safetensors"}});
+        let mut got = lora(extra.as_object().unwrap(), base).unwrap();
+        got.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(got[0].path, Path::new("/adapters/detail.safetensors"));
+        assert_eq!((got[0].scale, got[0].default), (1.0, false));
+        assert_eq!(got[1].path, Path::new("/models/sd/lora/style.safetensors"));
+        assert_eq!((got[1].scale, got[1].default), (0.8, true));
+        assert!(lora(&Map::new(), base).unwrap().is_empty());
+        for (bad, needle) in [
+            (
+                json!({"lora": ["style"]}),
+                "parameters.extra.lora must be an object",
+            ),
+            (
+                json!({"lora": {"a b": "x.safetensors"}}),
+                "parameters.extra.lora.a b",
+            ),
+            (
+                json!({"lora": {"s": {"path": "x", "weight": 1}}}),
+                "parameters.extra.lora.s.weight",
+            ),
+            (
+                json!({"lora": {"s": {"scale": 1}}}),
+                "parameters.extra.lora.s.path",
+            ),
+            (
+                json!({"lora": {"s": {"path": "x", "scale": 11}}}),
+                "parameters.extra.lora.s.scale",
+            ),
+            (
+                json!({"lora": {"s": {"path": "x", "default": 1}}}),
+                "parameters.extra.lora.s.default",
+            ),
+            (
+                json!({"lora": {"s": 3}}),
+                "parameters.extra.lora.s must be an object",
+            ),
+        ] {
+            let err = lora(bad.as_object().unwrap(), base).unwrap_err().0;
+            assert!(err.contains(needle), "{err} lacks {needle}");
+        }
     }
 }
