@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sdserve_generation::{
-    ConditioningInputs, Generator, ImageSpec, Job, JobSettings, RunToEnd, TimeIds,
+    AdapterChoice, AdapterDeclaration, ConditioningInputs, Generator, ImageSpec, Job, JobSettings, RunToEnd, TimeIds,
 };
 use sdserve_pipeline::conditioning::Conditioning;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
@@ -56,6 +56,12 @@ struct Args {
     /// `parameters.extra`-style options as JSON, e.g. '{"device": "cuda", "dtype": "f16"}'.
     #[arg(long, default_value = "{}")]
     options: String,
+    /// LoRA adapter files (repeatable), all applied to every timed generation at
+    /// `--lora-scale`.
+    #[arg(long)]
+    lora: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f64,
 }
 
 fn job(args: &Args, model: &StableDiffusion, steps: usize) -> Job {
@@ -78,12 +84,20 @@ fn job(args: &Args, model: &StableDiffusion, steps: usize) -> Job {
             time_ids: (d.conditioning == ConditioningInputs::PromptsAndSizes)
                 .then(|| TimeIds::defaults(height, width)),
             image_to_image: None,
-            adapters: sdserve_generation::AdapterChoice::none(),
+            adapters: adapters(args, d),
         },
         images: (0..args.batch)
             .map(|i| ImageSpec::new("a red circle on a blue background", i as u64))
             .collect(),
     }
+}
+
+/// Every `--lora` file, named by its position, at `--lora-scale`.
+fn adapters(args: &Args, d: &sdserve_generation::ModelDescription) -> AdapterChoice {
+    let chosen: Vec<(String, Option<f64>)> = (0..args.lora.len())
+        .map(|i| (i.to_string(), Some(args.lora_scale)))
+        .collect();
+    AdapterChoice::resolve(Some(&chosen), &d.adapters).expect("declared adapters")
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -164,7 +178,16 @@ fn main() -> anyhow::Result<()> {
     let extra: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&args.options).context("--options")?;
     let t0 = Instant::now();
-    let model = StableDiffusion::load(&args.model, LoadOptions::from_extra(&extra)?)?;
+    let mut options = LoadOptions::from_extra(&extra)?;
+    options.adapters = (args.lora.iter().enumerate())
+        .map(|(i, path)| AdapterDeclaration {
+            name: i.to_string(),
+            path: path.clone(),
+            scale: 1.0,
+            default: false,
+        })
+        .collect();
+    let model = StableDiffusion::load(&args.model, options)?;
     let load = t0.elapsed();
     if args.stages {
         return stages(&args, &model);
@@ -190,6 +213,15 @@ fn main() -> anyhow::Result<()> {
             first.settings.guidance_scale,
             args.batch
         );
+        if !args.lora.is_empty() {
+            let merged = model.memory_estimate(&first.settings, args.batch).adapters;
+            println!(
+                "{} adapter(s) at scale {}: merged copies up to {:.1} MiB",
+                args.lora.len(),
+                args.lora_scale,
+                merged as f64 / (1u64 << 20) as f64
+            );
+        }
     }
     if !args.no_warm_up {
         let warm = Instant::now();

@@ -68,8 +68,8 @@ impl Adapters {
                         Network::Unet => unet_dtype,
                         _ => DType::F32,
                     };
-                    // The merged copy, and the F32 sum it is made from.
-                    (numel * (dtype.size_in_bytes() + DType::F32.size_in_bytes())) as u64
+                    // The merged copy (one layer's F32 sum at a time is left out).
+                    (numel * dtype.size_in_bytes()) as u64
                 })
                 .sum();
             tracing::info!(
@@ -171,48 +171,47 @@ fn rebuild_unet(
 }
 
 /// The merged weights (by tensor name) of `network`'s layers that `chosen` adapts; `None`
-/// when it adapts none.
+/// when it adapts none. Layer by layer, so that only one layer's F32 sum is alive at once;
+/// the chosen adapters' pairs of a layer are one product (ups side by side, scales folded in,
+/// downs stacked).
 fn merged(
     base: &BaseWeights,
     network: Network,
     chosen: &[(&LoadedAdapter, f64)],
 ) -> Result<Option<HashMap<String, Tensor>>, GenerateError> {
-    // Σ scale · weight · up · down per layer, (out, fan_in), F32, on the layer's device.
-    let mut deltas: HashMap<&str, (Tensor, &Tensor)> = HashMap::new();
-    for (loaded, scale) in chosen {
-        for ((net, module), pair) in &loaded.adapter.layers {
-            if *net != network {
-                continue;
-            }
-            let weight = base.weight(module).ok_or_else(|| GenerateError::Internal {
-                stage: STAGE.into(),
-                message: format!("{}: no weight for {module}", network.component()),
-            })?;
-            let device = weight.device();
-            let delta = pair
-                .up
-                .to_device(device)
-                .and_then(|up| up.matmul(&pair.down.to_device(device)?))
-                .and_then(|d| d * (scale * pair.scale))
-                .map_err(internal(STAGE))?;
-            let sum = match deltas.remove(module.as_str()) {
-                Some((sum, _)) => (sum + delta).map_err(internal(STAGE))?,
-                None => delta,
-            };
-            deltas.insert(module, (sum, weight));
-        }
-    }
-    if deltas.is_empty() {
+    let mut modules: Vec<&str> = chosen
+        .iter()
+        .flat_map(|(a, _)| a.adapter.layers.keys())
+        .filter(|(n, _)| *n == network)
+        .map(|(_, m)| m.as_str())
+        .collect();
+    if modules.is_empty() {
         return Ok(None);
     }
-    let mut out = HashMap::with_capacity(deltas.len());
-    for (module, (delta, weight)) in deltas {
-        let w = weight
-            .to_dtype(DType::F32)
-            .and_then(|w| w + delta.reshape(weight.dims())?)
+    modules.sort_unstable();
+    modules.dedup();
+    let mut out = HashMap::with_capacity(modules.len());
+    for module in modules {
+        let weight = base.weight(module).ok_or_else(|| GenerateError::Internal {
+            stage: STAGE.into(),
+            message: format!("{}: no weight for {module}", network.component()),
+        })?;
+        let key = (network, module.to_string());
+        let (mut ups, mut downs) = (Vec::new(), Vec::new());
+        for (loaded, scale) in chosen {
+            if let Some(pair) = loaded.adapter.layers.get(&key) {
+                ups.push((&pair.up * (scale * pair.scale)).map_err(internal(STAGE))?);
+                downs.push(pair.down.clone());
+            }
+        }
+        let device = weight.device();
+        let merged = Tensor::cat(&ups, 1)
+            .and_then(|up| up.to_device(device))
+            .and_then(|up| up.matmul(&Tensor::cat(&downs, 0)?.to_device(device)?))
+            .and_then(|delta| weight.to_dtype(DType::F32)? + delta.reshape(weight.dims())?)
             .and_then(|w| w.to_dtype(weight.dtype()))
             .map_err(internal(STAGE))?;
-        out.insert(format!("{module}.weight"), w);
+        out.insert(format!("{module}.weight"), merged);
     }
     Ok(Some(out))
 }
