@@ -186,7 +186,7 @@ pub const MODEL_SETTINGS: &[SettingDoc] = &[
         "MLSERVER_MODEL_EXTRA",
         "{}",
         Mlserver,
-        "Runtime settings: generation defaults and bounds, dtype, device",
+        "Runtime settings: generation defaults and bounds, dtype, device, LoRA adapters",
     ),
 ];
 
