@@ -23,6 +23,7 @@ pub fn model() -> ModelDescription {
         masks: sdserve_generation::MaskInput::Optional,
         dtype: "f32".into(),
         device: "cpu".into(),
+        adapters: Vec::new(),
     }
 }
 

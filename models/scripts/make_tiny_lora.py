@@ -1,8 +1,8 @@
-"""Make tiny LoRA adapters for tiny-sd1 and tiny-sdxl with PEFT, and diffusers' images with them.
+"""Make tiny LoRA adapters for tiny-sd1, tiny-sd2 and tiny-sdxl with PEFT, and diffusers' images with them.
 
-    .venv/bin/python models/scripts/make_tiny_lora.py [--out models/lora]
+    .venv/bin/python models/scripts/make_tiny_lora.py [--out models/lora] [--models sd2 ...]
 
-For each model (sd1: models/tiny-sd1, sdxl: models/tiny-sdxl), <out>/<model>/:
+For each model (sd1: models/tiny-sd1, sd2: models/tiny-sd2, sdxl: models/tiny-sdxl), <out>/<model>/:
   style.safetensors        PEFT layout as diffusers' save_lora_weights writes it
                            (unet.<module>.lora_A/lora_B.weight, text_encoder[_2].<module>...),
                            with diffusers' lora_adapter_metadata (r, lora_alpha) in the header:
@@ -39,6 +39,7 @@ from lora_to_kohya import convert_file
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = {  # folder, pipeline class, latents seed
     "sd1": ("tiny-sd1", StableDiffusionPipeline, 611),
+    "sd2": ("tiny-sd2", StableDiffusionPipeline, 633),
     "sdxl": ("tiny-sdxl", StableDiffusionXLPipeline, 622),
 }
 PROMPTS = ["a red circle on a blue background", "two green squares"]
@@ -148,9 +149,10 @@ def write_model(key, out_root):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(REPO, "models", "lora"))
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     args = ap.parse_args()
     torch.manual_seed(0)
-    for key in MODELS:
+    for key in args.models:
         write_model(key, args.out)
 
 

@@ -34,7 +34,14 @@ struct Args {
 
 /// Module name endings adapted per network.
 const UNET_TARGETS: &[&str] = &[
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
 ];
 const TEXT_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
 
@@ -57,7 +64,8 @@ fn main() -> anyhow::Result<()> {
             .shapes()
             .filter_map(|(n, s)| Some((n.strip_suffix(".weight")?.to_string(), s.to_vec())))
             .filter(|(m, s)| {
-                (s.len() == 2 || s.len() == 4) && targets.iter().any(|t| m.ends_with(&format!(".{t}")))
+                (s.len() == 2 || s.len() == 4)
+                    && targets.iter().any(|t| m.ends_with(&format!(".{t}")))
             })
             .collect();
         names.sort();

@@ -14,7 +14,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sdserve_generation::{
-    AdapterChoice, AdapterDeclaration, ConditioningInputs, Generator, ImageSpec, Job, JobSettings, RunToEnd, TimeIds,
+    AdapterChoice, AdapterDeclaration, ConditioningInputs, Generator, ImageSpec, Job, JobSettings,
+    RunToEnd, TimeIds,
 };
 use sdserve_pipeline::conditioning::Conditioning;
 use sdserve_pipeline::{LoadOptions, StableDiffusion};
@@ -97,7 +98,10 @@ fn adapters(args: &Args, d: &sdserve_generation::ModelDescription) -> AdapterCho
     let chosen: Vec<(String, Option<f64>)> = (0..args.lora.len())
         .map(|i| (i.to_string(), Some(args.lora_scale)))
         .collect();
-    AdapterChoice::resolve(Some(&chosen), &d.adapters).expect("declared adapters")
+    AdapterChoice::resolve(Some(&chosen), &d.adapters).unwrap_or_else(|e| {
+        eprintln!("--lora-scale: {e}");
+        std::process::exit(2)
+    })
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -179,7 +183,10 @@ fn main() -> anyhow::Result<()> {
         serde_json::from_str(&args.options).context("--options")?;
     let t0 = Instant::now();
     let mut options = LoadOptions::from_extra(&extra)?;
-    options.adapters = (args.lora.iter().enumerate())
+    options.adapters = args
+        .lora
+        .iter()
+        .enumerate()
         .map(|(i, path)| AdapterDeclaration {
             name: i.to_string(),
             path: path.clone(),

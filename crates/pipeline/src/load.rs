@@ -193,7 +193,8 @@ impl StableDiffusion {
             &adaptable,
             recording.finish(),
             text_bases,
-            dtype,
+            device,
+            &loaded,
         )?;
         description.adapters = adapters.infos();
         let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);

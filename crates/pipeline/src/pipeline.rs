@@ -20,7 +20,7 @@ use crate::error::internal;
 use crate::image::{FloatImages, encode_png};
 use crate::image_to_image::image_latents;
 use crate::inpaint::Inpainting;
-use crate::lora::variant::{Adapters, Variant};
+use crate::lora::variant::Adapters;
 use crate::noise::{NoiseSource, PerImageNoise};
 use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
@@ -82,12 +82,20 @@ impl StableDiffusion {
         &self.prompts.towers
     }
 
-    /// Stage 1 alone: the conditioning of `job`'s UNet rows.
+    /// Stage 1 alone: the conditioning of `job`'s UNet rows, through the text encoders its
+    /// adapters adapt (built for the stage and dropped after it).
     pub fn conditioning(&self, job: &Job) -> Result<Conditioning, GenerateError> {
-        let variant = self
+        let guidance = Guidance {
+            scale: job.settings.guidance_scale,
+        };
+        let adapted = self
             .adapters
-            .variant(&job.settings.adapters, &self.unet, &self.prompts)?;
-        Networks::of(self, variant.as_ref()).conditioning(job)
+            .prompts(&job.settings.adapters, &self.prompts)?;
+        adapted.as_ref().unwrap_or(&self.prompts).conditioning(
+            &job.images,
+            guidance,
+            job.settings.time_ids,
+        )
     }
 
     /// The memory a batch of `images` images with `settings` needs at its peak beyond the
@@ -180,18 +188,15 @@ impl StableDiffusion {
         let guidance = Guidance {
             scale: job.settings.guidance_scale,
         };
-        // The job's adapters, merged into its own copies of the layers they adapt.
-        let variant = self
-            .adapters
-            .variant(&job.settings.adapters, &self.unet, &self.prompts)?;
-        let networks = Networks::of(self, variant.as_ref());
         // Stage 1: prompts.
-        let conditioning = networks.conditioning(job)?;
-        // Stage 2: denoising. Scheduler arithmetic stays in F32; only the UNet runs in the
-        // model dtype.
+        let conditioning = self.conditioning(job)?;
+        // Stage 2: denoising, by the UNet the job's adapters adapt where they do (its own
+        // copies of the adapted layers, dropped before the decode). Scheduler arithmetic stays
+        // in F32; only the UNet runs in the model dtype.
         let start = self.start(job, initial_latents, scheduler.as_mut(), noise)?;
+        let adapted = self.adapters.unet(&job.settings.adapters, &self.unet)?;
         let denoiser = Denoiser {
-            unet: networks.unet,
+            unet: adapted.as_ref().unwrap_or(&self.unet),
             dtype: self.placement.dtype,
             guidance,
             conditioning: &conditioning,
@@ -210,6 +215,7 @@ impl StableDiffusion {
             control,
             &mut |step| previews.make(step),
         )?;
+        drop(adapted);
         // Stage 3: VAE decode.
         self.decode(&latents)
     }
@@ -347,31 +353,6 @@ impl StableDiffusion {
             stream.queue_explicit(spec.encoder_noise.iter().map(|l| l.data.clone()));
         }
         self.run(job, &initial, &mut noise, control)
-    }
-}
-
-/// The networks a job runs: the base model's, or its adapter variant's where it has one.
-struct Networks<'a> {
-    prompts: &'a PromptEncoder,
-    unet: &'a UNet,
-}
-
-impl<'a> Networks<'a> {
-    fn of(model: &'a StableDiffusion, variant: Option<&'a Variant>) -> Self {
-        Self {
-            prompts: variant
-                .and_then(|v| v.prompts.as_ref())
-                .unwrap_or(&model.prompts),
-            unet: variant.and_then(|v| v.unet.as_ref()).unwrap_or(&model.unet),
-        }
-    }
-
-    fn conditioning(&self, job: &Job) -> Result<Conditioning, GenerateError> {
-        let guidance = Guidance {
-            scale: job.settings.guidance_scale,
-        };
-        self.prompts
-            .conditioning(&job.images, guidance, job.settings.time_ids)
     }
 }
 

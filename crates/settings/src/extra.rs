@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use sdserve_generation::adapters::MAX_SCALE;
+use sdserve_generation::adapters::{MAX_ADAPTERS, MAX_SCALE};
 use sdserve_generation::{AdapterDeclaration, GenerationDefaults, Limits};
 use serde_json::{Map, Value};
 
@@ -169,10 +169,18 @@ pub fn lora(
             adapters.len()
         )));
     }
-    adapters
+    let declared: Vec<AdapterDeclaration> = adapters
         .iter()
         .map(|(name, v)| adapter(name, v, base))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // The defaults are what a request naming none gets: held to a request's bound.
+    let defaults = declared.iter().filter(|a| a.default).count();
+    if defaults > MAX_ADAPTERS {
+        return Err(ExtraError(format!(
+            "parameters.extra.lora makes {defaults} adapters default; at most {MAX_ADAPTERS} apply to one request"
+        )));
+    }
+    Ok(declared)
 }
 
 fn adapter(name: &str, v: &Value, base: &Path) -> Result<AdapterDeclaration, ExtraError> {
@@ -307,6 +315,12 @@ mod tests {
             (
                 json!({"lora": {"s": 3}}),
                 "parameters.extra.lora.s must be an object",
+            ),
+            (
+                json!({"lora": (0..9)
+                    .map(|i| (format!("a{i}"), json!({"path": "x", "default": true})))
+                    .collect::<Map<String, Value>>()}),
+                "at most 8 apply",
             ),
         ] {
             let err = lora(bad.as_object().unwrap(), base).unwrap_err().0;

@@ -133,7 +133,15 @@ impl Replaced {
             .ok_or_else(|| {
                 candle_core::Error::Msg(format!("tensor `{name}` was not read at load"))
             })?;
-        t.to_dtype(dtype)?.to_device(dev)
+        // Built again exactly as at load: another dtype or device would be a bug, not a cast.
+        if t.dtype() != dtype || !t.device().same_device(dev) {
+            candle_core::bail!(
+                "tensor `{name}` was read as {:?} on {:?}, now asked for as {dtype:?} on {dev:?}",
+                t.dtype(),
+                t.device()
+            );
+        }
+        Ok(t.clone())
     }
 }
 
