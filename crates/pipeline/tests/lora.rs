@@ -1,5 +1,6 @@
 //! LoRA adapters against diffusers' `load_lora_weights` + `set_adapters` (`models/lora/`,
-//! made by `models/scripts/make_tiny_lora.py`): every recorded run (no adapter, one, two at
+//! made by `models/scripts/make_tiny_lora.py`) on the tiny SD 1.x, SD 2.x (linear projections,
+//! v-prediction) and SDXL models: every recorded run (no adapter, one, two at
 //! different scales, scale 0, the kohya file) replayed from the recorded latents, within 2/255
 //! of diffusers' images.
 
@@ -184,6 +185,11 @@ fn check(model: &str) {
 #[test]
 fn sd1_adapters_match_diffusers() {
     check("sd1");
+}
+
+#[test]
+fn sd2_adapters_match_diffusers() {
+    check("sd2");
 }
 
 #[test]

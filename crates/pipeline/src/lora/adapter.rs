@@ -338,7 +338,7 @@ mod tests {
 
     #[test]
     fn the_peft_and_kohya_files_give_the_same_layers_and_deltas() {
-        for model in ["sd1", "sdxl"] {
+        for model in ["sd1", "sd2", "sdxl"] {
             let nets = networks(&format!("tiny-{model}"));
             let dir = root().join("models/lora").join(model);
             let peft = read(&dir.join("style.safetensors"), &nets).unwrap();
