@@ -75,8 +75,11 @@ struct TinyLoader;
 
 impl ModelLoader for TinyLoader {
     fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Generator>, String> {
-        let model =
-            StableDiffusion::load(&spec.uri, LoadOptions::cpu()).map_err(|e| e.to_string())?;
+        let options = LoadOptions {
+            adapters: spec.adapters.clone(),
+            ..LoadOptions::cpu()
+        };
+        let model = StableDiffusion::load(&spec.uri, options).map_err(|e| e.to_string())?;
         Ok(match spec.extra.get("pause_ms").and_then(|v| v.as_u64()) {
             Some(ms) => Arc::new(Slow {
                 model,
@@ -107,7 +110,16 @@ fn spec(name: &str) -> ModelSpec {
             ..Default::default()
         },
         limits: Limits::default(),
-        adapters: Vec::new(),
+        // `styled`: the tiny model with its LoRA adapter `style`.
+        adapters: (name == "styled")
+            .then(|| AdapterDeclaration {
+                name: "style".into(),
+                path: tiny_model().join("../lora/sd1/style.safetensors"),
+                scale: 1.0,
+                default: false,
+            })
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -574,6 +586,44 @@ async fn errors_map_to_codes_with_the_rest_messages() {
             "grpc_server_handled_total{grpc_code=\"INVALID_ARGUMENT\",grpc_method=\"ModelInfer\",grpc_service=\"inference.GRPCInferenceService\",grpc_type=\"UNARY\"}"
         ),
         3.0
+    );
+}
+
+/// gRPC parameters are scalars: `lora` travels as the JSON text of its object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_is_chosen_by_a_json_string_parameter() {
+    let server = start(&["styled"], Options::default()).await;
+    let mut c = server.client().await;
+    let request = |lora: Option<&str>| {
+        let mut req = infer_request("styled", "a red circle", 3, 2);
+        if let Some(l) = lora {
+            req.parameters
+                .insert("lora".into(), param(ParameterChoice::StringParam(l.into())));
+        }
+        req
+    };
+    let mut png = async |lora: Option<&str>| {
+        let r = c.model_infer(request(lora)).await.unwrap().into_inner();
+        r.outputs[0]
+            .contents
+            .as_ref()
+            .expect("contents")
+            .bytes_contents[0]
+            .clone()
+    };
+    let base = png(None).await;
+    let styled = png(Some(r#"{"style": 1.0}"#)).await;
+    assert_ne!(base, styled);
+    assert_eq!(png(Some(r#"{"style": 0}"#)).await, base);
+    let err = c
+        .model_infer(request(Some(r#"{"nope": 1}"#)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown adapter 'nope'"),
+        "{}",
+        err.message()
     );
 }
 
