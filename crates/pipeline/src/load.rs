@@ -40,24 +40,25 @@ struct Configs {
     default_scheduler: SchedulerKind,
 }
 
-/// One text encoder's folder, config and tokenizer.
+/// One text encoder (its network names its folder), its config and tokenizer.
 struct TowerConfig {
-    folder: &'static str,
+    network: Network,
     config: TextEncoderConfig,
     tokenizer: ClipTokenizer,
 }
 
-/// The text encoder and tokenizer folders of each tower.
-const TOWERS: [(&str, &str); 2] = [
-    ("text_encoder", "tokenizer"),
-    ("text_encoder_2", "tokenizer_2"),
+/// The text encoder and tokenizer folder of each tower.
+const TOWERS: [(Network, &str); 2] = [
+    (Network::TextEncoder, "tokenizer"),
+    (Network::TextEncoder2, "tokenizer_2"),
 ];
 
 impl TowerConfig {
     fn read(
         dir: &Path,
-        (folder, tokenizer_folder): (&'static str, &str),
+        (network, tokenizer_folder): (Network, &str),
     ) -> Result<Self, PipelineError> {
+        let folder = network.component();
         let config = TextEncoderConfig::read(&dir.join(folder).join("config.json"))?;
         let tokenizer_dir = dir.join(tokenizer_folder);
         let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
@@ -72,7 +73,7 @@ impl TowerConfig {
             ));
         }
         Ok(Self {
-            folder,
+            network,
             config,
             tokenizer,
         })
@@ -159,33 +160,37 @@ impl StableDiffusion {
         let reduced = dtype != DType::F32;
 
         let loaded = Arc::new(AtomicU64::new(0));
-        // The layers adapters may adapt, and the weights each network is built from (kept to
-        // build a job's adapted networks).
+        // The layers adapters may adapt (looked up only for a model with adapters), and the
+        // weights each network is built from (kept to build a job's adapted networks).
+        let adapting = !options.adapters.is_empty();
         let mut adaptable = Vec::with_capacity(configs.texts.len() + 1);
         let mut text_bases = Vec::with_capacity(configs.texts.len());
         // The text encoders run in F32 everywhere; their output is cast to the UNet dtype.
         let mut towers = Vec::with_capacity(configs.texts.len());
         for text in configs.texts {
-            let store = WeightStore::open(&find_weights(&dir.join(text.folder), "model", false)?)?
+            let folder = text.network.component();
+            let store = WeightStore::open(&find_weights(&dir.join(folder), "model", false)?)?
                 .counting(loaded.clone());
-            let network = Network::of_component(text.folder)
-                .ok_or_else(|| PipelineError::Unsupported(text.folder.to_string()))?;
-            adaptable.push(AdaptableLayers::of(network, &store, None));
+            if adapting {
+                adaptable.push(AdaptableLayers::of(text.network, &store, None));
+            }
             let (vb, recording) = recording(store, DType::F32, device);
-            let encoder = TextEncoder::new(vb, &text.config)
-                .map_err(|e| PipelineError::model(text.folder, e))?;
-            text_bases.push((network, recording.finish()));
+            let encoder =
+                TextEncoder::new(vb, &text.config).map_err(|e| PipelineError::model(folder, e))?;
+            text_bases.push((text.network, recording.finish()));
             towers.push(TextTower {
                 tokenizer: Arc::new(text.tokenizer),
                 encoder,
             });
         }
         let unet_store = component_weights(dir, "unet", reduced)?.counting(loaded.clone());
-        adaptable.push(AdaptableLayers::of(
-            Network::Unet,
-            &unet_store,
-            Some(&configs.unet),
-        ));
+        if adapting {
+            adaptable.push(AdaptableLayers::of(
+                Network::Unet,
+                &unet_store,
+                Some(&configs.unet),
+            ));
+        }
         let (vb, recording) = recording(unet_store, dtype, device);
         let unet = UNet::new(vb, &configs.unet).map_err(|e| PipelineError::model("unet", e))?;
         let adapters = Adapters::load(
@@ -304,7 +309,7 @@ fn check_compatible(
     }
     // SDXL's context is both encoders' hidden states side by side.
     let context: usize = texts.iter().map(|t| t.config.hidden_size).sum();
-    let encoders: Vec<&str> = texts.iter().map(|t| t.folder).collect();
+    let encoders: Vec<&str> = texts.iter().map(|t| t.network.component()).collect();
     if let Some(dim) = unet.context_dims().find(|&d| d != context) {
         return Err(PipelineError::config(
             &unet_path,

@@ -96,15 +96,8 @@ fn job(sd: &StableDiffusion, idx: &Value, run: &Value) -> Job {
         images: prompts
             .iter()
             .map(|p| ImageSpec {
-                prompt: p.to_string(),
                 negative_prompt: idx["negative_prompt"].as_str().map(str::to_string),
-                prompt_2: None,
-                negative_prompt_2: None,
-                seed: 0,
-                latents: None,
-                image: None,
-                mask: None,
-                encoder_noise: Vec::new(),
+                ..ImageSpec::new(*p, 0)
             })
             .collect(),
     }

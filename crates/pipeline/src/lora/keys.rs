@@ -28,13 +28,6 @@ impl Network {
             Network::TextEncoder2 => "text_encoder_2",
         }
     }
-
-    /// The network in a pipeline's `folder`.
-    pub fn of_component(folder: &str) -> Option<Self> {
-        [Network::Unet, Network::TextEncoder, Network::TextEncoder2]
-            .into_iter()
-            .find(|n| n.component() == folder)
-    }
 }
 
 /// Which part of a layer's adapter a tensor is.
