@@ -1,5 +1,6 @@
-//! Independent V2 clients against the real server: `tests/python` runs NVIDIA's `tritonclient`
-//! (HTTP and gRPC) and MLServer 1.7.1's own codecs, types and batch client with pytest, in the
+//! Independent clients against the real server: `tests/python` runs NVIDIA's `tritonclient`
+//! (HTTP and gRPC), MLServer 1.7.1's own codecs, types and batch client, and the official
+//! `openai` package (the Images API) with pytest, in the
 //! Python environment at `target/py-venv` (created from `tests/python/requirements.txt` if needed).
 //!
 //! `tests/python/grpc` runs in a pytest process of its own: MLServer's and tritonclient's
@@ -72,7 +73,7 @@ fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
         &python,
         &s,
         &["tests/python", "--ignore=tests/python/grpc"],
-        16,
+        21,
     );
     pytest(&python, &s, &["tests/python/grpc"], 10);
 }

@@ -59,7 +59,14 @@ fn idle_and_half_sent_connections_beyond_the_bound_are_closed_and_clients_still_
         &prompt_request("warm", json!({"num_inference_steps": 1})),
     )
     .expect(200);
-    let rest = client();
+    // A fresh connection per probe, as kubelet's probes connect: a pooled idle connection may
+    // rightly be the one evicted to make room for the flood.
+    let rest = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // the warm-up connection idles out
     let baseline = open_fds(s.pid());
 

@@ -53,6 +53,7 @@ impl Engine {
                     spec,
                     generator,
                     weights,
+                    loaded_at: std::time::SystemTime::now(),
                 })));
                 Ok(())
             }

@@ -56,6 +56,8 @@ pub struct LoadedModel {
     pub generator: Arc<dyn Generator>,
     /// Its weights in the memory budget, until the model is dropped.
     pub weights: WeightsHeld,
+    /// When it became ready (OpenAI's model list reports it).
+    pub loaded_at: std::time::SystemTime,
 }
 
 impl LoadedModel {

@@ -63,6 +63,34 @@ fn format(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
 
 /// Decodes `bytes` into RGB if its declared size is at most `max_pixels`.
 pub fn decode_rgb(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, ImageError> {
+    let decoded = decode(bytes, max_pixels)?;
+    Ok(RgbImage {
+        width: decoded.width() as usize,
+        height: decoded.height() as usize,
+        rgb: decoded.into_rgb8().into_raw().into(),
+    })
+}
+
+/// Decodes a mask whose transparent pixels mark what to repaint (OpenAI's edits) into the
+/// white-repaints form: each pixel's grey level is its transparency, `255 - alpha`. An image
+/// without an alpha channel is opaque: nothing to repaint.
+pub fn decode_transparency(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, ImageError> {
+    let decoded = decode(bytes, max_pixels)?;
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let rgb: Vec<u8> = decoded
+        .into_rgba8()
+        .pixels()
+        .flat_map(|p| [255 - p.0[3]; 3])
+        .collect();
+    Ok(RgbImage {
+        width,
+        height,
+        rgb: rgb.into(),
+    })
+}
+
+/// Decodes `bytes` if its declared size is at most `max_pixels`.
+fn decode(bytes: &[u8], max_pixels: usize) -> Result<image::DynamicImage, ImageError> {
     let format = format(bytes)?;
     let reader = || ImageReader::with_format(Cursor::new(bytes), format);
     let (w, h) = reader()
@@ -99,11 +127,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, ImageErro
             "the decoded size differs from the header".into(),
         ));
     }
-    Ok(RgbImage {
-        width: width as usize,
-        height: height as usize,
-        rgb: decoded.into_rgb8().into_raw().into(),
-    })
+    Ok(decoded)
 }
 
 /// Whether a JPEG's last scan is followed by its end-of-image marker. The decoder fills a

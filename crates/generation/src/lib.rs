@@ -27,11 +27,11 @@ pub use generator::{
     ConditioningInputs, DefaultStrength, GenerateError, GeneratedImage, Generator, MaskInput,
     ModelDescription, RunToEnd, StepControl, StopReason,
 };
-pub use image_input::{ImageError, RgbImage, decode_rgb};
+pub use image_input::{ImageError, RgbImage, decode_rgb, decode_transparency};
 pub use job::{
     AestheticScores, ETA_SCHEDULER, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents,
     Mask, TIME_IDS, TimeIds,
 };
 pub use limits::{GenerationDefaults, Limits};
-pub use request::{GenerationRequest, LatentsInput, SizeConditioningInput};
+pub use request::{GenerationRequest, LatentsInput, MaskMeaning, SizeConditioningInput};
 pub use resolve::{ValidationError, random_seed};

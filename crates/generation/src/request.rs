@@ -33,14 +33,26 @@ pub struct GenerationRequest {
     /// Image-to-image: the input images as encoded files (PNG, JPEG or WebP), one for all
     /// prompts or one per prompt. Giving them selects the mode.
     pub images: Option<Vec<Vec<u8>>>,
-    /// Inpainting: the masks as encoded files (white = repaint), one for all prompts or one per
-    /// prompt. Giving them (with images) selects the mode.
+    /// Inpainting: the masks as encoded files, one for all prompts or one per prompt. Giving
+    /// them (with images) selects the mode.
     pub mask_images: Option<Vec<Vec<u8>>>,
+    /// Which pixels of a mask file are repainted.
+    pub mask_meaning: MaskMeaning,
     /// How far image-to-image departs from the image, in (0, 1].
     pub strength: Option<f64>,
     /// LoRA adapters by name, each with its scale (`None`: the declared one); `None`: the
     /// model's default adapters.
     pub lora: Option<Vec<(String, Option<f64>)>>,
+}
+
+/// How a mask file marks the pixels to repaint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MaskMeaning {
+    /// diffusers' masks: white pixels (luminance at least ½) are repainted.
+    #[default]
+    White,
+    /// OpenAI's image edits: transparent pixels (alpha below 128) are repainted.
+    Transparent,
 }
 
 /// SDXL's size and crop conditioning as asked: `[height, width]` and `[top, left]` pairs.

@@ -5,12 +5,12 @@
 
 use crate::adapters::AdapterChoice;
 use crate::generator::{MaskInput, ModelDescription};
-use crate::image_input::{RgbImage, decode_rgb};
+use crate::image_input::{ImageError, RgbImage, decode_rgb, decode_transparency};
 use crate::job::{
     ETA_SCHEDULER, ImageSpec, ImageTask, ImageToImage, Job, JobSettings, Latents, Mask,
 };
 use crate::limits::{GenerationDefaults, Limits};
-use crate::request::{GenerationRequest, LatentsInput};
+use crate::request::{GenerationRequest, LatentsInput, MaskMeaning};
 
 /// A request that is out of bounds for this model: a 400 naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,8 +72,12 @@ impl GenerationRequest {
         let image_to_image = self.image_to_image(&b, num_inference_steps)?;
         let inpainting = image_to_image.is_some_and(|m| m.task == ImageTask::Inpaint);
         // Decoded last: every cheaper check has passed.
-        let inputs = self.files(&b, "image", &self.images)?;
-        let masks = self.files(&b, "mask_image", &self.mask_images)?;
+        let inputs = self.files(&b, "image", &self.images, decode_rgb)?;
+        let mask_decoder = match self.mask_meaning {
+            MaskMeaning::White => decode_rgb,
+            MaskMeaning::Transparent => decode_transparency,
+        };
+        let masks = self.files(&b, "mask_image", &self.mask_images, mask_decoder)?;
         // Inpainting keeps the model's size by default, as diffusers' inpaint pipeline does.
         let size_from = inputs.as_ref().filter(|_| !inpainting).map(|i| &i[0]);
         let (height, width) = self.size(&b, size_from)?;
@@ -337,6 +341,7 @@ impl GenerationRequest {
         b: &Bounds,
         name: &str,
         files: &Option<Vec<Vec<u8>>>,
+        decode: fn(&[u8], usize) -> Result<RgbImage, ImageError>,
     ) -> Result<Option<Vec<RgbImage>>, ValidationError> {
         let Some(files) = files else {
             return Ok(None);
@@ -352,7 +357,7 @@ impl GenerationRequest {
             .iter()
             .enumerate()
             .map(|(k, file)| {
-                decode_rgb(file, b.limits.max_pixels)
+                decode(file, b.limits.max_pixels)
                     .map_err(|e| invalid(format!("input '{name}' element {k} {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -965,6 +970,33 @@ mod tests {
             (64, 64, 64 * 64)
         );
         assert!(mask.repaint.iter().any(|&r| r) && mask.repaint.iter().any(|&r| !r));
+    }
+
+    #[test]
+    fn a_transparency_mask_repaints_its_transparent_pixels() {
+        // Left half transparent, right half opaque, in an RGBA PNG as OpenAI's edits take it.
+        let mut rgba = image::RgbaImage::new(64, 64);
+        for (x, _, p) in rgba.enumerate_pixels_mut() {
+            *p = image::Rgba([255, 255, 255, if x < 32 { 0 } else { 255 }]);
+        }
+        let mut png = Vec::new();
+        rgba.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let r = GenerationRequest {
+            mask_images: Some(vec![png]),
+            mask_meaning: MaskMeaning::Transparent,
+            ..with_image(fixture("input_odd.png"))
+        };
+        let mask = resolve(&r).unwrap().images[0].mask.clone().unwrap();
+        let left = |i: usize| i % 64 < 32;
+        assert!(mask.repaint.iter().enumerate().all(|(i, &r)| r == left(i)));
+        // The same file read as a diffusers mask (white repaints) repaints everything.
+        let white = GenerationRequest {
+            mask_meaning: MaskMeaning::White,
+            ..r
+        };
+        let mask = resolve(&white).unwrap().images[0].mask.clone().unwrap();
+        assert!(mask.repaint.iter().all(|&r| r));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`routes`]: the route table and the metrics router.
 //! - [`connections`]: serving a listener within header, keep-alive and connection bounds.
 //! - [`handlers`]: one module per API area (health, metadata, infer, repository, docs).
+//! - [`openai`]: OpenAI's Images API (generations, edits, models) and its error shape.
 //! - [`body`]: body size limit and gzip/deflate decoding.
 //! - [`binary`]: Triton's binary tensor data extension (binary inputs and outputs).
 //! - [`response`]: a finished request as V2 JSON.
@@ -20,6 +21,7 @@ pub mod body;
 pub mod connections;
 pub mod error;
 pub mod handlers;
+pub mod openai;
 pub mod response;
 pub mod rest_metrics;
 pub mod routes;

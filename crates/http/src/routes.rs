@@ -1,4 +1,5 @@
-//! Every route of MLServer 1.7.1's REST table, and the metrics listener's one route.
+//! Every route of MLServer 1.7.1's REST table, OpenAI's Images API, and the metrics listener's
+//! one route.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 use crate::error::ApiError;
 use crate::handlers::{docs, health, infer, metadata, repository};
+use crate::openai::handlers as openai;
 use crate::rest_metrics::{RestMetrics, track};
 use crate::state::{Cors, SharedState};
 
@@ -57,7 +59,12 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
         .route(
             "/v2/repository/models/{model_name}/unload",
             post(repository::unload),
-        );
+        )
+        // OpenAI's Images API.
+        .route("/v1/images/generations", post(openai::generations))
+        .route("/v1/images/edits", post(openai::edits))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{model}", get(openai::model));
     for base in [MODEL, VERSION] {
         for action in ["infer", "generate"] {
             r = r.route(&format!("{base}/{action}"), post(infer::infer));

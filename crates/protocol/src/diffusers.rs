@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 pub use sdserve_generation::{ConditioningInputs, MaskInput, ModelDescription};
-use sdserve_generation::{GenerationRequest, LatentsInput, SizeConditioningInput};
+use sdserve_generation::{GenerationRequest, LatentsInput, MaskMeaning, SizeConditioningInput};
 use serde_json::Value;
 
 use crate::tensor::{TensorData, element_count};
@@ -198,6 +198,7 @@ pub fn decode(req: &InferenceRequest) -> Result<Decoded, ContractError> {
         sizes,
         images,
         mask_images,
+        mask_meaning: MaskMeaning::White,
         strength: f.float("strength")?,
         lora: f.param_as("lora", json_lora)?,
         aesthetic_score: f.float("aesthetic_score")?,

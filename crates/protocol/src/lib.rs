@@ -9,8 +9,11 @@
 //! - [`raw`]: tensor data as bytes (gRPC raw contents, REST binary tensor data).
 //! - [`diffusers`]: the contract: a typed request → [`sdserve_generation::GenerationRequest`]
 //!   and its options (the 400 layer).
+//! - [`openai`]: OpenAI's Images API, a second contract onto the same generation request, and
+//!   its answers and error body.
 
 pub mod diffusers;
+pub mod openai;
 pub mod raw;
 pub mod schema;
 pub mod tensor;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sdserve_engine::{Admission, Engine, InferObserver, Prepared, Progress};
 use sdserve_generation::Job;
-use sdserve_protocol::{InferenceRequest, diffusers};
+use sdserve_protocol::{Decoded, InferenceRequest, diffusers};
 use tokio::sync::mpsc;
 
 use crate::error::{ErrorKind, ServeError};
@@ -95,10 +95,21 @@ impl Pending {
         mode: Mode,
         deadline: Option<Duration>,
     ) -> Result<Accepted, ServeError> {
-        let decoded = match diffusers::decode(&request) {
-            Ok(d) => d,
-            Err(e) => return Err(self.fail(e.into())),
-        };
+        match diffusers::decode(&request) {
+            Ok(decoded) => self.accept_decoded(decoded, request.id, mode, deadline),
+            Err(e) => Err(self.fail(e.into())),
+        }
+    }
+
+    /// As [`Pending::accept`], for a request another contract decoded (OpenAI's Images API).
+    /// `id`: the client's, or `None` for a fresh one.
+    pub fn accept_decoded(
+        self,
+        decoded: Decoded,
+        id: Option<String>,
+        mode: Mode,
+        deadline: Option<Duration>,
+    ) -> Result<Accepted, ServeError> {
         let preview_every = decoded.options.preview_every;
         if let (Mode::Unary { streaming_route }, Some(_)) = (mode, preview_every) {
             return Err(self.fail(ServeError::invalid(format!(
@@ -125,7 +136,7 @@ impl Pending {
                 timeout,
             )
             .and_then(|p| p.with_preview_every(preview_every));
-        let id = request.id.unwrap_or_else(new_id);
+        let id = id.unwrap_or_else(new_id);
         match prepared {
             Ok(prepared) => Ok(Accepted {
                 id,

@@ -40,11 +40,34 @@ impl Service {
         })
     }
 
+    /// Every ready model by name (the latest load of its versions), sorted by name.
+    pub fn ready_models(&self) -> Vec<ReadyModel> {
+        let mut by_name: std::collections::BTreeMap<String, std::time::SystemTime> =
+            Default::default();
+        for status in self.engine.models() {
+            if let ModelStatus::Ready(m) = status {
+                let at = by_name.entry(m.spec.name.clone()).or_insert(m.loaded_at);
+                *at = (*at).max(m.loaded_at);
+            }
+        }
+        by_name
+            .into_iter()
+            .map(|(name, loaded_at)| ReadyModel { name, loaded_at })
+            .collect()
+    }
+
     /// Ready for traffic: not draining, and the model (newest version when `None`) loaded.
     pub fn model_ready(&self, name: &str, version: Option<&str>) -> Result<bool, ServeError> {
         let status = self.engine.model(name, version)?;
         Ok(status.is_ready() && !self.engine.is_draining())
     }
+}
+
+/// A model that serves requests now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyModel {
+    pub name: String,
+    pub loaded_at: std::time::SystemTime,
 }
 
 /// A model's metadata `parameters`. MLServer's carry the model's content_type; we add the
