@@ -1426,3 +1426,43 @@ pub fn rss_kib(pid: u32) -> u64 {
         })
         .expect("VmRSS of the server")
 }
+
+/// Runs `deploy/kubernetes/validate.py` (strict schemas of Kubernetes, KServe, KEDA and the
+/// Prometheus Operator) on `args` in the test Python environment.
+pub fn validate_manifests(args: &[&str]) -> Exit {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let python = PYTHON.get_or_init(python_venv);
+    run_command(
+        Command::new(python)
+            .arg(workspace_root().join("deploy/kubernetes/validate.py"))
+            .args(args)
+            .current_dir(workspace_root())
+            .env("PYTHONDONTWRITEBYTECODE", "1"),
+        Duration::from_secs(300),
+    )
+}
+
+/// Every manifest under `deploy/kubernetes`, validated, as `{file: [documents]}`.
+pub fn kubernetes_manifests() -> Value {
+    let exit = validate_manifests(&["--dump", "deploy/kubernetes"]);
+    assert!(
+        exit.status.success(),
+        "the manifests do not validate:\n{}{}",
+        exit.stdout,
+        exit.stderr
+    );
+    serde_json::from_str(&exit.stdout).expect("the validator's JSON dump")
+}
+
+/// The one document of `kind` in `deploy/kubernetes/<file>`.
+pub fn manifest<'a>(all: &'a Value, file: &str, kind: &str) -> &'a Value {
+    let docs = all[format!("deploy/kubernetes/{file}")]
+        .as_array()
+        .unwrap_or_else(|| panic!("no manifest file {file}"));
+    let mut of_kind = docs.iter().filter(|d| d["kind"] == kind);
+    let doc = of_kind
+        .next()
+        .unwrap_or_else(|| panic!("no {kind} in {file}"));
+    assert!(of_kind.next().is_none(), "several {kind} in {file}");
+    doc
+}

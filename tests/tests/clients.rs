@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine as _;
 use sdserve_tests::*;
 
 /// Runs pytest on `args` against `s`; checks that at least `min_passed` tests passed and none
@@ -76,4 +77,58 @@ fn tritonclient_and_mlserver_codecs_talk_to_sdserve() {
         21,
     );
     pytest(&python, &s, &["tests/python/grpc"], 10);
+}
+
+/// The Python block of the README's "OpenAI clients" section.
+fn readme_openai_example() -> String {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let section = readme
+        .split("\n## OpenAI clients\n")
+        .nth(1)
+        .expect("the README has an OpenAI clients section");
+    let block = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a Python block in the OpenAI clients section");
+    block.to_owned()
+}
+
+#[test]
+fn the_readmes_openai_example_runs() {
+    let python = python_venv();
+    let example = readme_openai_example();
+    assert!(example.contains("http://localhost:8080/v1"), "{example}");
+    let s = launch_folder(&workspace_root().join("models/tiny-shapes")).start();
+    let script = example.replace("http://localhost:8080", &s.url(""));
+    let dir = tempfile::tempdir().unwrap();
+    let exit = run_command(
+        std::process::Command::new(&python)
+            .args(["-c", &script])
+            .current_dir(dir.path()),
+        Duration::from_secs(300),
+    );
+    assert!(exit.status.success(), "{}{}", exit.stdout, exit.stderr);
+    assert_eq!(exit.stdout.trim(), "42 64x64", "what the example prints");
+    let png = std::fs::read(dir.path().join("image.png")).expect("the example writes image.png");
+    let decoder = png::Decoder::new(std::io::Cursor::new(&png));
+    let info = decoder.read_info().expect("a PNG file").info().clone();
+    assert_eq!((info.width, info.height), (64, 64));
+    // The V2 route draws the same picture from the same prompt, seed and steps.
+    let v2 = s
+        .infer(
+            "tiny-shapes",
+            &prompt_request(
+                "a red circle on a blue background",
+                json!({"seed": 42, "num_inference_steps": 20, "width": 64, "height": 64}),
+            ),
+        )
+        .json();
+    let v2_png = base64::engine::general_purpose::STANDARD
+        .decode(v2["outputs"][0]["data"][0].as_str().unwrap())
+        .unwrap();
+    assert!(
+        png == v2_png,
+        "the OpenAI route drew another picture than the V2 route"
+    );
 }

@@ -56,7 +56,11 @@ impl OpenAiError {
             SERVER_ERROR
         };
         let e = Self::new(status, kind, message).param(Some("model".into()));
-        if status < 500 { e } else { e.retry() }
+        if status < 500 {
+            e
+        } else {
+            e.code("model_not_ready").retry()
+        }
     }
 }
 

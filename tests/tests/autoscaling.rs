@@ -1,0 +1,114 @@
+//! The autoscaling queries of `deploy/kubernetes` (KEDA's ScaledObject and KServe's
+//! InferenceService), read from the manifests and run unchanged against a real Prometheus that
+//! scrapes sdserve while a workload holds requests running and queued: each returns the number
+//! of requests queued plus running.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use sdserve_tests::*;
+
+/// The labels Prometheus gives a pod's samples through a PodMonitor (namespace, container)
+/// and the pod name KServe gives a predictor of the InferenceService `sd15`.
+fn scrape_config(metrics_port: u16) -> String {
+    format!(
+        "global:\n  scrape_interval: 1s\n\
+         scrape_configs:\n  - job_name: sdserve\n    metrics_path: /metrics\n    \
+         static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n        \
+         labels: {{namespace: sdserve, container: sdserve, pod: sd15-predictor-7c9d5-x2x4q}}\n"
+    )
+}
+
+/// The single number an instant query returns, or `None` while it returns nothing.
+fn scalar(prom: &Prometheus, query: &str) -> Option<f64> {
+    let data = prom.query(query, None);
+    let result = data["result"].as_array()?;
+    assert!(result.len() <= 1, "{query} returned several series: {data}");
+    result.first()?["value"][1].as_str()?.parse().ok()
+}
+
+fn gauge(s: &Server, name: &str) -> f64 {
+    s.scrape().value(name, &[])
+}
+
+/// A generation far longer than the test, sent by hand so that closing the socket cancels it.
+fn long_generation(s: &Server) -> TcpStream {
+    let body = prompt_request(
+        "a red circle",
+        json!({"num_inference_steps": 150, "height": 512, "width": 512}),
+    )
+    .to_string();
+    let mut stream = TcpStream::connect(("127.0.0.1", s.http_port)).expect("connecting");
+    write!(
+        stream,
+        "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sending the long request");
+    stream
+}
+
+#[test]
+fn the_autoscaling_queries_count_queued_and_running_requests() {
+    let all = kubernetes_manifests();
+    let keda = manifest(&all, "plain/scaled-object.yaml", "ScaledObject")["spec"]["triggers"][0]
+        ["metadata"]["query"]
+        .as_str()
+        .expect("the ScaledObject's query")
+        .to_owned();
+    let kserve = manifest(&all, "kserve/inference-service.yaml", "InferenceService")["spec"]
+        ["predictor"]["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
+        .as_str()
+        .expect("the InferenceService's query")
+        .to_owned();
+
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    let s = launch(&repo)
+        .args(["--parallel-workers", "1", "--max-queue-size", "4"])
+        .start();
+    let prom = Prometheus::start(&scrape_config(s.metrics_port()), &[]);
+    let both_equal = |want: f64| {
+        [&keda, &kserve]
+            .iter()
+            .all(|q| scalar(&prom, q) == Some(want))
+    };
+    let scrape_wait = Duration::from_secs(30);
+    wait_until("both queries to return 0 when idle", scrape_wait, || {
+        both_equal(0.0)
+    });
+
+    let long = long_generation(&s);
+    wait_until("the long request to run", START_TIMEOUT, || {
+        gauge(&s, "sdserve_requests_running") == 1.0
+    });
+    std::thread::scope(|scope| {
+        let queued: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    s.infer(
+                        "tiny",
+                        &prompt_request("a square", json!({"num_inference_steps": 1})),
+                    )
+                })
+            })
+            .collect();
+        wait_until("two requests queued behind it", START_TIMEOUT, || {
+            gauge(&s, "sdserve_queue_depth") == 2.0
+        });
+        wait_until(
+            "both queries to return 1 running + 2 queued",
+            scrape_wait,
+            || both_equal(3.0),
+        );
+        println!("queued + running = 3: {keda}\n{kserve}");
+        // Hanging up cancels the long generation; the queued requests then run.
+        drop(long);
+        for q in queued {
+            q.join().expect("client thread").expect(200);
+        }
+    });
+    wait_until("both queries back to 0", scrape_wait, || both_equal(0.0));
+}
