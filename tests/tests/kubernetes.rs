@@ -126,7 +126,17 @@ fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
 /// The probes, ports, variables and security of a serving container, against `defaults`.
 fn check_container(c: &Value, d: &ServerSettings, known_variables: &str) {
     let name = &c["name"];
+    // `command` replaces the image's CMD; the images of docker/ put sdserve on PATH.
+    assert_eq!(c["command"], json!(["sdserve"]), "{name}");
     assert_eq!(c["args"], json!(["start", "/mnt/models"]), "{name}");
+    for dockerfile in ["docker/Dockerfile", "docker/Dockerfile.cpu"] {
+        let text = std::fs::read_to_string(workspace_root().join(dockerfile)).unwrap();
+        assert!(
+            text.contains(" /usr/local/bin/sdserve\n") && text.contains("USER 1001"),
+            "{dockerfile} installs /usr/local/bin/sdserve and runs as uid 1001"
+        );
+    }
+    assert_eq!(c["securityContext"]["runAsUser"].as_u64().unwrap_or(1001), 1001);
     let ports = [
         ("http", "MLSERVER_HTTP_PORT", d.http_port),
         ("grpc", "MLSERVER_GRPC_PORT", d.grpc_port),
