@@ -64,6 +64,13 @@ impl Generator for SleepyModel {
                 return Err(GenerateError::Stopped(r));
             }
         }
+        if job.images.iter().any(|i| i.prompt == "device out of memory") {
+            // What candle returns when a CUDA allocation fails: an error, not an abort.
+            return Err(GenerateError::Internal {
+                stage: "vae decode".into(),
+                message: "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            });
+        }
         Ok(job
             .images
             .iter()
@@ -768,6 +775,44 @@ async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_f
         ),
         other => panic!("a request that can never fit is invalid: {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_out_of_memory_error_fails_its_job_naming_the_stage_and_frees_its_memory() {
+    let memory = MemoryUse {
+        per_image: 100,
+        weights: 50,
+        ..Default::default()
+    };
+    let registry = Registry::new();
+    let loader = Arc::new(Loader {
+        step: Duration::from_millis(5),
+        calls: Default::default(),
+        steps_run: Default::default(),
+        load_delay: Duration::ZERO,
+        memory: memory.clone(),
+    });
+    let engine = Engine::new(
+        EngineConfig {
+            parallel_workers: 1,
+            max_queue_size: 4,
+            request_timeout: None,
+            memory_budget: MemoryBudget::Bytes(200),
+        },
+        loader,
+        &registry,
+    );
+    engine.load(spec("m")).await.unwrap();
+    match infer(&engine, request("device out of memory"), None).await {
+        Err(EngineError::Internal { stage, message }) => {
+            assert_eq!(stage, "vae decode");
+            assert!(message.contains("OUT_OF_MEMORY"), "{message}");
+        }
+        other => panic!("expected an internal error naming the stage, got {other:?}"),
+    }
+    assert_eq!(engine.memory("cpu").reserved, 0, "the failed job's memory is free");
+    let next = infer(&engine, request("fine"), None).await.unwrap();
+    assert_eq!(next.images.len(), 1, "the next request is served");
 }
 
 async fn wait_for(mut condition: impl FnMut() -> bool) {
