@@ -217,6 +217,23 @@ impl SafetensorsFile {
 /// A header's tensors and its `__metadata__` strings.
 type Header = (HashMap<String, TensorInfo>, HashMap<String, String>);
 
+impl SafetensorsFile {
+    /// Takes the file's pages of a tensor already copied out of the process's resident memory,
+    /// so that loading holds each byte once (the copy), not twice (the copy and the mapped page).
+    /// The mapping is private and read-only: a page touched again is read from the file again.
+    fn release(&self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        // SAFETY: nothing writes through this read-only mapping, so dropping its pages loses
+        // nothing; any later read faults the unchanged file contents back in.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+    }
+}
+
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     let file_len = bytes.len() as u64;
     let mut len_bytes = [0u8; 8];
@@ -457,7 +474,9 @@ impl WeightStore {
         let elements = info.shape.iter().product::<usize>() as u64;
         self.loaded
             .fetch_add(elements * dtype.size_in_bytes() as u64, Ordering::Relaxed);
-        Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, device)
+        let tensor = Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, device);
+        file.release(info.start, info.end - info.start);
+        tensor
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| {
                 candle_core::Error::Msg(format!(
