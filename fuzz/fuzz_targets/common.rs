@@ -1,7 +1,9 @@
 //! What the request targets share: a fixed model, small limits, and the checks of a request
 //! that passed the schema.
 
-use sdserve_generation::{ConditioningInputs, GenerationDefaults, Limits, ModelDescription};
+use sdserve_generation::{
+    ConditioningInputs, GenerationDefaults, GenerationRequest, Limits, ModelDescription,
+};
 use sdserve_protocol::{InferenceRequest, TensorData, diffusers};
 
 pub fn model() -> ModelDescription {
@@ -43,6 +45,7 @@ pub fn limits() -> Limits {
 
 /// The contract decoder (with the timeout) and `resolve`, with the invariants of an accepted
 /// request and job.
+#[allow(dead_code)] // the OpenAI target decodes its own contract
 pub fn check(request: &InferenceRequest) {
     for input in &request.inputs {
         if let TensorData::Bytes(elements) = &input.data {
@@ -58,7 +61,11 @@ pub fn check(request: &InferenceRequest) {
             "timeout {t:?} out of range"
         );
     }
-    let generation = decoded.generation;
+    check_job(decoded.generation);
+}
+
+/// `resolve` of a decoded request, with the invariants of an accepted job.
+pub fn check_job(generation: GenerationRequest) {
     let model = model();
     let limits = limits();
     let defaults = GenerationDefaults::default();
