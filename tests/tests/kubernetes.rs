@@ -136,7 +136,10 @@ fn check_container(c: &Value, d: &ServerSettings, known_variables: &str) {
             "{dockerfile} installs /usr/local/bin/sdserve and runs as uid 1001"
         );
     }
-    assert_eq!(c["securityContext"]["runAsUser"].as_u64().unwrap_or(1001), 1001);
+    assert_eq!(
+        c["securityContext"]["runAsUser"].as_u64().unwrap_or(1001),
+        1001
+    );
     let ports = [
         ("http", "MLSERVER_HTTP_PORT", d.http_port),
         ("grpc", "MLSERVER_GRPC_PORT", d.grpc_port),

@@ -64,7 +64,11 @@ impl Generator for SleepyModel {
                 return Err(GenerateError::Stopped(r));
             }
         }
-        if job.images.iter().any(|i| i.prompt == "device out of memory") {
+        if job
+            .images
+            .iter()
+            .any(|i| i.prompt == "device out of memory")
+        {
             // What candle returns when a CUDA allocation fails: an error, not an abort.
             return Err(GenerateError::Internal {
                 stage: "vae decode".into(),
@@ -722,16 +726,16 @@ async fn a_panic_in_the_middle_of_a_batch_fails_that_batch_and_the_queue_behind_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_fits() {
+/// An engine whose model takes 50 bytes of weights and 100 bytes per image, under a budget of
+/// 200 bytes: 150 bytes for batches beside the weights, one image at a time.
+async fn engine_on_a_budget(workers: usize, step: Duration) -> (Engine, MemoryUse) {
     let memory = MemoryUse {
         per_image: 100,
         weights: 50,
         ..Default::default()
     };
-    let registry = Registry::new();
     let loader = Arc::new(Loader {
-        step: Duration::from_millis(30),
+        step,
         calls: Default::default(),
         steps_run: Default::default(),
         load_delay: Duration::ZERO,
@@ -739,16 +743,21 @@ async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_f
     });
     let engine = Engine::new(
         EngineConfig {
-            parallel_workers: 2,
+            parallel_workers: workers,
             max_queue_size: 4,
             request_timeout: None,
-            // 150 bytes for batches beside the weights: one 100-byte image at a time.
             memory_budget: MemoryBudget::Bytes(200),
         },
         loader,
-        &registry,
+        &Registry::new(),
     );
     engine.load(spec("m")).await.unwrap();
+    (engine, memory)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_fits() {
+    let (engine, memory) = engine_on_a_budget(2, Duration::from_millis(30)).await;
     assert_eq!(engine.memory("cpu").weights, 50);
     let pending = three_in_flight(&engine);
     for p in pending {
@@ -779,30 +788,7 @@ async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_out_of_memory_error_fails_its_job_naming_the_stage_and_frees_its_memory() {
-    let memory = MemoryUse {
-        per_image: 100,
-        weights: 50,
-        ..Default::default()
-    };
-    let registry = Registry::new();
-    let loader = Arc::new(Loader {
-        step: Duration::from_millis(5),
-        calls: Default::default(),
-        steps_run: Default::default(),
-        load_delay: Duration::ZERO,
-        memory: memory.clone(),
-    });
-    let engine = Engine::new(
-        EngineConfig {
-            parallel_workers: 1,
-            max_queue_size: 4,
-            request_timeout: None,
-            memory_budget: MemoryBudget::Bytes(200),
-        },
-        loader,
-        &registry,
-    );
-    engine.load(spec("m")).await.unwrap();
+    let (engine, _) = engine_on_a_budget(1, Duration::from_millis(5)).await;
     match infer(&engine, request("device out of memory"), None).await {
         Err(EngineError::Internal { stage, message }) => {
             assert_eq!(stage, "vae decode");
@@ -810,7 +796,11 @@ async fn a_device_out_of_memory_error_fails_its_job_naming_the_stage_and_frees_i
         }
         other => panic!("expected an internal error naming the stage, got {other:?}"),
     }
-    assert_eq!(engine.memory("cpu").reserved, 0, "the failed job's memory is free");
+    assert_eq!(
+        engine.memory("cpu").reserved,
+        0,
+        "the failed job's memory is free"
+    );
     let next = infer(&engine, request("fine"), None).await.unwrap();
     assert_eq!(next.images.len(), 1, "the next request is served");
 }

@@ -134,19 +134,29 @@ impl From<DecodeError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        if self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if self.authenticate {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        let response = (self.status, axum::Json(self.body())).into_response();
+        with_hints(response, self.retry_after, self.authenticate)
     }
+}
+
+/// The headers that tell a client what to do next: `Retry-After` (overload, draining) and
+/// `WWW-Authenticate` (a missing or wrong token). Shared with the OpenAI routes' errors.
+pub(crate) fn with_hints(
+    mut response: Response,
+    retry_after: bool,
+    authenticate: bool,
+) -> Response {
+    if retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if authenticate {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
 }
 
 #[cfg(test)]

@@ -476,15 +476,13 @@ impl WeightStore {
             .fetch_add(elements * dtype.size_in_bytes() as u64, Ordering::Relaxed);
         let tensor = Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, device);
         file.release(info.start, info.end - info.start);
-        tensor
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "{}: tensor `{name}`: {}",
-                    file.path.display(),
-                    candle_message(&e)
-                ))
-            })
+        tensor.and_then(|t| t.to_dtype(dtype)).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{}: tensor `{name}`: {}",
+                file.path.display(),
+                candle_message(&e)
+            ))
+        })
     }
 }
 

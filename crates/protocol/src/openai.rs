@@ -91,25 +91,28 @@ impl Fields {
     }
 
     fn integer(&mut self, name: &str) -> Result<Option<i64>, ParamError> {
-        let wrong = || bad(name, format!("'{name}' must be an integer"));
-        match self.take(name)? {
-            None => Ok(None),
-            Some(Given::Json(Value::Number(n))) => n.as_i64().map(Some).ok_or_else(wrong),
-            Some(Given::Text(t)) => t.trim().parse().map(Some).map_err(|_| wrong()),
-            Some(_) => Err(wrong()),
-        }
+        self.whole(name, serde_json::Number::as_i64, "an integer")
     }
 
     fn seed(&mut self, name: &str) -> Result<Option<u64>, ParamError> {
-        let wrong = || {
-            bad(
-                name,
-                format!("'{name}' must be an integer from 0 to 2^64 - 1"),
-            )
-        };
+        self.whole(
+            name,
+            serde_json::Number::as_u64,
+            "an integer from 0 to 2^64 - 1",
+        )
+    }
+
+    /// A whole number: a JSON number `from_json` takes, or form text that parses as one.
+    fn whole<T: std::str::FromStr>(
+        &mut self,
+        name: &str,
+        from_json: fn(&serde_json::Number) -> Option<T>,
+        what: &str,
+    ) -> Result<Option<T>, ParamError> {
+        let wrong = || bad(name, format!("'{name}' must be {what}"));
         match self.take(name)? {
             None => Ok(None),
-            Some(Given::Json(Value::Number(n))) => n.as_u64().map(Some).ok_or_else(wrong),
+            Some(Given::Json(Value::Number(n))) => from_json(&n).map(Some).ok_or_else(wrong),
             Some(Given::Text(t)) => t.trim().parse().map(Some).map_err(|_| wrong()),
             Some(_) => Err(wrong()),
         }

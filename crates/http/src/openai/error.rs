@@ -2,12 +2,12 @@
 //! with OpenAI's status codes. Where those differ from the V2 routes' (a model still loading is
 //! a 503 to retry, not MLServer's 400), OpenAI's win: its SDKs retry by status.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sdserve_protocol::openai::{ErrorBody, ErrorDetail, ParamError, param_named_in};
 use sdserve_serving::{ErrorKind, ServeError};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, with_hints};
 
 const INVALID_REQUEST: &str = "invalid_request_error";
 const SERVER_ERROR: &str = "server_error";
@@ -125,18 +125,8 @@ impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
         let authenticate = self.status == StatusCode::UNAUTHORIZED;
         let body = ErrorBody { error: self.detail };
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if authenticate {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        let response = (self.status, axum::Json(body)).into_response();
+        with_hints(response, self.retry_after, authenticate)
     }
 }
 
