@@ -9,15 +9,22 @@ use std::time::Duration;
 
 use sdserve_tests::*;
 
-/// The labels Prometheus gives a pod's samples through a PodMonitor (namespace, container)
-/// and the pod name KServe gives a predictor of the InferenceService `sd15`.
-fn scrape_config(metrics_port: u16) -> String {
-    format!(
-        "global:\n  scrape_interval: 1s\n\
-         scrape_configs:\n  - job_name: sdserve\n    metrics_path: /metrics\n    \
-         static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n        \
-         labels: {{namespace: sdserve, container: sdserve, pod: sd15-predictor-7c9d5-x2x4q}}\n"
-    )
+/// Two scrapes of the same server, one per manifest, each with the `namespace` and `pod`
+/// labels Prometheus gives a pod's samples (through a PodMonitor or pod annotations), the pod
+/// named as Kubernetes names the pods of `workload` (a Deployment, or KServe's predictor).
+fn scrape_config(metrics_port: u16, namespace: &str, workloads: &[&str]) -> String {
+    let jobs: String = workloads
+        .iter()
+        .enumerate()
+        .map(|(i, workload)| {
+            format!(
+                "  - job_name: job{i}\n    metrics_path: /metrics\n    static_configs:\n      \
+                 - targets: [\"127.0.0.1:{metrics_port}\"]\n        \
+                 labels: {{namespace: {namespace}, pod: {workload}-7c9d5f6b8-x2x4q}}\n"
+            )
+        })
+        .collect();
+    format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{jobs}")
 }
 
 /// The single number an instant query returns, or `None` while it returns nothing.
@@ -53,23 +60,29 @@ fn long_generation(s: &Server) -> TcpStream {
 #[test]
 fn the_autoscaling_queries_count_queued_and_running_requests() {
     let all = kubernetes_manifests();
-    let keda = manifest(&all, "plain/scaled-object.yaml", "ScaledObject")["spec"]["triggers"][0]
-        ["metadata"]["query"]
+    let scaled = manifest(&all, "plain/scaled-object.yaml", "ScaledObject");
+    let keda = scaled["spec"]["triggers"][0]["metadata"]["query"]
         .as_str()
         .expect("the ScaledObject's query")
         .to_owned();
-    let kserve = manifest(&all, "kserve/inference-service.yaml", "InferenceService")["spec"]
-        ["predictor"]["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
-        .as_str()
-        .expect("the InferenceService's query")
-        .to_owned();
+    let isvc = manifest(&all, "kserve/inference-service.yaml", "InferenceService");
+    let kserve =
+        isvc["spec"]["predictor"]["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
+            .as_str()
+            .expect("the InferenceService's query")
+            .to_owned();
+    let namespace = scaled["metadata"]["namespace"].as_str().unwrap();
+    assert_eq!(isvc["metadata"]["namespace"], namespace);
+    let deployment = scaled["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+    let predictor = format!("{}-predictor", isvc["metadata"]["name"].as_str().unwrap());
 
     let repo = Repo::new();
     repo.tiny("tiny");
     let s = launch(&repo)
         .args(["--parallel-workers", "1", "--max-queue-size", "4"])
         .start();
-    let prom = Prometheus::start(&scrape_config(s.metrics_port()), &[]);
+    let config = scrape_config(s.metrics_port(), namespace, &[deployment, &predictor]);
+    let prom = Prometheus::start(&config, &[]);
     let both_equal = |want: f64| {
         [&keda, &kserve]
             .iter()

@@ -29,7 +29,7 @@ fn every_manifest_validates_and_broken_copies_do_not() {
         .count();
     let passed = exit.stdout.lines().filter(|l| l.starts_with("ok ")).count();
     assert!(
-        files >= 7 && passed == files,
+        files >= 8 && passed == files,
         "{passed} of {files}:\n{}",
         exit.stdout
     );
@@ -123,8 +123,9 @@ fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
         .as_str()
 }
 
-/// The probes, ports, variables and security of a serving container, against `defaults`.
-fn check_container(c: &Value, d: &ServerSettings, known_variables: &str) {
+/// The probes, ports, variables and security of a serving container, against `defaults`;
+/// `pod_security`: the pod's security context, if the manifest has one.
+fn check_container(c: &Value, pod_security: &Value, d: &ServerSettings, known_variables: &str) {
     let name = &c["name"];
     // `command` replaces the image's CMD; the images of docker/ put sdserve on PATH.
     assert_eq!(c["command"], json!(["sdserve"]), "{name}");
@@ -136,9 +137,21 @@ fn check_container(c: &Value, d: &ServerSettings, known_variables: &str) {
             "{dockerfile} installs /usr/local/bin/sdserve and runs as uid 1001"
         );
     }
-    assert_eq!(
-        c["securityContext"]["runAsUser"].as_u64().unwrap_or(1001),
-        1001
+    let uid = [&c["securityContext"], pod_security]
+        .iter()
+        .find_map(|s| s["runAsUser"].as_u64());
+    assert_eq!(uid, Some(1001), "{name}: the images' user");
+    let mounts = c["volumeMounts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    assert!(
+        mounts.iter().any(|m| m["mountPath"] == "/tmp"),
+        "{name}: a writable /tmp on the read-only root filesystem"
+    );
+    assert!(
+        env(c, "CUDA_CACHE_PATH").is_some_and(|p| p.starts_with("/tmp/")),
+        "{name}"
     );
     let ports = [
         ("http", "MLSERVER_HTTP_PORT", d.http_port),
@@ -228,7 +241,7 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
     let deployment = manifest(&all, DEPLOYMENT, "Deployment");
     let pod = &deployment["spec"]["template"];
     let container = &pod["spec"]["containers"][0];
-    check_container(container, &d, &settings);
+    check_container(container, &pod["spec"]["securityContext"], &d, &settings);
     check_grace(
         &pod["spec"]["terminationGracePeriodSeconds"],
         container,
@@ -247,10 +260,6 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
         mounts
             .iter()
             .any(|m| m["mountPath"] == "/mnt/models" && m["readOnly"] == true)
-    );
-    assert!(
-        mounts.iter().any(|m| m["mountPath"] == "/tmp"),
-        "a writable /tmp"
     );
 
     let service = manifest(&all, "plain/service.yaml", "Service");
@@ -281,10 +290,13 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
         );
     }
     let scaled = manifest(&all, "plain/scaled-object.yaml", "ScaledObject");
-    assert_eq!(
-        scaled["spec"]["scaleTargetRef"]["name"],
-        deployment["metadata"]["name"]
-    );
+    let name = deployment["metadata"]["name"].as_str().unwrap();
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], name);
+    // The Deployment's pods are named after it: the query selects them by that name.
+    let query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap();
+    assert!(query.contains(&format!("pod=~\"{name}-.*\"")), "{query}");
 
     // KServe.
     let runtime = manifest(&all, RUNTIME, "ClusterServingRuntime");
@@ -294,8 +306,14 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
         .iter()
         .find(|c| c["name"] == "kserve-container")
         .expect("the kserve-container");
-    check_container(container, &d, &settings);
+    check_container(container, &Value::Null, &d, &settings);
     assert_eq!(env(container, "MLSERVER_MODEL_NAME"), Some("{{.Name}}"));
+    let volumes = runtime["spec"]["volumes"].as_array().unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["name"] == "tmp" && v.get("emptyDir").is_some())
+    );
     let annotations = &runtime["spec"]["annotations"];
     assert_eq!(
         annotations["prometheus.kserve.io/port"],
@@ -315,8 +333,30 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
         predictor["model"]["modelFormat"]["name"],
         runtime["spec"]["supportedModelFormats"][0]["name"]
     );
+    let annotations = &isvc["metadata"]["annotations"];
+    assert_eq!(annotations["serving.kserve.io/autoscalerClass"], "keda");
     assert_eq!(
-        isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"],
-        "keda"
+        annotations["serving.kserve.io/enable-prometheus-scraping"],
+        "true"
+    );
+    // KServe labels the predictor pods with the InferenceService's name and names them
+    // `<name>-predictor-…`: the PodMonitor and the query find them so.
+    let name = isvc["metadata"]["name"].as_str().unwrap();
+    let monitor = manifest(&all, "kserve/pod-monitor.yaml", "PodMonitor");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["serving.kserve.io/inferenceservice"],
+        name
+    );
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        (&endpoint["port"], &endpoint["path"]),
+        (&json!("metrics"), &json!(metrics_path))
+    );
+    let query = predictor["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
+        .as_str()
+        .unwrap();
+    assert!(
+        query.contains(&format!("pod=~\"{name}-predictor-.*\"")),
+        "{query}"
     );
 }

@@ -2,6 +2,8 @@
 //! checks with the `openai` package: the bearer token, the `rest_server_*` and model metrics of
 //! the new routes, and hostile bodies (every one a 4xx in OpenAI's shape, nothing queued).
 
+use std::io::Write;
+
 use serde_json::{Value, json};
 
 use sdserve_tests::*;
@@ -111,6 +113,85 @@ fn openai_routes_are_counted_like_the_v2_routes() {
     assert_eq!(m.value("model_infer_request_failure_total", &model), 1.0);
 }
 
+/// An edit whose image is the first 100 bytes of a real PNG file.
+fn truncated_png_edit() -> Vec<u8> {
+    let png =
+        std::fs::read(workspace_root().join("models/reference/img2img/input_odd.png")).unwrap();
+    let mut body = b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n\
+        --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        .to_vec();
+    body.extend_from_slice(&png[..100]);
+    body.extend_from_slice(b"\r\n--B--\r\n");
+    body
+}
+
+#[test]
+fn unknown_routes_and_methods_under_v1_are_openai_shaped() {
+    let (_repo, s) = server();
+    let cases = [
+        (Method::POST, "/v1/images/variations", 404),
+        (Method::GET, "/v1/chat/completions", 404),
+        (Method::GET, "/v1/images/generations", 405),
+        (Method::DELETE, "/v1/models/tiny", 405),
+    ];
+    for (method, path, status) in cases {
+        let r = s.send(
+            s.client()
+                .request(method.clone(), s.url(path))
+                .header("authorization", format!("Bearer {TOKEN}")),
+        );
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+        let e = openai_error(&r);
+        assert!(e["message"].as_str().unwrap().contains(path), "{e}");
+    }
+}
+
+/// A V2 generation far longer than the test, sent by hand so that hanging up cancels it.
+fn held_generation(s: &Server) -> std::net::TcpStream {
+    let long = prompt_request(
+        "a red circle",
+        json!({"num_inference_steps": 150, "height": 512, "width": 512}),
+    )
+    .to_string();
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", s.http_port)).unwrap();
+    write!(
+        held,
+        "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+        long.len()
+    )
+    .unwrap();
+    held
+}
+
+#[test]
+fn a_full_server_refuses_before_reading_the_body() {
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    repo.settings(json!({"auth_token": TOKEN}));
+    let s = launch(&repo)
+        .args(["--parallel-workers", "1", "--max-queue-size", "1"])
+        .start();
+    // Both slots taken: one generating, one queued behind it.
+    let gauge = |name: &str| s.scrape().value(name, &[]);
+    let running = held_generation(&s);
+    wait_until("the first to run", START_TIMEOUT, || {
+        gauge("sdserve_requests_running") == 1.0
+    });
+    let queued = held_generation(&s);
+    wait_until("the second to queue", START_TIMEOUT, || {
+        gauge("sdserve_queue_depth") == 1.0
+    });
+    let r = generate(&s, &json!({"prompt": "a cat", "num_inference_steps": 1}));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(openai_error(&r)["code"], "server_overloaded");
+    // A body that would be a 400 once read is refused unread.
+    let r = post(&s, "/v1/images/generations", "{", "application/json");
+    assert_eq!(r.status, 503, "{}", r.text());
+    drop((running, queued));
+}
+
 #[test]
 fn hostile_bodies_are_openai_shaped_4xx_and_nothing_runs() {
     let (_repo, s) = server();
@@ -189,11 +270,7 @@ fn hostile_bodies_are_openai_shaped_4xx_and_nothing_runs() {
         ),
         (
             "/v1/images/edits",
-            form(
-                "--B\nContent-Disposition: form-data; name=\"prompt\"\n\nx\n\
-                 --B\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\n\n\
-                 \u{89}PNG truncated\n--B--\n",
-            ),
+            truncated_png_edit(),
             form_type,
             400,
             json!("image"),

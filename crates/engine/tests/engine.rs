@@ -787,7 +787,8 @@ async fn the_memory_budget_runs_what_fits_one_at_a_time_and_refuses_what_never_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_out_of_memory_error_fails_its_job_naming_the_stage_and_frees_its_memory() {
+async fn a_model_error_such_as_device_out_of_memory_fails_its_job_naming_the_stage_and_frees_its_reservation()
+ {
     let (engine, _) = engine_on_a_budget(1, Duration::from_millis(5)).await;
     match infer(&engine, request("device out of memory"), None).await {
         Err(EngineError::Internal { stage, message }) => {

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{from_fn_with_state, map_response};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use sdserve_engine::metrics::{CONTENT_TYPE, Registry};
 use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
@@ -59,12 +59,18 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
         .route(
             "/v2/repository/models/{model_name}/unload",
             post(repository::unload),
-        )
-        // OpenAI's Images API.
-        .route("/v1/images/generations", post(openai::generations))
-        .route("/v1/images/edits", post(openai::edits))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/models/{model}", get(openai::model));
+        );
+    // OpenAI's Images API, answering unknown routes and methods in OpenAI's error shape.
+    let openai_routes: [(&str, MethodRouter<SharedState>); 4] = [
+        ("/v1/images/generations", post(openai::generations)),
+        ("/v1/images/edits", post(openai::edits)),
+        ("/v1/models", get(openai::models)),
+        ("/v1/models/{model}", get(openai::model)),
+    ];
+    for (path, method) in openai_routes {
+        r = r.route(path, method.fallback(openai::method_not_allowed));
+    }
+    r = r.route("/v1/{*rest}", any(openai::not_found));
     for base in [MODEL, VERSION] {
         for action in ["infer", "generate"] {
             r = r.route(&format!("{base}/{action}"), post(infer::infer));
@@ -158,9 +164,14 @@ fn cors_layer(c: &Cors) -> CorsLayer {
     }
 }
 
-/// axum answers a wrong method with an empty 405; give it a JSON body, keep `allow`.
+/// axum answers a wrong method with an empty 405; give it a JSON body, keep `allow`. (The
+/// OpenAI routes answer their own, with a body.)
 async fn json_405(response: Response) -> Response {
-    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED
+        || response
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE)
+    {
         return response;
     }
     let (parts, _) = response.into_parts();

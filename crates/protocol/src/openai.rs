@@ -246,16 +246,21 @@ fn common(f: &mut Fields) -> Result<ImagesRequest, ParamError> {
         &["auto", "opaque"],
         "sdserve's images are opaque",
     )?;
-    if let Some(style) = f.string("style")? {
-        return Err(bad(
-            "style",
-            format!("'style' ('{style}') is not supported: describe the style in the prompt"),
-        ));
+    check_choice(
+        f,
+        "moderation",
+        &["auto", "low"],
+        "sdserve runs no content moderation",
+    )?;
+    for (name, why) in REFUSED {
+        if f.take(name)?.is_some() {
+            return Err(bad(name, format!("'{name}' is not supported: {why}")));
+        }
     }
-    if f.boolean("stream")? == Some(true) {
+    if f.boolean("stream")? == Some(true) || f.integer("partial_images")?.is_some_and(|n| n > 0) {
         return Err(bad(
             "stream",
-            "streaming is not supported on this route; use the V2 route generate_stream for progress events",
+            "streaming is not supported on this route; the V2 route generate_stream sends progress events and previews",
         ));
     }
     // An end-user id for abuse tracking at OpenAI; nothing here uses it.
@@ -280,6 +285,19 @@ fn common(f: &mut Fields) -> Result<ImagesRequest, ParamError> {
         },
     })
 }
+
+/// OpenAI's fields that sdserve cannot honour, refused whenever given, and why.
+const REFUSED: &[(&str, &str)] = &[
+    ("style", "describe the style in the prompt"),
+    (
+        "output_compression",
+        "it applies to JPEG and WebP, and sdserve writes PNG",
+    ),
+    (
+        "input_fidelity",
+        "image-to-image follows 'strength' instead",
+    ),
+];
 
 const URL_REFUSED: &str =
     "sdserve stores no files, so it has no URLs to give; ask for response_format 'b64_json'";
@@ -324,28 +342,39 @@ fn parse_size(s: &str) -> Result<(Option<i64>, Option<i64>), ParamError> {
     }
 }
 
-/// Where a message from the generation's validation names one of the contract's fields, the
-/// OpenAI parameter a client set: the first field the message quotes, translated.
-pub fn param_named_in(message: &str) -> Option<String> {
-    const NAMES: &[(&str, &str)] = &[
-        ("'height'", "size"),
-        ("'width'", "size"),
-        ("'num_images_per_prompt'", "n"),
-        ("'prompt'", "prompt"),
-        ("'negative_prompt'", "negative_prompt"),
-        ("'num_inference_steps'", "num_inference_steps"),
-        ("'guidance_scale'", "guidance_scale"),
-        ("'scheduler'", "scheduler"),
-        ("'seed'", "seed"),
-        ("'strength'", "strength"),
-        ("'image'", "image"),
-        ("'mask_image'", "mask"),
+/// A message of the generation's validation in OpenAI's terms: the contract's fields it quotes
+/// renamed as an OpenAI client set them, and the first of them as `param`.
+pub fn in_openai_terms(message: &str) -> (String, Option<String>) {
+    // (as the contract quotes it, as an OpenAI client knows it, OpenAI's parameter)
+    const NAMES: &[(&str, &str, &str)] = &[
+        ("'height'", "the height of 'size'", "size"),
+        ("'width'", "the width of 'size'", "size"),
+        ("'num_images_per_prompt'", "'n'", "n"),
+        ("'mask_image'", "'mask'", "mask"),
+        ("'prompt'", "'prompt'", "prompt"),
+        ("'negative_prompt'", "'negative_prompt'", "negative_prompt"),
+        (
+            "'num_inference_steps'",
+            "'num_inference_steps'",
+            "num_inference_steps",
+        ),
+        ("'guidance_scale'", "'guidance_scale'", "guidance_scale"),
+        ("'scheduler'", "'scheduler'", "scheduler"),
+        ("'seed'", "'seed'", "seed"),
+        ("'strength'", "'strength'", "strength"),
+        ("'image'", "'image'", "image"),
     ];
-    NAMES
+    let param = NAMES
         .iter()
-        .filter_map(|(quoted, param)| message.find(quoted).map(|at| (at, *param)))
+        .filter_map(|(quoted, _, param)| message.find(quoted).map(|at| (at, *param)))
         .min_by_key(|(at, _)| *at)
-        .map(|(_, param)| param.to_owned())
+        .map(|(_, param)| param.to_owned());
+    let renamed = NAMES
+        .iter()
+        .fold(message.to_owned(), |m, (quoted, known, _)| {
+            m.replace(quoted, known)
+        });
+    (renamed, param)
 }
 
 /// The answer of both image routes.
@@ -426,6 +455,7 @@ mod tests {
         let r = generation(json!({
             "model": "tiny", "prompt": "a red circle", "n": 2, "size": "128x64",
             "response_format": "b64_json", "user": "u-1", "quality": "standard",
+            "moderation": "low", "stream": false, "partial_images": 0,
             "negative_prompt": "blue", "seed": 7, "num_inference_steps": 4,
             "guidance_scale": 5.5, "scheduler": "ddim", "style": null
         }))
@@ -468,6 +498,12 @@ mod tests {
                 "background",
             ),
             (json!({"prompt": "x", "stream": true}), "stream"),
+            (json!({"prompt": "x", "partial_images": 2}), "stream"),
+            (
+                json!({"prompt": "x", "output_compression": 80}),
+                "output_compression",
+            ),
+            (json!({"prompt": "x", "moderation": "strict"}), "moderation"),
             (json!({"prompt": "x", "temperature": 1}), "temperature"),
             (json!({"prompt": 3}), "prompt"),
             (json!({"n": 1}), "prompt"),
@@ -540,24 +576,28 @@ mod tests {
     }
 
     #[test]
-    fn validation_messages_point_at_openai_parameters() {
+    fn validation_messages_speak_of_openai_parameters() {
         let cases = [
             (
-                "'height' and 'width' must be multiples of 8 for this model",
+                "'height' is 60; it must be a multiple of 8",
+                "the height of 'size' is 60; it must be a multiple of 8",
                 Some("size"),
             ),
             (
                 "'num_images_per_prompt' is 99; it must be between 1 and 8",
+                "'n' is 99; it must be between 1 and 8",
                 Some("n"),
             ),
             (
                 "input 'mask_image' element 0 declares 9×9 pixels",
+                "input 'mask' element 0 declares 9×9 pixels",
                 Some("mask"),
             ),
-            ("the model is busy", None),
+            ("the model is busy", "the model is busy", None),
         ];
-        for (message, param) in cases {
-            assert_eq!(param_named_in(message).as_deref(), param, "{message}");
+        for (message, renamed, param) in cases {
+            let (m, p) = in_openai_terms(message);
+            assert_eq!((m.as_str(), p.as_deref()), (renamed, param), "{message}");
         }
     }
 }

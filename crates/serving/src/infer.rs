@@ -36,6 +36,13 @@ pub struct Pending {
     engine: Engine,
 }
 
+/// A slot taken before the request says which model it is for: OpenAI's bodies name the model
+/// inside, and the slot must be held before a body is read, as on the V2 routes.
+pub struct Slot {
+    admission: Admission,
+    engine: Engine,
+}
+
 /// A request that passed admission and validation, ready to queue.
 pub struct Accepted {
     /// The request's `id`, or a fresh UUID.
@@ -70,6 +77,37 @@ impl Service {
                 e.log("-", model);
                 Err(e)
             }
+        }
+    }
+}
+
+impl Service {
+    /// Takes a slot for a request whose model is not known yet. A refusal is counted by the
+    /// transport's metrics only: there is no model to count it for.
+    pub fn admit_unnamed(&self) -> Result<Slot, ServeError> {
+        match self.engine.admit() {
+            Ok(admission) => Ok(Slot {
+                admission,
+                engine: self.engine.clone(),
+            }),
+            Err(e) => {
+                let e = ServeError::from(e);
+                e.log("-", "-");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Slot {
+    /// The request turned out to be for `model`: from here on it is counted for it.
+    pub fn for_model(self, model: &str) -> Pending {
+        Pending {
+            model: model.to_owned(),
+            version: None,
+            observer: self.engine.observer(model, "None"),
+            admission: self.admission,
+            engine: self.engine,
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod stream;
 
 pub use cloud_events::cloud_events;
 pub use error::{ErrorKind, ServeError};
-pub use infer::{Accepted, Mode, Pending, new_id};
+pub use infer::{Accepted, Mode, Pending, Slot, new_id};
 pub use metadata::{ReadyModel, model_parameters};
 pub use repository::{ModelRepository, RepositoryError};
 pub use response::{Generated, effective_parameters};

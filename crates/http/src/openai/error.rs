@@ -4,7 +4,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use sdserve_protocol::openai::{ErrorBody, ErrorDetail, ParamError, param_named_in};
+use sdserve_protocol::openai::{ErrorBody, ErrorDetail, ParamError, in_openai_terms};
 use sdserve_serving::{ErrorKind, ServeError};
 
 use crate::error::{ApiError, with_hints};
@@ -48,6 +48,11 @@ impl OpenAiError {
         self
     }
 
+    /// An unknown route or method under `/v1`.
+    pub fn route(status: StatusCode, message: String) -> Self {
+        Self::new(status.as_u16(), INVALID_REQUEST, message)
+    }
+
     /// A request that names no model while several are loaded, or none is.
     pub fn no_model_chosen(message: String, status: u16) -> Self {
         let kind = if status < 500 {
@@ -76,7 +81,7 @@ impl From<ServeError> for OpenAiError {
         let m = e.message;
         match e.kind {
             ErrorKind::Invalid | ErrorKind::Unprocessable => {
-                let param = param_named_in(&m);
+                let (m, param) = in_openai_terms(&m);
                 Self::new(400, INVALID_REQUEST, m).param(param)
             }
             ErrorKind::TooLarge => Self::new(413, INVALID_REQUEST, m).code("request_too_large"),

@@ -1,6 +1,7 @@
-//! The Images API routes. A request is read (within `max_request_body_bytes`) before it is
-//! admitted, since the model it is for is named inside the body; from admission on it is the
-//! V2 routes' path: the same queue, limits, deadlines, metrics and token.
+//! The Images API routes. As on the V2 routes a request takes its slot before its body is read
+//! (so the admission limit also bounds the bodies held in memory); the model, named inside the
+//! body, is known only once it is decoded. From there on it is the V2 routes' path: the same
+//! queue, limits, deadlines, metrics and token.
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -8,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use sdserve_protocol::openai::{
@@ -24,6 +25,10 @@ use crate::state::SharedState;
 
 /// Where progress events are, for a request that asks for previews here.
 const STREAMING_ROUTE: &str = "the V2 route generate_stream";
+
+/// A generation's JSON holds no files: a prompt and a few numbers. Bounding it well below
+/// `max_request_body_bytes` bounds what parsing it can allocate.
+pub const MAX_GENERATION_BODY_BYTES: usize = 1 << 20;
 
 pub async fn generations(
     State(state): State<SharedState>,
@@ -77,6 +82,18 @@ pub async fn model(
     respond(found)
 }
 
+/// A path under `/v1` that is not one of these routes.
+pub async fn not_found(method: Method, uri: Uri) -> Response {
+    let message = format!("Invalid URL ({method} {})", uri.path());
+    OpenAiError::route(StatusCode::NOT_FOUND, message).into_response()
+}
+
+/// A method these routes do not take.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let message = format!("Method {method} is not allowed on {}", uri.path());
+    OpenAiError::route(StatusCode::METHOD_NOT_ALLOWED, message).into_response()
+}
+
 fn respond<T: IntoResponse>(r: Result<T, OpenAiError>) -> Response {
     r.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
 }
@@ -94,7 +111,19 @@ async fn images(
     route: Route,
 ) -> Result<Json<ImagesResponse>, OpenAiError> {
     check_auth(state, headers)?;
-    let bytes = body::read(headers, body, state.config.max_request_body_bytes).await?;
+    let slot = match state.service.admit_unnamed() {
+        Ok(slot) => slot,
+        Err(e) => {
+            // Read and drop the body, so that the client reads the answer, not a reset.
+            body::drain(headers, body).await;
+            return Err(e.into());
+        }
+    };
+    let limit = match route {
+        Route::Generations => MAX_GENERATION_BODY_BYTES.min(state.config.max_request_body_bytes),
+        Route::Edits => state.config.max_request_body_bytes,
+    };
+    let bytes = body::read(headers, body, limit).await?;
     let request: ImagesRequest = match route {
         Route::Generations => openai::decode_generation(&bytes)?,
         Route::Edits => openai::decode_edit(form::fields(headers, bytes).await?)?,
@@ -103,11 +132,9 @@ async fn images(
     let unary = Mode::Unary {
         streaming_route: STREAMING_ROUTE,
     };
-    let accepted =
-        state
-            .service
-            .admit(&model, None)?
-            .accept_decoded(request.decoded, None, unary, None)?;
+    let accepted = slot
+        .for_model(&model)
+        .accept_decoded(request.decoded, None, unary, None)?;
     let generated = accepted.run(None).await?;
     Ok(Json(images_response(&generated)))
 }
