@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use sdserve_tests::*;
 
-/// Two scrapes of the same server, one per manifest, each with the `namespace` and `pod`
-/// labels Prometheus gives a pod's samples (through a PodMonitor or pod annotations), the pod
-/// named as Kubernetes names the pods of `workload` (a Deployment, or KServe's predictor).
+/// A scrape job of the same server per entry of `workloads`, each with the `namespace` and
+/// `pod` labels Prometheus gives a pod's samples (through a PodMonitor or pod annotations), the
+/// pod named as Kubernetes names the pods of the workload (a Deployment, or KServe's predictor).
 fn scrape_config(metrics_port: u16, namespace: &str, workloads: &[&str]) -> String {
     let jobs: String = workloads
         .iter()
@@ -81,7 +81,9 @@ fn the_autoscaling_queries_count_queued_and_running_requests() {
     let s = launch(&repo)
         .args(["--parallel-workers", "1", "--max-queue-size", "4"])
         .start();
-    let config = scrape_config(s.metrics_port(), namespace, &[deployment, &predictor]);
+    // Each pod scraped twice, as by its PodMonitor and by its annotations: counted once.
+    let workloads = [deployment, deployment, &predictor, &predictor];
+    let config = scrape_config(s.metrics_port(), namespace, &workloads);
     let prom = Prometheus::start(&config, &[]);
     let both_equal = |want: f64| {
         [&keda, &kserve]

@@ -316,10 +316,11 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
     );
     let annotations = &runtime["spec"]["annotations"];
     assert_eq!(
-        annotations["prometheus.kserve.io/port"],
+        annotations["prometheus.io/port"],
         d.metrics_port.to_string()
     );
-    assert_eq!(annotations["prometheus.kserve.io/path"], metrics_path);
+    assert_eq!(annotations["prometheus.io/path"], metrics_path);
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
     let isvc = manifest(&all, ISVC, "InferenceService");
     let predictor = &isvc["spec"]["predictor"];
     check_grace(
@@ -335,9 +336,10 @@ fn the_manifests_use_the_servers_ports_probes_and_drain() {
     );
     let annotations = &isvc["metadata"]["annotations"];
     assert_eq!(annotations["serving.kserve.io/autoscalerClass"], "keda");
+    // KServe's own scraping setup would point prometheus.io/port at a queue-proxy port.
     assert_eq!(
         annotations["serving.kserve.io/enable-prometheus-scraping"],
-        "true"
+        "false"
     );
     // KServe labels the predictor pods with the InferenceService's name and names them
     // `<name>-predictor-…`: the PodMonitor and the query find them so.

@@ -130,6 +130,8 @@ fn unknown_routes_and_methods_under_v1_are_openai_shaped() {
     let (_repo, s) = server();
     let cases = [
         (Method::POST, "/v1/images/variations", 404),
+        (Method::GET, "/v1", 404),
+        (Method::GET, "/v1/", 404),
         (Method::GET, "/v1/chat/completions", 404),
         (Method::GET, "/v1/images/generations", 405),
         (Method::DELETE, "/v1/models/tiny", 405),
@@ -189,6 +191,10 @@ fn a_full_server_refuses_before_reading_the_body() {
     // A body that would be a 400 once read is refused unread.
     let r = post(&s, "/v1/images/generations", "{", "application/json");
     assert_eq!(r.status, 503, "{}", r.text());
+    // With one model loaded, both refusals are counted for it.
+    let overloaded = [("model", "tiny"), ("reason", "overloaded")];
+    let m = s.scrape();
+    assert_eq!(m.value("sdserve_request_failures_total", &overloaded), 2.0);
     drop((running, queued));
 }
 
@@ -288,5 +294,30 @@ fn hostile_bodies_are_openai_shaped_4xx_and_nothing_runs() {
         m.find("sdserve_images_generated_total", &[("model", "tiny")])
             .unwrap_or(0.0),
         0.0
+    );
+}
+
+#[test]
+fn a_generation_body_over_its_own_bound_is_a_413_naming_it() {
+    let repo = Repo::new();
+    repo.tiny("tiny");
+    let s = launch(&repo).start();
+    // Under max_request_body_bytes (64 MiB by default), over a generation's 1 MiB.
+    let body = json!({"prompt": "x".repeat(2 << 20)}).to_string();
+    let r = s.send(
+        s.client()
+            .post(s.url("/v1/images/generations"))
+            .header("content-type", "application/json")
+            .body(body),
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
+    let e = openai_error(&r);
+    assert_eq!(e["code"], "request_too_large");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("generation's JSON body may hold at most 1048576 bytes"),
+        "{e}"
     );
 }

@@ -70,7 +70,9 @@ pub fn router(state: SharedState, rest_metrics: Option<Arc<RestMetrics>>) -> Rou
     for (path, method) in openai_routes {
         r = r.route(path, method.fallback(openai::method_not_allowed));
     }
-    r = r.route("/v1/{*rest}", any(openai::not_found));
+    for rest in ["/v1", "/v1/", "/v1/{*rest}"] {
+        r = r.route(rest, any(openai::not_found));
+    }
     for base in [MODEL, VERSION] {
         for action in ["infer", "generate"] {
             r = r.route(&format!("{base}/{action}"), post(infer::infer));

@@ -257,11 +257,12 @@ fn common(f: &mut Fields) -> Result<ImagesRequest, ParamError> {
             return Err(bad(name, format!("'{name}' is not supported: {why}")));
         }
     }
-    if f.boolean("stream")? == Some(true) || f.integer("partial_images")?.is_some_and(|n| n > 0) {
-        return Err(bad(
-            "stream",
-            "streaming is not supported on this route; the V2 route generate_stream sends progress events and previews",
-        ));
+    const NO_STREAMING: &str = "streaming is not supported on this route; the V2 route generate_stream sends progress events and previews";
+    if f.boolean("stream")? == Some(true) {
+        return Err(bad("stream", NO_STREAMING));
+    }
+    if f.integer("partial_images")?.is_some_and(|n| n != 0) {
+        return Err(bad("partial_images", NO_STREAMING));
     }
     // An end-user id for abuse tracking at OpenAI; nothing here uses it.
     let _user = f.string("user")?;
@@ -498,7 +499,14 @@ mod tests {
                 "background",
             ),
             (json!({"prompt": "x", "stream": true}), "stream"),
-            (json!({"prompt": "x", "partial_images": 2}), "stream"),
+            (
+                json!({"prompt": "x", "partial_images": 2}),
+                "partial_images",
+            ),
+            (
+                json!({"prompt": "x", "partial_images": -1}),
+                "partial_images",
+            ),
             (
                 json!({"prompt": "x", "output_compression": 80}),
                 "output_compression",

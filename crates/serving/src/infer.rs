@@ -82,8 +82,9 @@ impl Service {
 }
 
 impl Service {
-    /// Takes a slot for a request whose model is not known yet. A refusal is counted by the
-    /// transport's metrics only: there is no model to count it for.
+    /// Takes a slot for a request whose model is not known yet. A refusal is counted for the
+    /// only model loaded, when there is one (a pod's usual case); else by the transport's
+    /// metrics only.
     pub fn admit_unnamed(&self) -> Result<Slot, ServeError> {
         match self.engine.admit() {
             Ok(admission) => Ok(Slot {
@@ -91,6 +92,9 @@ impl Service {
                 engine: self.engine.clone(),
             }),
             Err(e) => {
+                if let [only] = self.ready_models().as_slice() {
+                    self.engine.observer(&only.name, "None").finish(Err(&e));
+                }
                 let e = ServeError::from(e);
                 e.log("-", "-");
                 Err(e)

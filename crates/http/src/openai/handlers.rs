@@ -123,7 +123,18 @@ async fn images(
         Route::Generations => MAX_GENERATION_BODY_BYTES.min(state.config.max_request_body_bytes),
         Route::Edits => state.config.max_request_body_bytes,
     };
-    let bytes = body::read(headers, body, limit).await?;
+    let bytes = body::read(headers, body, limit).await.map_err(|e| {
+        // Over the generation's own bound, not `max_request_body_bytes`: say which.
+        if limit < state.config.max_request_body_bytes && e.status == StatusCode::PAYLOAD_TOO_LARGE
+        {
+            OpenAiError::from(sdserve_serving::ServeError::new(
+                sdserve_serving::ErrorKind::TooLarge,
+                format!("a generation's JSON body may hold at most {limit} bytes"),
+            ))
+        } else {
+            OpenAiError::from(e)
+        }
+    })?;
     let request: ImagesRequest = match route {
         Route::Generations => openai::decode_generation(&bytes)?,
         Route::Edits => openai::decode_edit(form::fields(headers, bytes).await?)?,
