@@ -704,6 +704,11 @@ impl Server {
     }
 
     /// One scrape of the metrics endpoint.
+    /// The value of an unlabelled gauge in one scrape.
+    pub fn gauge(&self, name: &str) -> f64 {
+        self.scrape().value(name, &[])
+    }
+
     pub fn scrape(&self) -> Metrics {
         self.scrape_path("/metrics")
     }
@@ -1465,4 +1470,25 @@ pub fn manifest<'a>(all: &'a Value, file: &str, kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} in {file}"));
     assert!(of_kind.next().is_none(), "several {kind} in {file}");
     doc
+}
+
+/// A V2 generation on model `tiny` far longer than any test (150 steps at 512²), written by hand
+/// on its own connection so that dropping the stream hangs up and cancels it. `token`: the
+/// bearer token, when the server wants one.
+pub fn held_generation(s: &Server, token: Option<&str>) -> std::net::TcpStream {
+    let body = prompt_request(
+        "a red circle",
+        json!({"num_inference_steps": 150, "height": 512, "width": 512}),
+    )
+    .to_string();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.http_port)).expect("connecting");
+    write!(
+        stream,
+        "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sending the long request");
+    stream
 }

@@ -3,8 +3,6 @@
 //! scrapes sdserve while a workload holds requests running and queued: each returns the number
 //! of requests queued plus running.
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
 use sdserve_tests::*;
@@ -33,28 +31,6 @@ fn scalar(prom: &Prometheus, query: &str) -> Option<f64> {
     let result = data["result"].as_array()?;
     assert!(result.len() <= 1, "{query} returned several series: {data}");
     result.first()?["value"][1].as_str()?.parse().ok()
-}
-
-fn gauge(s: &Server, name: &str) -> f64 {
-    s.scrape().value(name, &[])
-}
-
-/// A generation far longer than the test, sent by hand so that closing the socket cancels it.
-fn long_generation(s: &Server) -> TcpStream {
-    let body = prompt_request(
-        "a red circle",
-        json!({"num_inference_steps": 150, "height": 512, "width": 512}),
-    )
-    .to_string();
-    let mut stream = TcpStream::connect(("127.0.0.1", s.http_port)).expect("connecting");
-    write!(
-        stream,
-        "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("sending the long request");
-    stream
 }
 
 #[test]
@@ -95,9 +71,9 @@ fn the_autoscaling_queries_count_queued_and_running_requests() {
         both_equal(0.0)
     });
 
-    let long = long_generation(&s);
+    let long = held_generation(&s, None);
     wait_until("the long request to run", START_TIMEOUT, || {
-        gauge(&s, "sdserve_requests_running") == 1.0
+        s.gauge("sdserve_requests_running") == 1.0
     });
     std::thread::scope(|scope| {
         let queued: Vec<_> = (0..2)
@@ -111,7 +87,7 @@ fn the_autoscaling_queries_count_queued_and_running_requests() {
             })
             .collect();
         wait_until("two requests queued behind it", START_TIMEOUT, || {
-            gauge(&s, "sdserve_queue_depth") == 2.0
+            s.gauge("sdserve_queue_depth") == 2.0
         });
         wait_until(
             "both queries to return 1 running + 2 queued",

@@ -2,8 +2,6 @@
 //! checks with the `openai` package: the bearer token, the `rest_server_*` and model metrics of
 //! the new routes, and hostile bodies (every one a 4xx in OpenAI's shape, nothing queued).
 
-use std::io::Write;
-
 use serde_json::{Value, json};
 
 use sdserve_tests::*;
@@ -148,24 +146,6 @@ fn unknown_routes_and_methods_under_v1_are_openai_shaped() {
     }
 }
 
-/// A V2 generation far longer than the test, sent by hand so that hanging up cancels it.
-fn held_generation(s: &Server) -> std::net::TcpStream {
-    let long = prompt_request(
-        "a red circle",
-        json!({"num_inference_steps": 150, "height": 512, "width": 512}),
-    )
-    .to_string();
-    let mut held = std::net::TcpStream::connect(("127.0.0.1", s.http_port)).unwrap();
-    write!(
-        held,
-        "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
-        long.len()
-    )
-    .unwrap();
-    held
-}
-
 #[test]
 fn a_full_server_refuses_before_reading_the_body() {
     let repo = Repo::new();
@@ -175,14 +155,13 @@ fn a_full_server_refuses_before_reading_the_body() {
         .args(["--parallel-workers", "1", "--max-queue-size", "1"])
         .start();
     // Both slots taken: one generating, one queued behind it.
-    let gauge = |name: &str| s.scrape().value(name, &[]);
-    let running = held_generation(&s);
+    let running = held_generation(&s, Some(TOKEN));
     wait_until("the first to run", START_TIMEOUT, || {
-        gauge("sdserve_requests_running") == 1.0
+        s.gauge("sdserve_requests_running") == 1.0
     });
-    let queued = held_generation(&s);
+    let queued = held_generation(&s, Some(TOKEN));
     wait_until("the second to queue", START_TIMEOUT, || {
-        gauge("sdserve_queue_depth") == 1.0
+        s.gauge("sdserve_queue_depth") == 1.0
     });
     let r = generate(&s, &json!({"prompt": "a cat", "num_inference_steps": 1}));
     assert_eq!(r.status, 503, "{}", r.text());

@@ -345,10 +345,6 @@ fn failures(s: &Server) {
     s.get("/v2/models/nope/ready").expect(404);
 }
 
-fn gauge(s: &Server, name: &str) -> f64 {
-    s.scrape().value(name, &[])
-}
-
 /// With one worker and one queue slot: a long request runs, a second one waits in the queue
 /// behind it, and `refused` more are turned away with 503 while both are admitted.
 fn queue_and_overflow(s: &Server, long_steps: u32, refused: usize) {
@@ -360,11 +356,11 @@ fn queue_and_overflow(s: &Server, long_steps: u32, refused: usize) {
     std::thread::scope(|scope| {
         let long = scope.spawn(|| s.infer("tiny", &long_request));
         wait_until("the long request to run", START_TIMEOUT, || {
-            gauge(s, "sdserve_requests_running") == 1.0
+            s.gauge("sdserve_requests_running") == 1.0
         });
         let queued = scope.spawn(|| s.infer("tiny", &ok_request(2)));
         wait_until("the second request to be queued", START_TIMEOUT, || {
-            gauge(s, "sdserve_queue_depth") == 1.0
+            s.gauge("sdserve_queue_depth") == 1.0
         });
         for _ in 0..refused {
             s.infer("tiny", &ok_request(1)).expect(503);

@@ -62,16 +62,10 @@ impl Service {
     /// Takes a slot for a request to `model` (`version`: the one named in the call), before
     /// its message is read.
     pub fn admit(&self, model: &str, version: Option<&str>) -> Result<Pending, ServeError> {
-        let observer = self.engine.observer(model, version.unwrap_or("None"));
         match self.engine.admit() {
-            Ok(admission) => Ok(Pending {
-                model: model.to_owned(),
-                version: version.map(str::to_owned),
-                admission,
-                observer,
-                engine: self.engine.clone(),
-            }),
+            Ok(admission) => Ok(Pending::new(admission, self.engine.clone(), model, version)),
             Err(e) => {
+                let observer = self.engine.observer(model, version.unwrap_or("None"));
                 observer.finish(Err(&e));
                 let e = ServeError::from(e);
                 e.log("-", model);
@@ -79,9 +73,7 @@ impl Service {
             }
         }
     }
-}
 
-impl Service {
     /// Takes a slot for a request whose model is not known yet. A refusal is counted for the
     /// only model loaded, when there is one (a pod's usual case); else by the transport's
     /// metrics only.
@@ -106,17 +98,22 @@ impl Service {
 impl Slot {
     /// The request turned out to be for `model`: from here on it is counted for it.
     pub fn for_model(self, model: &str) -> Pending {
-        Pending {
-            model: model.to_owned(),
-            version: None,
-            observer: self.engine.observer(model, "None"),
-            admission: self.admission,
-            engine: self.engine,
-        }
+        Pending::new(self.admission, self.engine, model, None)
     }
 }
 
 impl Pending {
+    /// A request to `model` (`version`: the one named in the call) holding `admission`.
+    fn new(admission: Admission, engine: Engine, model: &str, version: Option<&str>) -> Self {
+        Pending {
+            model: model.to_owned(),
+            version: version.map(str::to_owned),
+            observer: engine.observer(model, version.unwrap_or("None")),
+            admission,
+            engine,
+        }
+    }
+
     /// The transport could not read the request: counted as a failure and handed back.
     pub fn fail(self, e: ServeError) -> ServeError {
         e.log("-", &self.model);
