@@ -93,12 +93,12 @@ fi
 
 # The stub only has to satisfy the linker: one symbol per driver entry point cudarc declares.
 # It returns an error code for everything, so a binary run against it sees "no CUDA device".
-find_cudarc() {
-    find "${CARGO_HOME:-$HOME/.cargo}"/registry/src -maxdepth 2 -type d -name cudarc-0.19.10 2>/dev/null | head -n 1
+find_cudarc() { # empty, not a failure, when the registry has no sources yet (a fresh machine)
+    { find "${CARGO_HOME:-$HOME/.cargo}"/registry/src -maxdepth 2 -type d -name cudarc-0.19.10 2>/dev/null || true; } | head -n 1
 }
 CUDARC_SRC=$(find_cudarc)
 if [ -z "$CUDARC_SRC" ]; then
-    (cd "$REPO" && cargo fetch --locked --quiet)
+    (cd "$REPO" && cargo fetch --locked)
     CUDARC_SRC=$(find_cudarc)
 fi
 [ -n "$CUDARC_SRC" ] || { echo "cudarc 0.19.10 sources not found in the cargo registry" >&2; exit 1; }

@@ -4,6 +4,10 @@ it over HTTP, as a client would. Results go to a JSON file rewritten after every
 Server 1 (no batching): first-request latency, seconds per image, UNet it/s, the image from the
 shared latents. Server 2 (adaptive batching, max_batch_size = concurrency): images/s at
 `concurrency` simultaneous requests.
+
+--server-env KEY=VALUE passes a variable to the server (SDSERVE_CUDA_TUNING=off measures
+candle's defaults). --stages measures nothing else: one server with SDSERVE_PROFILE=1 runs one
+image at the profile's steps, and the JSON gets the per-stage device times it logged.
 """
 
 import argparse
@@ -11,6 +15,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +50,7 @@ def get_status(url):
 
 
 class Server:
-    def __init__(self, binary, root, port, log_path, batch, device, dtype, model_dir):
+    def __init__(self, binary, root, port, log_path, batch, device, dtype, model_dir, env=None):
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         model_root = os.path.join(root, MODEL)
@@ -60,8 +65,10 @@ class Server:
         with open(os.path.join(model_root, "model-settings.json"), "w") as f:
             json.dump(settings, f, indent=2)
         self.log = open(log_path, "a")
-        self.log.write(f"\n===== sdserve start (max_batch_size {batch}) =====\n")
+        self.log.write(f"\n===== sdserve start (max_batch_size {batch}, env {env or {}}) =====\n")
         self.log.flush()
+        self.log_path = log_path
+        self.log_start = self.log.tell()
         cmd = [
             binary, "start", root,
             "--host", "127.0.0.1",
@@ -71,7 +78,7 @@ class Server:
             "--parallel-workers", "1",
         ]
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         with open(os.path.join(os.path.dirname(root), "server.pid"), "w") as f:
             f.write(str(self.proc.pid))
 
@@ -123,6 +130,25 @@ class Server:
         count = values.get("sdserve_batch_images_count")
         return round(values["sdserve_batch_images_sum"] / count, 2) if count else None
 
+    def stage_profiles(self):
+        """The `stages` of every "stage profile" line this server logged, oldest first."""
+        with open(self.log_path, errors="replace") as f:
+            f.seek(self.log_start)
+            text = f.read()
+        found = []
+        for line in text.splitlines():
+            if "stage profile" not in line:
+                continue
+            m = re.search(r'stages="?(\[.*\])', line)
+            if m:
+                raw = m.group(1)
+                try:
+                    found.append(json.loads(raw))
+                except ValueError:
+                    # JSON logging escapes the embedded JSON text.
+                    found.append(json.loads(json.loads('"' + raw + '"')))
+        return found
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -148,15 +174,35 @@ def main():
     ap.add_argument("--batch1-only", action="store_true", help="skip the concurrency server")
     ap.add_argument("--log", required=True)
     ap.add_argument("--port", type=int, default=18080)
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--stages", action="store_true", help="only the per-stage device profile of one image")
     args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.server_env)
     p = common.profile()
     r = common.Results(args.out_json, side="sdserve", profile=p)
+    r.set("server_env", env)
     latent_shape = (1, 4, p["size"] // 8, p["size"] // 8)
     latents = common.load_latents(args.latents, latent_shape)
 
+    if args.stages:
+        server = Server(args.bin, os.path.join(args.work, "root-stages"), args.port, args.log, 1, p["device"], p["dtype"],
+                        args.model_dir, env={**env, "SDSERVE_PROFILE": "1"})
+        try:
+            r.set("load_s", round(server.wait_ready(180), 3))
+            t, _, _ = server.infer(p, p["steps"], p["seed"])
+            r.set("profiled_request_s", round(t, 3))
+            profiles = server.stage_profiles()
+            if not profiles:
+                raise RuntimeError("the server logged no stage profile")
+            r.set("stages", profiles[-1])
+        finally:
+            server.stop()
+        r.set("complete", True)
+        return
+
     # Server 1: batch 1.
     monitor = common.MemoryMonitor()
-    server = Server(args.bin, os.path.join(args.work, "root1"), args.port, args.log, 1, p["device"], p["dtype"], args.model_dir)
+    server = Server(args.bin, os.path.join(args.work, "root1"), args.port, args.log, 1, p["device"], p["dtype"], args.model_dir, env)
     if monitor.kind == "rss":
         monitor.pid = server.proc.pid
     r.set("memory_kind", monitor.kind)
@@ -201,7 +247,7 @@ def main():
     # Server 2: adaptive batching, `concurrency` simultaneous requests per round.
     n = p["concurrency"]
     monitor = common.MemoryMonitor()
-    server = Server(args.bin, os.path.join(args.work, "root2"), args.port + 10, args.log, n, p["device"], p["dtype"], args.model_dir)
+    server = Server(args.bin, os.path.join(args.work, "root2"), args.port + 10, args.log, n, p["device"], p["dtype"], args.model_dir, env)
     if monitor.kind == "rss":
         monitor.pid = server.proc.pid
     monitor.start()

@@ -1,23 +1,16 @@
 #!/usr/bin/env bash
 # Fills the folder benches/gpu/run.sh carries to the GPU machine (default .dev/gpu, git-ignored):
 #   sdserve.xz       the CUDA build of sdserve (docker/build-cuda.sh), xz-compressed
-#   sdserve-cudnn.xz the cuDNN build (with --cudnn)
 #   wheels/*.whl     Python packages the device image lacks (diffusers; py3.12, manylinux x86_64)
 #   tokenizer-sd1/, tokenizer-sd2/   the CLIP tokenizer files from models/tiny-sd{1,2}/tokenizer
 # and reports what the device call will carry against its 64 MiB limit. run.sh needs nothing from
 # models/, so that folder can be moved out of the working tree for the call when the tree is large.
 #
-# Usage: benches/gpu/prepare.sh [--cudnn] [DEST]
-#   --cudnn            also build and carry the cuDNN variant (run.sh then measures it too)
+# Usage: benches/gpu/prepare.sh [DEST]
 #   SDSERVE_CUDA_BIN   use this CUDA binary instead of building (docker/build-cuda.sh, incremental)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-CUDNN=0
-if [ "${1:-}" = --cudnn ]; then
-    CUDNN=1
-    shift
-fi
 DEST=${1:-$REPO/.dev/gpu}
 WHEELS=("diffusers==0.42.1")
 
@@ -27,11 +20,6 @@ if [ -n "${SDSERVE_CUDA_BIN:-}" ]; then
 else
     "$REPO/docker/build-cuda.sh" >/tmp/sdserve-build-cuda.log 2>&1 || { tail -n 40 /tmp/sdserve-build-cuda.log >&2; exit 1; }
     BIN=$REPO/target/cuda/sdserve-cuda
-fi
-CUDNN_BIN=""
-if [ "$CUDNN" = 1 ]; then
-    "$REPO/docker/build-cuda.sh" --cudnn >/tmp/sdserve-build-cudnn.log 2>&1 || { tail -n 40 /tmp/sdserve-build-cudnn.log >&2; exit 1; }
-    CUDNN_BIN=$REPO/target/cuda/sdserve-cudnn
 fi
 if ! readelf -d "$BIN" | grep -q 'libcuda.so.1'; then
     echo "$BIN is not a CUDA build (no libcuda.so.1 in its NEEDED list)" >&2
@@ -45,10 +33,6 @@ esac
 rm -rf "$DEST"
 mkdir -p "$DEST/wheels"
 xz -T0 -9 -c "$BIN" >"$DEST/sdserve.xz"
-if [ -n "$CUDNN_BIN" ]; then
-    readelf -d "$CUDNN_BIN" | grep -q 'libcudnn' || { echo "$CUDNN_BIN does not link cuDNN" >&2; exit 1; }
-    xz -T0 -9 -c "$CUDNN_BIN" >"$DEST/sdserve-cudnn.xz"
-fi
 for family in sd1 sd2; do
     mkdir -p "$DEST/tokenizer-$family"
     cp "$REPO/models/tiny-$family/tokenizer/"* "$DEST/tokenizer-$family/"

@@ -1,6 +1,7 @@
-"""Combines sdserve.json, diffusers.json and sdserve-cudnn.json (whatever parts exist) into a
-Markdown table (results.md) with sdserve/diffusers ratios, and the PSNR between the images
-generated from the same latents."""
+"""Combines sdserve.json, diffusers.json and the batch-1 variants sdserve-untuned.json and
+sdserve-triton.json (whatever parts exist) into a Markdown table (results.md) with
+sdserve/diffusers ratios, the PSNR between the images generated from the same latents, and the
+per-stage device profile of sdserve-stages.json."""
 
 import argparse
 import datetime
@@ -44,14 +45,67 @@ def fmt(x):
     return str(x)
 
 
+def kernel_table(run_log):
+    """The device test of the attention kernels (`sdserve check-kernels`), from run.log."""
+    try:
+        with open(run_log, errors="replace") as f:
+            checks = [json.loads(line) for line in f if line.startswith('{"kernel check"')]
+    except (OSError, ValueError):
+        return []
+    if not checks:
+        return ["", "Attention kernels on the device against the CPU: not run"]
+    out = [
+        "",
+        "Attention kernels on the device against the CPU (random operands, two items):",
+        "",
+        "| kernel | head dim × heads | queries × keys | relative error | limit | passed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        err = c["relative_error"]
+        err = f"{err:.2e}" if isinstance(err, float) else err
+        out.append(f"| {c['kernel check']} | {c['head_dim']} × {c['heads']} | {c['queries']} × {c['keys']} | "
+                   f"{err} | {c['limit']} | {'yes' if c['passed'] else '**no**'} |")
+    return out
+
+
+def stage_table(stages):
+    """The per-stage profile as a table: each stage's calls, total and per-call time, and its
+    share of the whole generation (the stages nest: `unet` holds `unet.*`, `denoise` holds
+    `unet` and `scheduler`)."""
+    rows = stages.get("stages") or []
+    if not rows:
+        return []
+    top = sum(r["ms"] for r in rows if r["stage"] in ("prompt", "start", "denoise", "vae decode", "png"))
+    out = [
+        "",
+        f"Stage profile (one image, {stages.get('profile', {}).get('steps')} steps, each stage between two "
+        f"device syncs; request {stages.get('profiled_request_s')} s):",
+        "",
+        "| stage | calls | total ms | ms per call | share of the generation |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = f"{100 * r['ms'] / top:.1f} %" if top else "–"
+        out.append(f"| {r['stage']} | {r['calls']} | {r['ms']:.1f} | {r['ms'] / max(r['calls'], 1):.2f} | {share} |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="")
+    ap.add_argument("--images", help="the folder holding sdserve.png and diffusers.png (default: --out)")
     args = ap.parse_args()
     s = load(os.path.join(args.out, "sdserve.json"))
     d = load(os.path.join(args.out, "diffusers.json"))
-    c = load(os.path.join(args.out, "sdserve-cudnn.json"))
+    # Batch-1 variants of sdserve: a column each, where measured.
+    variants = [
+        (label, data)
+        for label, name in [("sdserve untuned", "sdserve-untuned.json"), ("sdserve triton", "sdserve-triton.json")]
+        if (data := load(os.path.join(args.out, name)))
+    ]
+    stages = load(os.path.join(args.out, "sdserve-stages.json"))
     p = s.get("profile") or d.get("profile") or common.profile()
     n = p["concurrency"]
 
@@ -76,8 +130,8 @@ def main():
         "(gpu = device memory in use above the idle baseline; rss = peak resident memory of the process)",
         "",
         "| figure | sdserve | diffusers | sdserve / diffusers | better |"
-        + (" sdserve cuDNN | cuDNN / diffusers |" if c else ""),
-        "|---|---|---|---|---|" + ("---|---|" if c else ""),
+        + "".join(f" {label} | {label} / diffusers |" for label, _ in variants),
+        "|---|---|---|---|---|" + "---|---|" * len(variants),
     ]
 
     def ratio(a, b):
@@ -86,14 +140,14 @@ def main():
     for label, key, higher_better in rows:
         a, b = s.get(key), d.get(key)
         line = f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(ratio(a, b))} | {'higher' if higher_better else 'lower'} |"
-        if c:
-            line += f" {fmt(c.get(key))} | {fmt(ratio(c.get(key), b))} |"
+        for _, v in variants:
+            line += f" {fmt(v.get(key))} | {fmt(ratio(v.get(key), b))} |"
         lines.append(line)
     if "torch_max_allocated_mib_batch1" in d:
         lines.append(f"| torch max_memory_allocated, batch 1 (MiB) | | {fmt(d['torch_max_allocated_mib_batch1'])} | | |")
 
-    sp = os.path.join(args.out, "sdserve.png")
-    dp = os.path.join(args.out, "diffusers.png")
+    sp = os.path.join(args.images or args.out, "sdserve.png")
+    dp = os.path.join(args.images or args.out, "diffusers.png")
     agreement = None
     if os.path.exists(sp) and os.path.exists(dp):
         with open(sp, "rb") as f:
@@ -119,13 +173,18 @@ def main():
         )
     if s.get("mean_images_per_generation") is not None:
         lines.append(f"- sdserve at concurrency {n}: {s['mean_images_per_generation']} images per generation on average (adaptive batching)")
-    if c.get("psnr_vs_compare_png") is not None:
-        lines.append(f"- sdserve cuDNN build against diffusers, same latents: {c['psnr_vs_compare_png']} dB")
-    for side, data in [("sdserve", s), ("diffusers", d), ("sdserve cuDNN", c)]:
+    for label, v in variants:
+        if v.get("psnr_vs_compare_png") is not None:
+            lines.append(f"- {label} against diffusers, same latents: {v['psnr_vs_compare_png']} dB")
+        if v.get("server_env"):
+            lines.append(f"- {label}: server environment {v['server_env']}")
+    for side, data in [("sdserve", s), ("diffusers", d), ("sdserve stages", stages)] + variants:
         if data and not data.get("complete"):
             lines.append(f"- {side}: INCOMPLETE (phase failed or timed out; see run.log)")
-        elif not data and side != "sdserve cuDNN":
+        elif not data and side in ("sdserve", "diffusers"):
             lines.append(f"- {side}: no results")
+    lines += stage_table(stages)
+    lines += kernel_table(os.path.join(args.out, "run.log"))
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)

@@ -4,8 +4,11 @@
 # models/ there: the CUDA sdserve binary, the diffusers wheel and the tokenizer files come from the
 # carried folder that benches/gpu/prepare.sh fills (.dev/gpu by default).
 #
-# Writes to $OUT (at most 8 files): run.log, sdserve.log, sdserve.json, diffusers.json,
-# sdserve-cudnn.json (when the cuDNN build is carried), sdserve.png, diffusers.png, results.md.
+# Writes to $OUT (at most 8 files, the device tool's limit): run.log, sdserve.log, sdserve.json,
+# diffusers.json, sdserve-stages.json (the per-stage device profile), sdserve-untuned.json
+# (batch 1 with SDSERVE_CUDA_TUNING=off: candle's CUDA defaults, the A/B of this build's levers),
+# sdserve-triton.json (batch 1 with the Triton flash-attention kernel, +triton-attention),
+# results.md. The images stay in $WORK.
 # Every phase has its own time limit inside an overall budget (the report's 30 s kept aside), and
 # the JSON files are rewritten after every measurement, so a hang or a failure still leaves what
 # was measured.
@@ -101,20 +104,11 @@ setup() {
             BIN=$CARRY/sdserve
         fi
     fi
-    # Optional second binary built with cuDNN convolutions.
-    BIN_CUDNN=""
-    if [ -f "$CARRY/sdserve-cudnn.xz" ]; then
-        BIN_CUDNN=$WORK/bin/sdserve-cudnn
-        mkdir -p "$WORK/bin"
-        "$PY" -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
-            "$CARRY/sdserve-cudnn.xz" "$BIN_CUDNN" && chmod +x "$BIN_CUDNN" || BIN_CUDNN=""
-    fi
     echo "binary: $BIN ($(stat -c %s "$BIN") bytes)"
     # The CUDA 13 libraries the binary was linked against, wherever this image keeps them.
     if [ -z "${BENCH_LD_LIBRARY_PATH:-}" ] && [ "$BENCH_DEVICE" != cpu ]; then
         local dirs=""
         local libs="libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libnvrtc.so.13 libcurand.so.10"
-        [ -n "$BIN_CUDNN" ] && libs="$libs libcudnn.so.9"
         for lib in $libs; do
             local found
             found=$("$PY" - "$lib" <<'EOF'
@@ -130,11 +124,6 @@ EOF
             if [ -z "$found" ]; then
                 found=$(timeout 60 find / -xdev -name "$lib" -not -path '/proc/*' 2>/dev/null | head -n 1 | xargs -r dirname)
             fi
-            if [ -z "$found" ] && [ "$lib" = libcudnn.so.9 ]; then
-                echo "libcudnn.so.9 not found: the cuDNN binary is skipped"
-                BIN_CUDNN=""
-                continue
-            fi
             [ -n "$found" ] || { echo "$lib not found on this machine" >&2; return 1; }
             case ":$dirs:" in *":$found:"*) ;; *) dirs=${dirs:+$dirs:}$found ;; esac
         done
@@ -147,19 +136,12 @@ EOF
     fi
     export LD_LIBRARY_PATH=${BENCH_LD_LIBRARY_PATH:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc|cudnn|not found' || true
+    ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
     if ldd "$BIN" | grep -q 'not found'; then
         echo "unresolved libraries" >&2
         return 1
     fi
     "$BIN" --version || return 1
-    if [ -n "$BIN_CUDNN" ]; then
-        ldd "$BIN_CUDNN" | grep -E 'cudnn|not found' || true
-        if ldd "$BIN_CUDNN" | grep -q 'not found' || ! "$BIN_CUDNN" --version; then
-            echo "the cuDNN binary cannot start here: skipped"
-            BIN_CUDNN=""
-        fi
-    fi
     # diffusers and what the image lacks, from the carried wheels.
     if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -182,35 +164,57 @@ FAMILY=sd1
 [ "$PRESET" = sd21 ] && FAMILY=sd2
 TOKENIZER=$CARRY/tokenizer-$FAMILY
 [ -f "$TOKENIZER/vocab.json" ] || TOKENIZER=$REPO/models/tiny-$FAMILY/tokenizer
+# The device test of the attention kernels (each against the CPU's on random operands); its
+# JSON lines go to run.log, where the report reads them. A failure is reported, not fatal.
+phase "kernel check" "${BENCH_CHECK_CAP_S:-60}" "$BIN" check-kernels --device "$BENCH_DEVICE" \
+    || echo "### kernel check FAILED (see the lines above)"
 rm -rf "$WORK/model"
 phase "make model" "${BENCH_MAKE_CAP_S:-150}" "$BIN" make-random-model --config "$PRESET" --dtype "$BENCH_DTYPE" --seed 0 \
     --tokenizer "$TOKENIZER" --out "$WORK/model" || { echo "### cannot make the model"; exit 1; }
 "$PY" -c "import sys; sys.path.insert(0, '$HERE'); import common; s = int('$BENCH_SIZE') // 8; common.make_latents('$WORK/latents.f32', (1, 4, s, s), 42)"
-rm -f "$OUT"/sdserve.json "$OUT"/sdserve-cudnn.json "$OUT"/diffusers.json "$OUT"/*.png
+rm -f "$OUT"/sdserve*.json "$OUT"/diffusers.json "$OUT"/*.png "$WORK"/*.png
+stop_server() { # timeout signals the client's whole process group, the server included; make sure anyway.
+    if [ -f "$WORK/server.pid" ] && kill -0 "$(cat "$WORK/server.pid")" 2>/dev/null; then
+        kill "$(cat "$WORK/server.pid")"
+        sleep 2
+    fi
+}
 
 phase sdserve "${BENCH_SDSERVE_CAP_S:-250}" "$PY" "$HERE/bench_sdserve.py" --bin "$BIN" --model-dir "$WORK/model" \
-    --work "$WORK" --latents "$WORK/latents.f32" --out-json "$OUT/sdserve.json" --png-out "$OUT/sdserve.png" \
+    --work "$WORK" --latents "$WORK/latents.f32" --out-json "$OUT/sdserve.json" --png-out "$WORK/sdserve.png" \
     --log "$OUT/sdserve.log"
-# timeout signals the client's whole process group, the server included; make sure anyway.
-if [ -f "$WORK/server.pid" ] && kill -0 "$(cat "$WORK/server.pid")" 2>/dev/null; then
-    kill "$(cat "$WORK/server.pid")"
-    sleep 2
-fi
+stop_server
 
 phase diffusers "${BENCH_DIFFUSERS_CAP_S:-160}" "$PY" "$HERE/bench_diffusers.py" --model-dir "$WORK/model" \
-    --latents "$WORK/latents.f32" --out-json "$OUT/diffusers.json" --png-out "$OUT/diffusers.png" \
-    --sdserve-png "$OUT/sdserve.png"
+    --latents "$WORK/latents.f32" --out-json "$OUT/diffusers.json" --png-out "$WORK/diffusers.png" \
+    --sdserve-png "$WORK/sdserve.png"
 
-# The cuDNN build, batch 1 only, with whatever time is left.
-if [ -n "$BIN_CUDNN" ]; then
-    phase "sdserve cudnn" "${BENCH_CUDNN_CAP_S:-120}" "$PY" "$HERE/bench_sdserve.py" --bin "$BIN_CUDNN" \
-        --model-dir "$WORK/model" --work "$WORK/cudnn" --latents "$WORK/latents.f32" \
-        --out-json "$OUT/sdserve-cudnn.json" --compare-png "$OUT/diffusers.png" --log "$OUT/sdserve.log" \
-        --port 18200 --batch1-only
+# Where a batch-1 image's time goes, stage by stage (each stage between two device syncs).
+phase "sdserve stages" "${BENCH_STAGES_CAP_S:-60}" "$PY" "$HERE/bench_sdserve.py" --bin "$BIN" --model-dir "$WORK/model" \
+    --work "$WORK" --latents "$WORK/latents.f32" --out-json "$OUT/sdserve-stages.json" \
+    --log "$OUT/sdserve.log" --port 18300 --stages
+stop_server
+
+# The same binary with every lever of device.rs's CudaTuning off (candle's defaults), batch 1.
+if [ "$BENCH_DEVICE" != cpu ] && [ -z "${BENCH_SKIP_UNTUNED:-}" ]; then
+    phase "sdserve untuned" "${BENCH_UNTUNED_CAP_S:-90}" "$PY" "$HERE/bench_sdserve.py" --bin "$BIN" \
+        --model-dir "$WORK/model" --work "$WORK" --latents "$WORK/latents.f32" \
+        --out-json "$OUT/sdserve-untuned.json" --compare-png "$WORK/diffusers.png" --log "$OUT/sdserve.log" \
+        --port 18400 --batch1-only --server-env SDSERVE_CUDA_TUNING=off
+    stop_server
+fi
+
+# The Triton flash-attention kernel (off by default until measured), batch 1.
+if [ "$BENCH_DEVICE" != cpu ] && [ -z "${BENCH_SKIP_TRITON:-}" ]; then
+    phase "sdserve triton" "${BENCH_TRITON_CAP_S:-90}" "$PY" "$HERE/bench_sdserve.py" --bin "$BIN" \
+        --model-dir "$WORK/model" --work "$WORK" --latents "$WORK/latents.f32" \
+        --out-json "$OUT/sdserve-triton.json" --compare-png "$WORK/diffusers.png" --log "$OUT/sdserve.log" \
+        --port 18500 --batch1-only --server-env SDSERVE_CUDA_TUNING=+triton-attention
+    stop_server
 fi
 
 echo "### report"
-timeout -k 5 30 "$PY" "$HERE/report.py" --out "$OUT" --title "$PRESET ${BENCH_DTYPE} ${BENCH_SIZE}px ${BENCH_STEPS} steps"
+timeout -k 5 30 "$PY" "$HERE/report.py" --out "$OUT" --images "$WORK" --title "$PRESET ${BENCH_DTYPE} ${BENCH_SIZE}px ${BENCH_STEPS} steps"
 echo "### done in $((SECONDS - T0))s"
 sleep 1 # let tee write the end of run.log
 exit

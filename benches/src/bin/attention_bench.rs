@@ -41,7 +41,15 @@ fn main() -> anyhow::Result<()> {
     let mut best = f64::INFINITY;
     for _ in 0..a.runs.max(1) {
         let start = Instant::now();
-        sdserve_pipeline::attention::attention(&q, &k, &v, a.heads, scale, false)?;
+        sdserve_pipeline::attention::attention(
+            &q,
+            &k,
+            &v,
+            a.heads,
+            scale,
+            false,
+            sdserve_pipeline::attention::Scores::Operands,
+        )?;
         best = best.min(start.elapsed().as_secs_f64());
     }
     println!(

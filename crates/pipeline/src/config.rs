@@ -252,7 +252,7 @@ pub struct UNetConfig {
     pub norm_num_groups: usize,
     pub norm_eps: f64,
     pub use_linear_projection: bool,
-    /// Attention always runs in F32 here, so this needs no special handling.
+    /// Attention scores in F32 even when the UNet runs in F16 (SD 2.x: they overflow F16).
     pub upcast_attention: bool,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,

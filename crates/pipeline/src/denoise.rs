@@ -12,6 +12,7 @@ use crate::conditioning::Conditioning;
 use crate::error::internal;
 use crate::inpaint::Inpainting;
 use crate::noise::NoiseSource;
+use crate::profile;
 use crate::schedulers::Scheduler;
 use crate::unet::UNet;
 
@@ -90,12 +91,16 @@ impl Denoiser<'_> {
                 Some(inpainting) => inpainting.unet_input(&input),
                 None => Ok(input.clone()),
             };
+            let device = latents.device().clone();
             let guided = unet_input
-                .and_then(|x| self.predict(&x, t))
+                .and_then(|x| profile::stage(&device, || "unet".into(), || self.predict(&x, t)))
                 .map_err(internal(stage()))?;
-            latents = scheduler
-                .step(&guided, i, &latents, noise)
-                .map_err(internal(format!("scheduler step {pass}")))?;
+            latents = profile::stage(
+                &device,
+                || "scheduler".into(),
+                || scheduler.step(&guided, i, &latents, noise),
+            )
+            .map_err(internal(format!("scheduler step {pass}")))?;
             if let Some(inpainting) = self.inpainting {
                 let next = (pass < total).then_some(i + 1);
                 latents = inpainting

@@ -1,5 +1,7 @@
 //! Device and dtype selection. Every CUDA-specific line of the crate lives here.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device};
 use sdserve_generation::AdapterDeclaration;
 use serde_json::{Map, Value};
@@ -134,13 +136,169 @@ impl Placement {
     }
 }
 
+/// The variable that turns levers of [`CudaTuning`] off.
+pub const CUDA_TUNING_VARIABLE: &str = "SDSERVE_CUDA_TUNING";
+
+/// What this build changes from candle's CUDA defaults: each one a lever the GPU benchmark
+/// (`benches/gpu/`) measures against candle's behaviour. `SDSERVE_CUDA_TUNING` changes them:
+/// `off` (all off), names with a minus (`-one-stream,-warm-up`) or a plus (`+triton-attention`,
+/// off by default until a device run has measured it), applied in order to the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaTuning {
+    /// All of a device's work on one stream, with CUDA event tracking off (candle: a stream per
+    /// OS thread, and two events recorded per allocation to order them).
+    pub one_stream: bool,
+    /// Freed device memory stays in the driver's pool for the next allocation (the pool's
+    /// default gives it back to the driver at every synchronisation).
+    pub keep_freed_memory: bool,
+    /// Attention scores formed in F16/BF16 on tensor cores, with F32 accumulation, where the
+    /// UNet does not ask for `upcast_attention` (otherwise F32 scores, TF32 products).
+    pub half_attention: bool,
+    /// Group norm as candle's one-kernel layer norm over each (item, group) row, then the
+    /// per-channel affine (candle's group norm: a dozen kernels and F32 copies).
+    pub row_group_norm: bool,
+    /// The VAE decodes a whole batch at once (the CPU decodes image by image, bounding memory).
+    pub batched_vae: bool,
+    /// F16 attention without a score matrix in memory: the Triton flash-attention kernel
+    /// compiled ahead of time (`attention/triton.rs`) where a variant fits the head dim and GPU.
+    pub triton_attention: bool,
+    /// One small generation at load, before the model reports ready: the driver compiles
+    /// candle's PTX kernels then rather than during the first request.
+    pub warm_up: bool,
+}
+
+impl CudaTuning {
+    pub const DEFAULT: Self = Self {
+        one_stream: true,
+        keep_freed_memory: true,
+        half_attention: true,
+        row_group_norm: true,
+        batched_vae: true,
+        triton_attention: false,
+        warm_up: true,
+    };
+
+    /// Each lever by its name in `SDSERVE_CUDA_TUNING`.
+    fn levers(&mut self) -> [(&'static str, &mut bool); 7] {
+        [
+            ("one-stream", &mut self.one_stream),
+            ("keep-freed-memory", &mut self.keep_freed_memory),
+            ("half-attention", &mut self.half_attention),
+            ("row-group-norm", &mut self.row_group_norm),
+            ("batched-vae", &mut self.batched_vae),
+            ("triton-attention", &mut self.triton_attention),
+            ("warm-up", &mut self.warm_up),
+        ]
+    }
+
+    /// Parses the variable's value: a comma list of `default`, `off` (every lever off), `-name`
+    /// (off) and `+name` or `name` (on), applied in order to the defaults.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let mut tuning = Self::DEFAULT;
+        for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (on, name) = match item {
+                "default" => {
+                    tuning = Self::DEFAULT;
+                    continue;
+                }
+                "off" => {
+                    tuning
+                        .levers()
+                        .into_iter()
+                        .for_each(|(_, lever)| *lever = false);
+                    continue;
+                }
+                _ => match (item.strip_prefix('-'), item.strip_prefix('+')) {
+                    (Some(name), _) => (false, name),
+                    (_, Some(name)) => (true, name),
+                    _ => (true, item),
+                },
+            };
+            let mut levers = tuning.levers();
+            let known: Vec<&str> = levers.iter().map(|(n, _)| *n).collect();
+            match levers.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, lever)) => **lever = on,
+                None => {
+                    return Err(format!(
+                        "{CUDA_TUNING_VARIABLE}: {name:?} is not one of {}, \"default\", \"off\"",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(tuning)
+    }
+
+    /// This process's levers, read from the environment once.
+    pub fn current() -> Result<Self, PipelineError> {
+        static TUNING: OnceLock<Result<CudaTuning, String>> = OnceLock::new();
+        TUNING
+            .get_or_init(|| Self::parse(&std::env::var(CUDA_TUNING_VARIABLE).unwrap_or_default()))
+            .clone()
+            .map_err(PipelineError::Options)
+    }
+
+    /// The levers in force for work on `device`: none on the CPU, and the defaults if the
+    /// variable cannot be read (a bad value fails the CUDA load before anything runs).
+    pub fn on(device: &Device) -> Self {
+        if device.is_cuda() {
+            Self::current().unwrap_or(Self::DEFAULT)
+        } else {
+            Self::parse("off").unwrap_or(Self::DEFAULT)
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device, PipelineError> {
-    let device = Device::new_cuda(ordinal)
-        .map_err(|e| PipelineError::Options(format!("cannot open CUDA device {ordinal}: {e}")))?;
-    // The attention matmuls run in F32; TF32 makes them use tensor cores.
+    let tuning = CudaTuning::current()?;
+    let open = |e: &dyn std::fmt::Display| {
+        PipelineError::Options(format!("cannot open CUDA device {ordinal}: {e}"))
+    };
+    let device = if tuning.one_stream {
+        Device::new_cuda_with_stream(ordinal)
+    } else {
+        Device::new_cuda(ordinal)
+    }
+    .map_err(|e| open(&e))?;
+    let cuda = device.as_cuda_device().map_err(|e| open(&e))?;
+    if tuning.one_stream {
+        // SAFETY: every tensor of this device is made and used on its one stream, in order;
+        // events only order uses across streams.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    if tuning.keep_freed_memory {
+        keep_freed_memory(cuda).map_err(|e| open(&e))?;
+    }
+    // Attention with `upcast_attention` (or with half attention off) multiplies in F32; TF32
+    // makes those products use tensor cores.
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     Ok(device)
+}
+
+/// Raises the release threshold of the device's default memory pool (where candle's
+/// stream-ordered allocations come from) to "never", as PyTorch's caching allocator keeps
+/// what it freed: a denoising step frees and allocates the same sizes again.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(
+    cuda: &candle_core::CudaDevice,
+) -> Result<(), candle_core::cuda::cudarc::driver::DriverError> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    context.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let threshold: u64 = u64::MAX;
+    // SAFETY: the pool handle is written by the driver before use; the attribute is a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &threshold as *const u64 as *mut std::ffi::c_void,
+        )
+        .result()
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -188,6 +346,44 @@ mod tests {
                 .to_string();
             assert!(err.contains("parameters.extra."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tuning_levers_turn_off_by_name() {
+        let all = CudaTuning::parse("").unwrap();
+        assert_eq!(all, CudaTuning::DEFAULT);
+        assert_eq!(CudaTuning::parse("default").unwrap(), CudaTuning::DEFAULT);
+        assert!(
+            !all.triton_attention,
+            "off until a device run has measured it"
+        );
+        assert!(
+            CudaTuning::parse("+triton-attention")
+                .unwrap()
+                .triton_attention
+        );
+        let none = CudaTuning::parse("off").unwrap();
+        assert!(!none.one_stream && !none.keep_freed_memory && !none.half_attention);
+        assert!(!none.batched_vae && !none.warm_up && !none.row_group_norm);
+        let some = CudaTuning::parse(" -one-stream, -warm-up ").unwrap();
+        assert!(!some.one_stream && !some.warm_up);
+        assert!(some.keep_freed_memory && some.half_attention && some.batched_vae);
+        assert!(some.row_group_norm);
+        let only = CudaTuning::parse("off,+half-attention").unwrap();
+        assert_eq!(
+            only,
+            CudaTuning {
+                half_attention: true,
+                ..none
+            }
+        );
+        let err = CudaTuning::parse("-flash").unwrap_err();
+        assert!(
+            err.contains("SDSERVE_CUDA_TUNING") && err.contains("\"flash\""),
+            "{err}"
+        );
+        assert!(err.contains("half-attention"), "{err}");
+        assert_eq!(CudaTuning::on(&Device::Cpu), none);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! - [`inpaint`]: masks, and what inpainting adds to the denoising loop (9-channel UNet
 //!   conditioning, or blending the known region back for a plain UNet).
 //! - [`attention`]: the one scaled dot-product attention of the UNet, VAE and text encoder,
-//!   with a kernel per device and dtype.
+//!   with a kernel per device and dtype (on CUDA optionally the Triton flash-attention kernel
+//!   of `kernels/`), and [`attention::check`], the device test of those kernels.
 //! - [`conv`]: 2D convolution, chunked on the CPU.
 //! - [`layers`]: linear, group norm (+SiLU), GEGLU, softmax and resnet blocks, with
 //!   fused CPU kernels in F32 and candle's ops elsewhere.
@@ -29,6 +30,8 @@
 //! - `simd`: the CPU kernels' inner loops compiled for AVX-512 / AVX2 and picked at run time.
 //! - [`schedulers`]: DDIM, PNDM, Euler, Euler Ancestral, DPM++ 2M (Karras), LMS, UniPC.
 //! - [`random_model`]: diffusers folders with seeded random weights at real sizes (benchmarks).
+//! - [`warm_up`]: a first generation at load on a GPU, before the model reports ready.
+//! - [`profile`]: per-stage device times of a generation, when asked for (benchmarks).
 
 pub mod attention;
 pub mod conditioning;
@@ -46,6 +49,7 @@ pub mod lora;
 pub mod memory;
 pub mod noise;
 pub mod pipeline;
+pub mod profile;
 pub mod prompt;
 pub mod random_model;
 pub mod schedulers;
@@ -55,6 +59,7 @@ pub mod threads;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod warm_up;
 pub mod weights;
 pub mod working_set;
 

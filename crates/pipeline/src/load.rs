@@ -13,7 +13,7 @@ use sdserve_generation::{
 use crate::config::{
     Activation, ModelIndex, PipelineKind, TextEncoderConfig, UNetConfig, VaeConfig,
 };
-use crate::device::{LoadOptions, Placement};
+use crate::device::{CudaTuning, LoadOptions, Placement};
 use crate::error::PipelineError;
 use crate::lora::adapter::AdaptableLayers;
 use crate::lora::base::recording;
@@ -213,7 +213,7 @@ impl StableDiffusion {
             configs.unet.in_channels == inpainting_channels(configs.vae.latent_channels),
             vae.has_encoder(),
         );
-        Ok(Self {
+        let model = Self {
             dir: dir.to_path_buf(),
             description,
             prompts: PromptEncoder {
@@ -227,7 +227,19 @@ impl StableDiffusion {
             scheduler_config: configs.scheduler,
             weights_bytes: loaded.load(Ordering::Relaxed),
             placement,
-        })
+        };
+        if CudaTuning::on(model.device()).warm_up {
+            let took = model.warm_up().map_err(|e| PipelineError::Model {
+                component: "warm-up generation".into(),
+                message: e.to_string(),
+            })?;
+            tracing::info!(
+                model = %dir.display(),
+                seconds = took.as_secs_f64(),
+                "warmed up: one step at the smallest size"
+            );
+        }
+        Ok(model)
     }
 }
 

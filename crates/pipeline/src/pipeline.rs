@@ -22,6 +22,7 @@ use crate::image_to_image::image_latents;
 use crate::inpaint::Inpainting;
 use crate::lora::variant::Adapters;
 use crate::noise::{NoiseSource, PerImageNoise};
+use crate::profile;
 use crate::prompt::{PromptEncoder, TextTower};
 use crate::schedulers::{DenoisedEstimate, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text_encoder::TextEncoder;
@@ -188,12 +189,17 @@ impl StableDiffusion {
         let guidance = Guidance {
             scale: job.settings.guidance_scale,
         };
+        let device = self.device();
         // Stage 1: prompts.
-        let conditioning = self.conditioning(job)?;
+        let conditioning = profile::stage(device, || "prompt".into(), || self.conditioning(job))?;
         // Stage 2: denoising, by the UNet the job's adapters adapt where they do (its own
         // copies of the adapted layers, dropped before the decode). Scheduler arithmetic stays
         // in F32; only the UNet runs in the model dtype.
-        let start = self.start(job, initial_latents, scheduler.as_mut(), noise)?;
+        let start = profile::stage(
+            device,
+            || "start".into(),
+            || self.start(job, initial_latents, scheduler.as_mut(), noise),
+        )?;
         let adapted = self.adapters.unet(&job.settings.adapters, &self.unet)?;
         let denoiser = Denoiser {
             unet: adapted.as_ref().unwrap_or(&self.unet),
@@ -207,17 +213,23 @@ impl StableDiffusion {
             kind,
             estimate: None,
         };
-        let latents = denoiser.run(
-            scheduler.as_mut(),
-            start.first,
-            start.latents,
-            noise,
-            control,
-            &mut |step| previews.make(step),
+        let latents = profile::stage(
+            device,
+            || "denoise".into(),
+            || {
+                denoiser.run(
+                    scheduler.as_mut(),
+                    start.first,
+                    start.latents,
+                    noise,
+                    control,
+                    &mut |step| previews.make(step),
+                )
+            },
         )?;
         drop(adapted);
         // Stage 3: VAE decode.
-        self.decode(&latents)
+        profile::stage(device, || "vae decode".into(), || self.decode(&latents))
     }
 
     /// Where the denoising starts: for text-to-image the initial noise times
@@ -400,7 +412,20 @@ impl Generator for StableDiffusion {
         job: &Job,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
-        png_files(&self.generate_float(job, control)?)
+        let images = self.generate_float(job, control)?;
+        let files = profile::stage(&Device::Cpu, || "png".into(), || png_files(&images));
+        if let Some(stages) = profile::take_report() {
+            tracing::info!(
+                model = %self.dir.display(),
+                images = job.images.len(),
+                steps = job.settings.num_inference_steps,
+                height = job.settings.height,
+                width = job.settings.width,
+                stages = %stages,
+                "stage profile"
+            );
+        }
+        files
     }
 
     fn weights_bytes(&self) -> u64 {

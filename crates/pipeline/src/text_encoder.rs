@@ -12,7 +12,7 @@ use candle_nn::{
     Embedding, LayerNorm, Linear, VarBuilder, embedding, layer_norm, linear, linear_no_bias,
 };
 
-use crate::attention::attention;
+use crate::attention::{Scores, attention};
 use crate::config::{Activation, TextEncoderConfig};
 
 struct Attention {
@@ -42,7 +42,7 @@ impl Attention {
         let q = self.q.forward(xs)?;
         let k = self.k.forward(xs)?;
         let v = self.v.forward(xs)?;
-        let out = attention(&q, &k, &v, self.heads, self.scale, true)?;
+        let out = attention(&q, &k, &v, self.heads, self.scale, true, Scores::Operands)?;
         self.out.forward(&out)
     }
 }

@@ -14,13 +14,14 @@ use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
-use crate::attention::attention;
+use crate::attention::{Scores, attention};
 use crate::conditioning::{Conditioning, TextTime};
 use crate::config::{UNetBlock, UNetConfig};
 use crate::conv::{Conv2d, conv2d};
 use crate::layers::{
     Geglu, GroupNorm, Linear, ResnetBlock, ResnetConfig, geglu, group_norm, linear, linear_no_bias,
 };
+use crate::profile;
 
 /// GEGLU feed-forward with exact GELU, as diffusers' `FeedForward(activation_fn="geglu")`.
 struct FeedForward {
@@ -50,10 +51,17 @@ struct CrossAttention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    scores: Scores,
 }
 
 impl CrossAttention {
-    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        scores: Scores,
+    ) -> Result<Self> {
         Ok(Self {
             to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
@@ -61,6 +69,7 @@ impl CrossAttention {
             to_out: linear(dim, dim, vb.pp("to_out.0"))?,
             heads,
             scale: ((dim / heads) as f64).powf(-0.5),
+            scores,
         })
     }
 
@@ -69,7 +78,7 @@ impl CrossAttention {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        let out = attention(&q, &k, &v, self.heads, self.scale, false)?;
+        let out = attention(&q, &k, &v, self.heads, self.scale, false, self.scores)?;
         self.to_out.forward(&out)
     }
 }
@@ -85,12 +94,18 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        scores: Scores,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(vb.pp("attn1"), dim, dim, heads)?,
+            attn1: CrossAttention::new(vb.pp("attn1"), dim, dim, heads, scores)?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(vb.pp("attn2"), dim, context_dim, heads)?,
+            attn2: CrossAttention::new(vb.pp("attn2"), dim, context_dim, heads, scores)?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -152,6 +167,11 @@ impl SpatialTransformer {
                 Projection::Conv(conv2d(channels, channels, 1, cfg, vb.pp("proj_out"))?),
             )
         };
+        let scores = if c.upcast_attention {
+            Scores::F32
+        } else {
+            Scores::Operands
+        };
         let blocks = (0..level.transformer_layers)
             .map(|i| {
                 TransformerBlock::new(
@@ -159,6 +179,7 @@ impl SpatialTransformer {
                     channels,
                     level.heads,
                     level.cross_attention_dim,
+                    scores,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -534,35 +555,37 @@ impl UNet {
             latents.clone()
         };
 
-        // The sinusoidal embedding is computed in F32, then cast, as diffusers does.
-        let t = Tensor::full(timestep as f32, b, latents.device())?;
-        let temb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
-        let mut temb = self.time_embedding.forward(&temb)?;
-        match (&self.text_time, &cond.text_time) {
-            (Some(embedding), Some(text_time)) => {
-                temb = (temb + embedding.forward(text_time, dtype)?)?;
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                candle_core::bail!("this UNet needs SDXL's text embeds and time ids")
-            }
-            (None, Some(_)) => candle_core::bail!("this UNet takes no text embeds or time ids"),
-        }
+        let device = latents.device();
+        let temb = profile::stage(
+            device,
+            || "unet.time".into(),
+            || self.time_embedding(b, timestep, dtype, &cond),
+        )?;
 
         let mut xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
-        for block in &self.down {
-            xs = block.forward(&xs, &temb, &context, &mut skips)?;
+        for (i, block) in self.down.iter().enumerate() {
+            xs = profile::stage(
+                device,
+                || format!("unet.down.{i}"),
+                || block.forward(&xs, &temb, context, &mut skips),
+            )?;
         }
 
-        xs = self.mid_resnets[0].forward(&xs, Some(&temb))?;
-        xs = self.mid_attention.forward(&xs, &context)?;
-        xs = self.mid_resnets[1].forward(&xs, Some(&temb))?;
+        xs = profile::stage(
+            device,
+            || "unet.mid".into(),
+            || {
+                let xs = self.mid_resnets[0].forward(&xs, Some(&temb))?;
+                let xs = self.mid_attention.forward(&xs, context)?;
+                self.mid_resnets[1].forward(&xs, Some(&temb))
+            },
+        )?;
 
         // Sizes that do not halve evenly need the skip's size on the way up.
         let factor = 1usize << (self.up.len() - 1).min(usize::BITS as usize - 1);
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
-        for block in &self.up {
+        for (i, block) in self.up.iter().enumerate() {
             let upsample_size = if forward_upsample_size && block.upsample.is_some() {
                 let skip = skips
                     .len()
@@ -574,10 +597,42 @@ impl UNet {
             } else {
                 None
             };
-            xs = block.forward(&xs, &temb, &context, &mut skips, upsample_size)?;
+            xs = profile::stage(
+                device,
+                || format!("unet.up.{i}"),
+                || block.forward(&xs, &temb, context, &mut skips, upsample_size),
+            )?;
         }
 
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_silu(&xs)?)
+        profile::stage(
+            device,
+            || "unet.out".into(),
+            || {
+                self.conv_out
+                    .forward(&self.conv_norm_out.forward_silu(&xs)?)
+            },
+        )
+    }
+
+    /// The time embedding, with SDXL's text-time embedding added where the UNet has one.
+    fn time_embedding(
+        &self,
+        b: usize,
+        timestep: f64,
+        dtype: DType,
+        cond: &Conditioning,
+    ) -> Result<Tensor> {
+        // The sinusoidal embedding is computed in F32, then cast, as diffusers does.
+        let t = Tensor::full(timestep as f32, b, cond.context.device())?;
+        let temb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
+        let temb = self.time_embedding.forward(&temb)?;
+        match (&self.text_time, &cond.text_time) {
+            (Some(embedding), Some(text_time)) => temb + embedding.forward(text_time, dtype)?,
+            (None, None) => Ok(temb),
+            (Some(_), None) => {
+                candle_core::bail!("this UNet needs SDXL's text embeds and time ids")
+            }
+            (None, Some(_)) => candle_core::bail!("this UNet takes no text embeds or time ids"),
+        }
     }
 }

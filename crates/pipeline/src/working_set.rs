@@ -7,12 +7,13 @@
 //! shortcut; a transformer's q/k/v, packed keys and its GEGLU feed-forward, 12 widths wide).
 //! A job's peak is the largest of its stages, each with what the stage carries (conditioning,
 //! latents, decoded images): prompt encoding, the VAE encoder (image-to-image), the denoising
-//! loop, and the VAE decoder at full size. Attention is tiled, so no stage holds a
-//! `tokens × tokens` score matrix.
+//! loop, and the VAE decoder at full size. On the CPU attention is tiled, so no stage holds a
+//! `tokens × tokens` score matrix; a GPU's attention holds its scores and probabilities.
 //!
-//! Batch items: the VAE encodes and decodes one image at a time; on the CPU the UNet runs at
-//! most one batch item per thread at once ([`crate::unet::UNet::forward`]), so its working set
-//! grows with the thread count, not with the batch; elsewhere it runs the whole batch at once.
+//! Batch items: the VAE encodes one image at a time, and on the CPU decodes one at a time; on
+//! the CPU the UNet runs at most one batch item per thread at once
+//! ([`crate::unet::UNet::forward`]), so its working set grows with the thread count, not with
+//! the batch; a GPU runs the whole batch at once through the UNet and the VAE decoder.
 //!
 //! The layer multipliers are upper bounds read off the code, checked against the heap peaks a
 //! counting allocator measures (`tests/working_set.rs`): the estimate is never below the
@@ -137,7 +138,7 @@ impl WorkingSet<'_> {
             rows
         };
         let unet = concurrent * self.unet_item(h, w) * self.unet_bytes;
-        let denoise = conditioning + loop_state + unet;
+        let denoise = conditioning + loop_state + unet + self.unet_scores(h, w, rows);
 
         // Input images, masks and masked images as F32, and the encoder for one image.
         let image_inputs = settings
@@ -146,7 +147,10 @@ impl WorkingSet<'_> {
             .unwrap_or(0);
         // Each decoded image is kept, then concatenated and converted to floats and bytes.
         let decoded = 4 * images * 3 * pixels * 4;
-        let decode = loop_state + decoded + self.vae_decoder(h, w) * self.vae_bytes;
+        let decoding = if self.cpu { 1 } else { images };
+        let decode = loop_state
+            + decoded
+            + decoding * (self.vae_decoder(h, w) * self.vae_bytes + self.vae_scores(h, w));
 
         let scratch = if self.cpu {
             // The pool's threads and the worker thread that calls into it.
@@ -163,6 +167,30 @@ impl WorkingSet<'_> {
             stages: stages + stages / MARGIN_DIVISOR,
             // The model's to add: this knows its configs, not its adapters.
             adapters: 0,
+        }
+    }
+
+    /// A GPU's largest UNet attention: the scores and probabilities of every head of every row
+    /// at the widest level with attention, in F32 at most (bytes). None on the CPU (tiled).
+    fn unet_scores(&self, h: usize, w: usize, rows: u64) -> u64 {
+        if self.cpu {
+            return 0;
+        }
+        let levels = self.unet.blocks.iter().enumerate();
+        let widest = levels
+            .filter(|(_, b)| b.down_cross_attn || b.up_cross_attn)
+            .map(|(l, b)| b.heads as u64 * positions(h, w, l).pow(2))
+            .max()
+            .unwrap_or(0);
+        2 * rows * widest * 4
+    }
+
+    /// A GPU's VAE mid-block attention for one image: one head over the latent positions.
+    fn vae_scores(&self, h: usize, w: usize) -> u64 {
+        if self.cpu {
+            0
+        } else {
+            2 * positions(h, w, 0).pow(2) * 4
         }
     }
 

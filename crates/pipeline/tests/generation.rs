@@ -589,3 +589,24 @@ fn previews_converge_to_the_result() {
     // AVX-512): the tolerance of every other image comparison here.
     assert!(d[3].1 <= 1, "the last preview is the result: {d:?}");
 }
+
+/// The GPU load's warm-up (one guided step at the smallest size) is a request every kind of
+/// model accepts: text-to-image models get an image-to-image start, 9-channel inpainting UNets
+/// a mask, refiners only an image.
+#[test]
+fn the_warm_up_generation_runs_on_every_kind_of_model() {
+    for key in [
+        "sd1",
+        "sd1_inpaint9",
+        "sd2",
+        "sdxl",
+        "sdxl_refiner",
+        "sdxl_inpaint9",
+        "sd_turbo",
+    ] {
+        let took = common::model(key)
+            .warm_up()
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        println!("{key}: warm-up {:.3} s", took.as_secs_f64());
+    }
+}

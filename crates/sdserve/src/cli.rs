@@ -19,6 +19,9 @@ pub enum Invocation {
         tokenizer: PathBuf,
         out: PathBuf,
     },
+    CheckKernels {
+        device: String,
+    },
 }
 
 fn flag_id(flag: &str) -> String {
@@ -61,6 +64,22 @@ pub fn command() -> Command {
             "Print every server setting: settings.json key, environment variable, flag, default",
         ))
         .subcommand(make_random_model())
+        .subcommand(check_kernels())
+}
+
+/// Hidden: the GPU benchmark's device test of the attention kernels.
+fn check_kernels() -> Command {
+    Command::new("check-kernels")
+        .hide(true)
+        .about(
+            "Compare the device's attention kernels with the CPU's on random operands (benchmarks)",
+        )
+        .arg(
+            Arg::new("device")
+                .long("device")
+                .default_value("cuda")
+                .help("cuda, cuda:N or cpu (the CPU's own F16/F32 paths: a dry run)"),
+        )
 }
 
 /// Hidden: benchmark machines get random-weight models from the one binary they carry.
@@ -162,6 +181,9 @@ pub fn parse() -> Result<Invocation, String> {
                 .cloned()
                 .unwrap_or_default(),
             out: m.get_one::<PathBuf>("out").cloned().unwrap_or_default(),
+        }),
+        Some(("check-kernels", m)) => Ok(Invocation::CheckKernels {
+            device: m.get_one::<String>("device").cloned().unwrap_or_default(),
         }),
         _ => Err("unknown command".into()),
     }

@@ -1,33 +1,62 @@
 //! Scaled dot-product attention, the one implementation the UNet, the VAE and the text encoder
-//! share: `softmax(q kᵀ · scale) v`, optionally causal, computed in F32 whatever the model
-//! dtype (as diffusers' default processor upcasts, and as candle's blocks do).
+//! share: `softmax(q kᵀ · scale) v`, optionally causal.
 //!
 //! Operands are `(B, S, H · D)`, as the projections make them: head `h` is columns
 //! `h·D .. (h+1)·D`. Each device and dtype may have its own kernel; [`attention`] picks it. The
 //! CPU in F32 runs [`tiled`] (no score matrix, heads read in place, parallel over items, heads
-//! and query blocks); every other device splits the heads out and runs candle's ops on the
-//! materialised score matrix.
+//! and query blocks). A GPU with F16/BF16 operands forms the scores in that dtype on tensor
+//! cores (F32 accumulation, the scale folded into `q`) unless the caller asks for F32 scores
+//! ([`Scores::F32`]: SD 2.x UNets' `upcast_attention`, whose scores overflow F16); with the
+//! `triton-attention` lever, F16 runs the flash-attention kernel of [`triton`] instead. Everything
+//! else splits the heads out and runs candle's ops on the F32 score matrix.
 
 mod blocks;
+pub mod check;
 mod softmax;
 mod tiled;
+mod triton;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::device::CudaTuning;
 use crate::layers::{matmul, softmax_scaled};
+
+/// The precision the caller allows for the scores `q kᵀ` of reduced-precision operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scores {
+    /// Always F32 (`upcast_attention`).
+    F32,
+    /// The operands' dtype where the device has a kernel for it, else F32.
+    Operands,
+}
 
 /// Where attention runs, by the device and dtype of its operands.
 enum Kernel {
     /// CPU, F32: the tiled kernel.
     CpuF32,
+    /// A GPU, F16: the Triton flash-attention kernel where a variant fits, else `GpuHalf`.
+    GpuFlash,
+    /// A GPU, F16/BF16 scores: [`half_precision`].
+    GpuHalf,
     /// Any other device or dtype: candle's ops, upcast to F32.
     Generic,
 }
 
 impl Kernel {
-    fn for_operands(q: &Tensor) -> Self {
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
+    fn for_operands(q: &Tensor, scores: Scores, causal: bool) -> Self {
+        let device = q.device();
+        let half = matches!(q.dtype(), DType::F16 | DType::BF16);
+        if device.is_cpu() && q.dtype() == DType::F32 {
             Kernel::CpuF32
+        } else if half && !causal && scores == Scores::Operands && device.is_cuda() {
+            let tuning = CudaTuning::on(device);
+            if tuning.triton_attention && q.dtype() == DType::F16 {
+                Kernel::GpuFlash
+            } else if tuning.half_attention {
+                Kernel::GpuHalf
+            } else {
+                Kernel::Generic
+            }
         } else {
             Kernel::Generic
         }
@@ -44,28 +73,68 @@ pub fn attention(
     heads: usize,
     scale: f64,
     causal: bool,
+    scores: Scores,
 ) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let out = match Kernel::for_operands(q) {
-        Kernel::CpuF32 => q.contiguous()?.apply_op3_no_bwd(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            &tiled::Tiled {
-                heads,
-                scale: scale as f32,
-                causal,
+    Kernel::for_operands(q, scores, causal).run(q, k, v, heads, scale, causal)
+}
+
+impl Kernel {
+    fn run(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let out = match self {
+            Kernel::CpuF32 => q.contiguous()?.apply_op3_no_bwd(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                &tiled::Tiled {
+                    heads,
+                    scale: scale as f32,
+                    causal,
+                },
+            )?,
+            Kernel::GpuFlash => match flash(q, k, v, heads, scale)? {
+                Some(out) => out,
+                None => half_precision(q, k, v, heads, scale)?,
             },
-        )?,
-        Kernel::Generic => {
-            let split = |t: &Tensor| split_heads(&t.to_dtype(DType::F32)?, heads);
-            let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-            let mask = causal
-                .then(|| causal_mask(q.dim(1)?, k.dim(1)?, q.device()))
-                .transpose()?;
-            merge_heads(&materialised(&q, &k, &v, scale, mask.as_ref())?, heads)?
-        }
-    };
-    out.to_dtype(dtype)
+            Kernel::GpuHalf => half_precision(q, k, v, heads, scale)?,
+            Kernel::Generic => {
+                let split = |t: &Tensor| split_heads(&t.to_dtype(DType::F32)?, heads);
+                let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+                let mask = causal
+                    .then(|| causal_mask(q.dim(1)?, k.dim(1)?, q.device()))
+                    .transpose()?;
+                merge_heads(&materialised(&q, &k, &v, scale, mask.as_ref())?, heads)?
+            }
+        };
+        out.to_dtype(q.dtype())
+    }
+}
+
+/// The Triton kernel, where this build has CUDA and a variant fits.
+#[cfg(feature = "cuda")]
+fn flash(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+    triton::flash_attention(q, k, v, heads, scale)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn flash(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+/// Attention in the operands' (reduced) dtype: the products on tensor cores accumulate in
+/// F32 (cuBLAS's compute type for F16 and BF16) and the softmax sums in F32 (candle's kernel).
+/// Scaling `q` first keeps the stored scores in the range the softmax sees.
+fn half_precision(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let q = split_heads(&(q * scale)?, heads)?;
+    let (k, v) = (split_heads(k, heads)?, split_heads(v, heads)?);
+    let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    merge_heads(&probs.matmul(&v)?, heads)
 }
 
 /// `(1, Sq, Sk)`: 0 where a query may look, F32's lowest value above the diagonal (as HF's
@@ -181,7 +250,7 @@ mod tests {
             let k = random((2, sk, heads * d), 3 * seed + 1);
             let v = random((2, sk, heads * d), 3 * seed + 2);
             let scale = (d as f64).powf(-0.5);
-            let ours = attention(&q, &k, &v, heads, scale, false).unwrap();
+            let ours = attention(&q, &k, &v, heads, scale, false, Scores::Operands).unwrap();
             assert_eq!(ours.dims(), [2, sq, heads * d]);
             let err = relative_error(&ours, &reference(&q, &k, &v, heads, scale, false));
             println!("d {d} x {heads} heads, {sq} queries, {sk} keys: relative error {err:.1e}");
@@ -199,7 +268,7 @@ mod tests {
             let k = random((3, s, heads * d), 12);
             let v = random((3, s, heads * d), 13);
             let scale = (d as f64).powf(-0.5);
-            let ours = attention(&q, &k, &v, heads, scale, true).unwrap();
+            let ours = attention(&q, &k, &v, heads, scale, true, Scores::Operands).unwrap();
             let err = relative_error(&ours, &reference(&q, &k, &v, heads, scale, true));
             assert!(err < 1e-5, "d {d}, {s} tokens: relative error {err:e}");
             // The first query sees only the first key: its output is that value row.
@@ -221,9 +290,56 @@ mod tests {
         );
         let scale = 0.25;
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
-        let out = attention(&half(&q), &half(&k), &half(&v), 2, scale, false).unwrap();
+        let out = attention(
+            &half(&q),
+            &half(&k),
+            &half(&v),
+            2,
+            scale,
+            false,
+            Scores::Operands,
+        )
+        .unwrap();
         assert_eq!(out.dtype(), DType::F16);
         let err = relative_error(&out, &reference(&q, &k, &v, 2, scale, false));
         assert!(err < 1e-2, "{err:e}");
+    }
+
+    /// The GPU's F16/BF16 kernel is device-independent candle ops: here on the CPU, at the
+    /// models' head dims, against the F64 formula.
+    #[test]
+    fn half_precision_attention_is_the_formula() {
+        for (i, &(d, heads, sq, sk)) in [
+            (40, 8, 65, 77),
+            (64, 2, 300, 300),
+            (80, 2, 130, 77),
+            (160, 1, 129, 129),
+            (512, 1, 70, 70),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 100 + 3 * i as u64;
+            let q = random((2, sq, heads * d), seed);
+            let k = random((2, sk, heads * d), seed + 1);
+            let v = random((2, sk, heads * d), seed + 2);
+            let scale = (d as f64).powf(-0.5);
+            let expected = reference(&q, &k, &v, heads, scale, false);
+            // In F32 the algebra (scale folded into q, heads split and merged) is exact up to
+            // F32 rounding; in F16/BF16 the CPU's candle also accumulates in the reduced
+            // dtype (a GPU accumulates in F32: `check.rs` measures that on a device), so
+            // only gross errors show there.
+            for (dtype, limit) in [(DType::F32, 1e-5), (DType::F16, 1e-1), (DType::BF16, 2e-1)] {
+                let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                let out = half_precision(&cast(&q), &cast(&k), &cast(&v), heads, scale).unwrap();
+                assert_eq!(
+                    (out.dims(), out.dtype()),
+                    ([2, sq, heads * d].as_slice(), dtype)
+                );
+                let err = relative_error(&out, &expected);
+                println!("{dtype:?} d {d} x {heads}, {sq} x {sk}: relative error {err:.1e}");
+                assert!(err < limit, "{dtype:?} d {d}: relative error {err:e}");
+            }
+        }
     }
 }

@@ -10,9 +10,10 @@ pub use encoder::LatentDistribution;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::attention::attention;
+use crate::attention::{Scores, attention};
 use crate::config::VaeConfig;
 use crate::conv::{Conv2d, conv2d};
+use crate::device::CudaTuning;
 use crate::layers::{GroupNorm, Linear, ResnetBlock, ResnetConfig, group_norm, linear};
 
 /// diffusers' `Encoder` and `Decoder` resnets and norms use eps 1e-6 whatever the config says.
@@ -80,7 +81,7 @@ impl AttentionBlock {
         let q = self.query.forward(&tokens)?;
         let k = self.key.forward(&tokens)?;
         let v = self.value.forward(&tokens)?;
-        let attended = attention(&q, &k, &v, 1, self.scale, false)?;
+        let attended = attention(&q, &k, &v, 1, self.scale, false, Scores::Operands)?;
         let out = self.proj.forward(&attended)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
@@ -218,16 +219,22 @@ impl Vae {
     }
 
     /// Denoised latents `(B, C, h, w)` (still multiplied by `scaling_factor`) to images in about
-    /// `[-1, 1]`. Images are decoded one at a time, which bounds peak memory.
+    /// `[-1, 1]`: on a GPU the whole batch at once (`batched_vae`), elsewhere one image at a
+    /// time, which bounds peak memory.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let scaled = (latents / self.config.scaling_factor)?;
+        if CudaTuning::on(scaled.device()).batched_vae {
+            return self.decode_batch(&scaled);
+        }
+        // Image by image: the CPU kernels are parallel within one image, and the activations
+        // of the largest layers are held for one image only.
         let images = (0..scaled.dim(0)?)
-            .map(|i| self.decode_one(&scaled.narrow(0, i, 1)?))
+            .map(|i| self.decode_batch(&scaled.narrow(0, i, 1)?))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&images, 0)
     }
 
-    fn decode_one(&self, latents: &Tensor) -> Result<Tensor> {
+    fn decode_batch(&self, latents: &Tensor) -> Result<Tensor> {
         let xs = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
             None => latents.clone(),
