@@ -49,7 +49,7 @@ def kernel_table(run_log):
     """The device test of the attention kernels (`sdserve check-kernels`), from run.log."""
     try:
         with open(run_log, errors="replace") as f:
-            checks = [json.loads(line) for line in f if line.startswith('{"kernel check"')]
+            checks = [json.loads(line) for line in f if line.startswith("{") and '"kernel check"' in line]
     except (OSError, ValueError):
         return []
     if not checks:
