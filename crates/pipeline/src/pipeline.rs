@@ -412,8 +412,10 @@ impl Generator for StableDiffusion {
         job: &Job,
         control: &mut dyn StepControl,
     ) -> Result<Vec<GeneratedImage>, GenerateError> {
-        let images = self.generate_float(job, control)?;
-        let files = profile::stage(&Device::Cpu, || "png".into(), || png_files(&images));
+        let files = self.generate_float(job, control).and_then(|images| {
+            profile::stage(&Device::Cpu, || "png".into(), || png_files(&images))
+        });
+        // Taken whatever the outcome, so a failed generation's stages are not the next one's.
         if let Some(stages) = profile::take_report() {
             tracing::info!(
                 model = %self.dir.display(),
