@@ -35,6 +35,10 @@ PARAMS = [
     ("scale_log2e", "fp32"), ("heads", "i32"),
 ]
 LOG2E = 1.4426950408889634
+# Compiled as multiples of 16 (the launcher checks it, else it takes another kernel): the
+# pointers (16-byte aligned) and the item and row strides, so loads and stores vectorise.
+DIVISIBLE_BY_16 = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "q_item", "q_row", "k_item", "k_row",
+                   "v_item", "v_row", "o_item", "o_row"]
 
 
 def block_d(d):
@@ -109,8 +113,10 @@ def compile_all():
     for d, (m, n, warps, stages) in VARIANTS.items():
         constexprs = {"D": d, "BLOCK_D": block_d(d), "BLOCK_M": m, "BLOCK_N": n}
         for arch in ARCHES:
+            names = [name for name, _ in PARAMS]
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE_BY_16}
             src = ASTSource(fn=attention_fwd, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                            constexprs=constexprs)
+                            constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": warps, "num_stages": stages})
             # The launcher passes null for Triton's scratch pointers: the kernels must need none.
@@ -132,6 +138,7 @@ def compile_all():
                 "warps": compiled.metadata.num_warps,
                 "shared_bytes": compiled.metadata.shared,
                 "params": [p for p, _ in PARAMS],
+                "divisible_by_16": DIVISIBLE_BY_16,
                 "ptx_params": ptx_params(ptx, entry),
                 "sha256": hashlib.sha256(cubin).hexdigest(),
             })

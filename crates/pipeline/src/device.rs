@@ -109,10 +109,16 @@ impl Placement {
         let (device, device_name) = match options.device {
             DeviceRequest::Cpu => (Device::Cpu, "cpu".to_string()),
             DeviceRequest::Cuda(n) => (cuda_device(n)?, format!("cuda:{n}")),
-            DeviceRequest::Auto => match cuda_device(0) {
-                Ok(d) => (d, "cuda:0".to_string()),
-                Err(_) => (Device::Cpu, "cpu".to_string()),
-            },
+            DeviceRequest::Auto => {
+                // A bad SDSERVE_CUDA_TUNING is an error, not a reason to run on the CPU.
+                if cfg!(feature = "cuda") {
+                    CudaTuning::current()?;
+                }
+                match cuda_device(0) {
+                    Ok(d) => (d, "cuda:0".to_string()),
+                    Err(_) => (Device::Cpu, "cpu".to_string()),
+                }
+            }
         };
         let dtype = match (options.dtype, device.is_cuda()) {
             (DTypeRequest::Auto, true) => DType::F16,
@@ -154,9 +160,6 @@ pub struct CudaTuning {
     /// Attention scores formed in F16/BF16 on tensor cores, with F32 accumulation, where the
     /// UNet does not ask for `upcast_attention` (otherwise F32 scores, TF32 products).
     pub half_attention: bool,
-    /// Group norm as candle's one-kernel layer norm over each (item, group) row, then the
-    /// per-channel affine (candle's group norm: a dozen kernels and F32 copies).
-    pub row_group_norm: bool,
     /// The VAE decodes a whole batch at once (the CPU decodes image by image, bounding memory).
     pub batched_vae: bool,
     /// F16 attention without a score matrix in memory: the Triton flash-attention kernel
@@ -172,19 +175,17 @@ impl CudaTuning {
         one_stream: true,
         keep_freed_memory: true,
         half_attention: true,
-        row_group_norm: true,
         batched_vae: true,
         triton_attention: false,
         warm_up: true,
     };
 
     /// Each lever by its name in `SDSERVE_CUDA_TUNING`.
-    fn levers(&mut self) -> [(&'static str, &mut bool); 7] {
+    fn levers(&mut self) -> [(&'static str, &mut bool); 6] {
         [
             ("one-stream", &mut self.one_stream),
             ("keep-freed-memory", &mut self.keep_freed_memory),
             ("half-attention", &mut self.half_attention),
-            ("row-group-norm", &mut self.row_group_norm),
             ("batched-vae", &mut self.batched_vae),
             ("triton-attention", &mut self.triton_attention),
             ("warm-up", &mut self.warm_up),
@@ -268,7 +269,10 @@ fn cuda_device(ordinal: usize) -> Result<Device, PipelineError> {
         unsafe { cuda.disable_event_tracking() };
     }
     if tuning.keep_freed_memory {
-        keep_freed_memory(cuda).map_err(|e| open(&e))?;
+        // Best effort: without it the pool only gives memory back sooner.
+        if let Err(e) = keep_freed_memory(cuda) {
+            tracing::warn!(error = %e, "cannot raise the CUDA memory pool's release threshold");
+        }
     }
     // Attention with `upcast_attention` (or with half attention off) multiplies in F32; TF32
     // makes those products use tensor cores.
@@ -364,11 +368,10 @@ mod tests {
         );
         let none = CudaTuning::parse("off").unwrap();
         assert!(!none.one_stream && !none.keep_freed_memory && !none.half_attention);
-        assert!(!none.batched_vae && !none.warm_up && !none.row_group_norm);
+        assert!(!none.batched_vae && !none.warm_up && !none.triton_attention);
         let some = CudaTuning::parse(" -one-stream, -warm-up ").unwrap();
         assert!(!some.one_stream && !some.warm_up);
         assert!(some.keep_freed_memory && some.half_attention && some.batched_vae);
-        assert!(some.row_group_norm);
         let only = CudaTuning::parse("off,+half-attention").unwrap();
         assert_eq!(
             only,

@@ -17,7 +17,6 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use crate::conv::{Conv2d, conv2d};
-use crate::device::CudaTuning;
 use crate::simd::dispatch;
 
 fn fast_path(xs: &Tensor) -> bool {
@@ -230,12 +229,6 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 
 impl GroupNorm {
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        if xs.rank() >= 3
-            && CudaTuning::on(xs.device()).row_group_norm
-            && xs.elem_count() <= i32::MAX as usize
-        {
-            return self.by_rows(xs, silu);
-        }
         if !fast_path(xs) || xs.rank() < 3 {
             let normed = self.inner.forward(xs)?;
             return if silu {
@@ -253,36 +246,6 @@ impl GroupNorm {
                 silu,
             },
         )
-    }
-
-    /// Each (item, group) as one row of candle's layer-norm kernel (statistics in F32, in
-    /// one pass), then the per-channel scale and shift, then SiLU: a few kernels where
-    /// candle's group norm launches a dozen. The kernel indexes with `i32` (checked by the caller).
-    fn by_rows(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let rows = b * self.groups;
-        let per_row = xs.elem_count() / rows.max(1);
-        let (dtype, device) = (xs.dtype(), xs.device());
-        let ones = Tensor::ones(per_row, dtype, device)?;
-        let zeros = Tensor::zeros(per_row, dtype, device)?;
-        let normed = candle_nn::ops::layer_norm(
-            &xs.contiguous()?.reshape((rows, per_row))?,
-            &ones,
-            &zeros,
-            self.eps as f32,
-        )?
-        .reshape(dims.as_slice())?;
-        let mut channel = vec![1; dims.len()];
-        channel[1] = c;
-        let out = normed
-            .broadcast_mul(&self.weight.reshape(channel.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(channel.as_slice())?)?;
-        if silu {
-            candle_nn::ops::silu(&out)
-        } else {
-            Ok(out)
-        }
     }
 
     /// `silu(group_norm(xs))`, as every resnet and the output heads apply it.
@@ -729,57 +692,6 @@ pub(crate) mod tests {
             let exact = 0.5 * x64 * (1.0 + candle_core::cpu::erf::erf_f64(x64 / 2f64.sqrt()));
             let err = (gelu_erf(x) as f64 - exact).abs();
             assert!(err < 2.5e-7 * x64.abs().max(1.0), "gelu({x}): {err:e}");
-        }
-    }
-
-    #[test]
-    fn group_norm_by_rows_matches_candles_group_norm() {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let norm = group_norm(4, 8, 1e-6, vb.pp("norm")).unwrap();
-        // An offset mean, as activations have, and non-trivial affine parameters.
-        let norm = GroupNorm {
-            weight: randn(&[8]),
-            bias: randn(&[8]),
-            ..norm
-        };
-        let inner =
-            candle_nn::GroupNorm::new(norm.weight.clone(), norm.bias.clone(), 8, 4, 1e-6).unwrap();
-        for shape in [[2usize, 8, 5, 3].as_slice(), &[1, 8, 16, 16, 2]] {
-            let xs = ((randn(shape) * 3.0).unwrap() + 5.0).unwrap();
-            let expected = inner.forward(&xs).unwrap();
-            let expected_silu = candle_nn::ops::silu(&expected).unwrap();
-            // The layer-norm kernel's one-pass variance (E[x²] − mean²) rounds more than
-            // candle's two passes where the mean is large against the spread, as here.
-            let d = max_diff(&norm.by_rows(&xs, false).unwrap(), &expected);
-            println!("{shape:?}: by rows against candle's group norm {d:.1e}");
-            assert!(d < 1e-4, "{d}");
-            assert!(max_diff(&norm.by_rows(&xs, true).unwrap(), &expected_silu) < 1e-4);
-            // In F16 (the GPU's dtype) within its rounding of the F32 result.
-            let half = GroupNorm {
-                weight: norm.weight.to_dtype(DType::F16).unwrap(),
-                bias: norm.bias.to_dtype(DType::F16).unwrap(),
-                inner: candle_nn::GroupNorm::new(
-                    norm.weight.to_dtype(DType::F16).unwrap(),
-                    norm.bias.to_dtype(DType::F16).unwrap(),
-                    8,
-                    4,
-                    1e-6,
-                )
-                .unwrap(),
-                groups: norm.groups,
-                eps: norm.eps,
-            };
-            let out = half
-                .by_rows(&xs.to_dtype(DType::F16).unwrap(), true)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            assert!(
-                max_diff(&out, &expected_silu) < 2e-2,
-                "{}",
-                max_diff(&out, &expected_silu)
-            );
         }
     }
 

@@ -98,9 +98,21 @@ impl Kernel {
                     causal,
                 },
             )?,
-            Kernel::GpuFlash => match flash(q, k, v, heads, scale)? {
-                Some(out) => out,
-                None => half_precision(q, k, v, heads, scale)?,
+            Kernel::GpuFlash => match flash(q, k, v, heads, scale) {
+                Ok(Some(out)) => out,
+                // No variant for these operands, or the kernel could not be loaded or
+                // launched: the kernel the levers would take without it.
+                fallback => {
+                    if let Err(e) = fallback {
+                        warn_once_flash_failed(&e);
+                    }
+                    let kernel = if CudaTuning::on(q.device()).half_attention {
+                        Kernel::GpuHalf
+                    } else {
+                        Kernel::Generic
+                    };
+                    kernel.run(q, k, v, heads, scale, causal)?
+                }
             },
             Kernel::GpuHalf => half_precision(q, k, v, heads, scale)?,
             Kernel::Generic => {
@@ -114,6 +126,13 @@ impl Kernel {
         };
         out.to_dtype(q.dtype())
     }
+}
+
+fn warn_once_flash_failed(e: &candle_core::Error) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(error = %e, "the Triton attention kernel failed; falling back to the F16 scores kernel")
+    });
 }
 
 /// The Triton kernel, where this build has CUDA and a variant fits.
@@ -133,8 +152,53 @@ fn flash(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Option<
 fn half_precision(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let q = split_heads(&(q * scale)?, heads)?;
     let (k, v) = (split_heads(k, heads)?, split_heads(v, heads)?);
-    let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-    merge_heads(&probs.matmul(&v)?, heads)
+    merge_heads(
+        &by_score_chunks(&q, &k, &v, |q, k, v| {
+            candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)
+        })?,
+        heads,
+    )
+}
+
+/// Runs `f` on slices of the `(N, S, D)` attention batch small enough that each slice's score
+/// matrix has fewer than 2³¹ elements: candle's GPU softmax indexes with `i32` (a VAE
+/// mid-block over 128² latents has 2²⁸ scores per image, so a batch of 8 would overflow).
+fn by_score_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    in_chunks_of(i32::MAX as usize, q, k, v, f)
+}
+
+/// [`by_score_chunks`] with at most `max_scores` scores per slice (at least one item).
+fn in_chunks_of(
+    max_scores: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (n, sq, _) = q.dims3()?;
+    let sk = k.dim(1)?;
+    let per_item = (sq * sk).max(1);
+    let chunk = (max_scores / per_item).max(1);
+    if chunk >= n {
+        return f(q, k, v);
+    }
+    let parts = (0..n)
+        .step_by(chunk)
+        .map(|i| {
+            let len = chunk.min(n - i);
+            f(
+                &q.narrow(0, i, len)?,
+                &k.narrow(0, i, len)?,
+                &v.narrow(0, i, len)?,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }
 
 /// `(1, Sq, Sk)`: 0 where a query may look, F32's lowest value above the diagonal (as HF's
@@ -162,7 +226,8 @@ fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((bh / heads, s, heads * d))
 }
 
-/// The whole `(N, Sq, Sk)` score matrix at once, `mask` added to the scaled scores.
+/// The `(N, Sq, Sk)` score matrix (in slices of fewer than 2³¹ scores), `mask` added to the
+/// scaled scores.
 fn materialised(
     q: &Tensor,
     k: &Tensor,
@@ -170,12 +235,14 @@ fn materialised(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let scores = matmul(q, &k.t()?)?;
-    let probs = match mask {
-        None => softmax_scaled(&scores, scale)?,
-        Some(mask) => softmax_scaled(&(scores * scale)?.broadcast_add(mask)?, 1.0)?,
-    };
-    matmul(&probs, v)
+    by_score_chunks(q, k, v, |q, k, v| {
+        let scores = matmul(q, &k.t()?)?;
+        let probs = match mask {
+            None => softmax_scaled(&scores, scale)?,
+            Some(mask) => softmax_scaled(&(scores * scale)?.broadcast_add(mask)?, 1.0)?,
+        };
+        matmul(&probs, v)
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +370,23 @@ mod tests {
         assert_eq!(out.dtype(), DType::F16);
         let err = relative_error(&out, &reference(&q, &k, &v, 2, scale, false));
         assert!(err < 1e-2, "{err:e}");
+    }
+
+    /// Slicing the attention batch changes nothing: 5 items of 6 × 7 scores, 2 items a slice.
+    #[test]
+    fn score_chunks_give_the_whole_batchs_result() {
+        let (q, k, v) = (
+            random((5, 6, 8), 1),
+            random((5, 7, 8), 2),
+            random((5, 7, 8), 3),
+        );
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)
+        };
+        let whole = f(&q, &k, &v).unwrap();
+        let sliced = in_chunks_of(2 * 6 * 7 + 5, &q, &k, &v, f).unwrap();
+        assert_eq!(sliced.dims(), whole.dims());
+        assert!(relative_error(&sliced, &whole.to_dtype(DType::F64).unwrap()) < 1e-6);
     }
 
     /// The GPU's F16/BF16 kernel is device-independent candle ops: here on the CPU, at the

@@ -138,9 +138,9 @@ mod launch {
         ),
     ];
 
-    /// Loaded kernels, per device and variant file.
-    static LOADED: Mutex<Vec<(candle_core::cuda::DeviceId, &'static str, CudaFunction)>> =
-        Mutex::new(Vec::new());
+    /// Loaded kernels, per GPU (its primary context, which every load of a model on it shares)
+    /// and variant file.
+    static LOADED: Mutex<Vec<(usize, &'static str, CudaFunction)>> = Mutex::new(Vec::new());
 
     fn major(device: &CudaDevice) -> Result<u32> {
         let context = device.cuda_stream().context().clone();
@@ -151,28 +151,30 @@ mod launch {
     }
 
     fn function(device: &CudaDevice, variant: &'static Variant) -> Result<CudaFunction> {
+        let context = device.cuda_stream().context().clone();
+        let ordinal = context.ordinal();
         let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, _, f)) = loaded
             .iter()
-            .find(|(id, file, _)| *id == device.id() && *file == variant.file)
+            .find(|(gpu, file, _)| *gpu == ordinal && *file == variant.file)
         {
             return Ok(f.clone());
         }
         let Some((file, cubin)) = CUBINS.iter().find(|(file, _)| *file == variant.file) else {
             bail!("no cubin {} in this build", variant.file)
         };
-        let context = device.cuda_stream().context().clone();
         let module = context.load_module(Ptx::from_binary(cubin.to_vec())).w()?;
         let f = module.load_function(&variant.entry).w()?;
-        // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-        if variant.shared_bytes > 48 * 1024 {
+        // Static and dynamic shared memory above 48 KiB together need an opt-in, and the
+        // sm_90 cubins have some static shared memory besides: always opt in.
+        if variant.shared_bytes > 0 {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 variant.shared_bytes as i32,
             )
             .w()?;
         }
-        loaded.push((device.id(), file, f.clone()));
+        loaded.push((ordinal, file, f.clone()));
         Ok(f)
     }
 
@@ -239,8 +241,9 @@ mod launch {
             let heads = self.heads as i32;
             let scratch: u64 = 0;
             let stream = device.cuda_stream();
+            let mut out = out;
             let mut builder = stream.launch_builder(&func);
-            builder.arg(&qv).arg(&kv).arg(&vv).arg(&out);
+            builder.arg(&qv).arg(&kv).arg(&vv).arg(&mut out);
             for i in &ints {
                 builder.arg(i);
             }
@@ -260,8 +263,8 @@ mod launch {
     }
 
     /// `softmax(q kᵀ · scale) v` per head for F16 `q` `(B, Sq, H·D)`, `k`, `v` `(B, Sk, H·D)`
-    /// on a CUDA device; `None` when no variant fits (head dim, GPU, sizes), so the caller
-    /// takes another kernel.
+    /// on a CUDA device; `None` when no variant fits (head dim, GPU, shapes, alignment), so the
+    /// caller takes another kernel.
     pub(crate) fn flash_attention(
         q: &Tensor,
         k: &Tensor,
@@ -270,11 +273,29 @@ mod launch {
         scale: f64,
     ) -> Result<Option<Tensor>> {
         let device = q.device().as_cuda_device()?;
-        let (_, _, width) = q.dims3()?;
-        let fits_i32 = [q, k, v]
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (b, queries, width) = q.dims3()?;
+        let (kb, keys, kw) = k.dims3()?;
+        let shapes_agree = (kb, kw) == (b, width) && v.dims3()? == (b, keys, width);
+        // The kernels index with i32 (the last query block included) and were compiled for
+        // strides and 16-byte aligned pointers that are multiples of 16 (F16: 8 elements).
+        let fits_i32 = [(b, queries.next_multiple_of(128)), (b, keys)]
             .iter()
-            .all(|t| t.elem_count() <= i32::MAX as usize);
-        if heads == 0 || width % heads != 0 || v.dims3()?.2 != width || !fits_i32 {
+            .all(|&(items, rows)| items * rows * width <= i32::MAX as usize);
+        let aligned = width % 16 == 0
+            && [&q, &k, &v]
+                .iter()
+                .all(|t| t.layout().start_offset() % 8 == 0);
+        let grid_fits = b * heads <= 65_535;
+        if heads == 0
+            || width % heads != 0
+            || queries == 0
+            || keys == 0
+            || !shapes_agree
+            || !fits_i32
+            || !aligned
+            || !grid_fits
+        {
             return Ok(None);
         }
         let Some(variant) = variant(width / heads, major(device)?) else {
@@ -285,10 +306,7 @@ mod launch {
             scale: scale as f32,
             variant,
         };
-        let out = q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-        Ok(Some(out))
+        Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
     }
 }
 
