@@ -142,7 +142,7 @@ impl Placement {
     }
 }
 
-/// The variable that turns levers of [`CudaTuning`] off.
+/// The variable that sets the levers of [`CudaTuning`].
 pub const CUDA_TUNING_VARIABLE: &str = "SDSERVE_CUDA_TUNING";
 
 /// What this build changes from candle's CUDA defaults: each one a lever the GPU benchmark
