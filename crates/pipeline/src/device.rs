@@ -180,6 +180,16 @@ impl CudaTuning {
         warm_up: true,
     };
 
+    /// Every lever off: candle's behaviour, and the CPU's.
+    pub const OFF: Self = Self {
+        one_stream: false,
+        keep_freed_memory: false,
+        half_attention: false,
+        batched_vae: false,
+        triton_attention: false,
+        warm_up: false,
+    };
+
     /// Each lever by its name in `SDSERVE_CUDA_TUNING`.
     fn levers(&mut self) -> [(&'static str, &mut bool); 6] {
         [
@@ -203,10 +213,7 @@ impl CudaTuning {
                     continue;
                 }
                 "off" => {
-                    tuning
-                        .levers()
-                        .into_iter()
-                        .for_each(|(_, lever)| *lever = false);
+                    tuning = Self::OFF;
                     continue;
                 }
                 _ => match (item.strip_prefix('-'), item.strip_prefix('+')) {
@@ -245,7 +252,7 @@ impl CudaTuning {
         if device.is_cuda() {
             Self::current().unwrap_or(Self::DEFAULT)
         } else {
-            Self::parse("off").unwrap_or(Self::DEFAULT)
+            Self::OFF
         }
     }
 }

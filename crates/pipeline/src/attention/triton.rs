@@ -43,8 +43,6 @@ pub(crate) struct Variant {
     pub(crate) arch: u32,
     pub(crate) entry: String,
     pub(crate) block_m: usize,
-    #[allow(dead_code)]
-    pub(crate) block_n: usize,
     pub(crate) warps: u32,
     pub(crate) shared_bytes: u32,
     pub(crate) params: Vec<String>,
@@ -56,8 +54,6 @@ pub(crate) struct Variant {
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Manifest {
-    #[allow(dead_code)]
-    pub(crate) triton: String,
     pub(crate) kernels: Vec<Variant>,
 }
 
